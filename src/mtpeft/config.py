@@ -1,0 +1,89 @@
+"""Typed settings: the single source of truth for adapters and training runs.
+
+Each run directory stores its resolved ``TrainConfig`` as ``config.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class LoraSettings:
+    """A task's LoRA adapter.
+
+    Attributes:
+        r: rank of the update.
+        alpha: scale; the update is multiplied by ``alpha / r``.
+        dropout: dropout on the adapter's input during training.
+        target_modules: names of the layers to adapt; ``None`` takes the architecture's
+            default (query/value attention projections), ``["all-linear"]`` every linear
+            layer of the encoder blocks.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """How one task is trained. Defaults are the recipe the README reports.
+
+    Attributes:
+        epochs: passes over the training data.
+        batch_size: examples (QA: windows) per optimizer step.
+        lr: learning rate of the adapter.
+        head_lr: learning rate of the head (defaults to ``lr``).
+        weight_decay: AdamW weight decay, not applied to biases.
+        warmup_ratio: fraction of steps with a linear warm-up, then linear decay to zero.
+        max_grad_norm: gradient clipping; 0 disables it.
+        seed: seeds initialisation and data order.
+        bf16: bf16 autocast; ``None`` uses it where the hardware has fast bf16.
+        max_train_examples: use only the first N training examples (quick runs).
+        max_eval_examples: evaluate on only the first N evaluation examples.
+        eval_batch_size: batch size for evaluation and prediction.
+        lora: the adapter; ``None`` trains the head alone on the frozen backbone.
+    """
+
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 5e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: bool | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    eval_batch_size: int = 64
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

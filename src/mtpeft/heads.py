@@ -1,0 +1,60 @@
+"""Task heads: small modules that turn backbone hidden states into task outputs.
+
+Heads are kept minimal (one linear layer on a pooled vector by default) so that a LoRA
+adapter plus its head stays thousands of times smaller than the backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, H) hidden states -> (B, H) vectors.
+
+    ``mean`` averages real tokens (sentence-transformer backbones are trained for it);
+    ``cls`` takes the first token (BERT's pre-training); ``last`` takes the last real
+    token, the only one a causal decoder (GPT-2) lets see the whole input.
+    """
+    if how == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        # Right padding: the last real token sits at length - 1.
+        last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    raise ValueError(f"unknown pooling {how!r}; choose one of {POOLINGS}")
+
+
+class PooledHead(nn.Module):
+    """Pool, dropout, linear: logits for classification, one score for regression."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, pooling: str = "mean", dropout: float = 0.1) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = pool(hidden, attention_mask, self.pooling)
+        return self.out(self.dropout(pooled))  # (B, num_outputs)
+
+
+class SpanHead(nn.Module):
+    """Start and end logits per token for extractive question answering."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.out = nn.Linear(hidden_size, 2)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.out(hidden)  # (B, T, 2)
+        # Padding can never be an answer boundary.
+        return logits.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(logits.dtype).min)

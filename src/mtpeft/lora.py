@@ -1,0 +1,161 @@
+"""LoRA on the activation path, with one adapter per task and a task per batch row.
+
+Reparametrising the weight (W + BA) lets a batch use only one adapter. Adding the
+low-rank delta to the layer's *output* instead lets every row of a batch pick its own
+task's adapter, which is what mixed-task serving needs:
+
+    out = base(x) + (alpha / r) * B_t(A_t(dropout(x)))      for the rows of task t
+
+The rows of a mixed batch are grouped by task and each group gets one pair of small
+matmuls. Parameter names follow PEFT (``base_layer``, ``lora_A.<task>``, ``lora_B.<task>``)
+so saving to the PEFT layout is a renaming that drops the task name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class AdapterRouting:
+    """Which task's adapter each row of the current forward pass uses.
+
+    One instance is shared by every LoRA layer of a model. ``single`` is set when the
+    whole batch is one task (the fast path); ``groups`` holds ``(task, row_indices)``
+    for a mixed batch. Neither set means no adapter: the bare backbone.
+    """
+
+    def __init__(self) -> None:
+        self.single: str | None = None
+        self.groups: list[tuple[str, torch.Tensor]] = []
+
+    @contextlib.contextmanager
+    def use(self, tasks: str | Sequence[str] | None, device: torch.device | None = None) -> Iterator[None]:
+        """Route a forward pass: one task name for the batch, or one name per row."""
+        previous = (self.single, self.groups)
+        self.single, self.groups = None, []
+        if isinstance(tasks, str):
+            self.single = tasks
+        elif tasks is not None:
+            names = list(tasks)
+            if len(set(names)) == 1:
+                self.single = names[0]
+            else:
+                order: dict[str, list[int]] = {}
+                for row, name in enumerate(names):
+                    order.setdefault(name, []).append(row)
+                self.groups = [(name, torch.tensor(rows, device=device)) for name, rows in order.items()]
+        try:
+            yield
+        finally:
+            self.single, self.groups = previous
+
+
+class MultiLoraLayer(nn.Module):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus per-task low-rank deltas."""
+
+    def __init__(self, base_layer: nn.Module, routing: AdapterRouting) -> None:
+        super().__init__()
+        if isinstance(base_layer, nn.Linear):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif isinstance(base_layer, Conv1D):  # weight is (in, out)
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            raise TypeError(f"LoRA supports nn.Linear and Conv1D layers, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.routing = routing
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.merged: str | None = None
+
+    def add_adapter(self, task: str, r: int, alpha: float, dropout: float = 0.0) -> None:
+        """Create task's A (kaiming-uniform, as PEFT) and B (zeros: the adapter starts as a no-op)."""
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got r={r}")
+        weight = self.base_layer.weight
+        self.lora_A[task] = nn.Linear(self.in_features, r, bias=False, device=weight.device)
+        self.lora_B[task] = nn.Linear(r, self.out_features, bias=False, device=weight.device)
+        nn.init.kaiming_uniform_(self.lora_A[task].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[task].weight)
+        self.lora_dropout[task] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[task] = alpha / r
+
+    def remove_adapter(self, task: str) -> None:
+        if self.merged == task:
+            self.unmerge()
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            store.pop(task, None)
+        self.scaling.pop(task, None)
+
+    def _delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[task](self.lora_A[task](self.lora_dropout[task](x))) * self.scaling[task]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        single = self.routing.single
+        if single is not None:
+            if single in self.lora_A and single != self.merged:
+                out = out + self._delta(single, x)
+            return out
+        for task, rows in self.routing.groups:
+            if task in self.lora_A:
+                if self.merged is not None:
+                    raise RuntimeError("a mixed-task batch cannot run while an adapter is merged; unmerge first")
+                # x: (B, T, in) -> rows of this task only: (b_t, T, in)
+                out = out.index_add(0, rows, self._delta(task, x.index_select(0, rows)).to(out.dtype))
+        return out
+
+    def _delta_weight(self, task: str) -> torch.Tensor:
+        a, b = self.lora_A[task].weight, self.lora_B[task].weight
+        delta = (b.float() @ a.float()) * self.scaling[task]  # (out, in)
+        return delta if isinstance(self.base_layer, nn.Linear) else delta.T
+
+    @torch.no_grad()
+    def merge(self, task: str) -> None:
+        """Fold task's delta into the base weight: one plain matmul per layer at inference."""
+        if self.merged == task or task not in self.lora_A:
+            return
+        self.unmerge()
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + self._delta_weight(task)).to(weight.dtype))
+        self.merged = task
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is None:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self._delta_weight(self.merged)).to(weight.dtype))
+        self.merged = None
+
+
+def inject_lora_layers(model: nn.Module, target_modules: Sequence[str], routing: AdapterRouting) -> dict[str, MultiLoraLayer]:
+    """Wrap every module whose name ends with a target in a ``MultiLoraLayer``.
+
+    Returns the wrapped layers by their module path in ``model``. Already wrapped layers
+    are returned as they are, so adding a task with the same targets is cheap.
+    """
+    layers: dict[str, MultiLoraLayer] = {}
+    wrapped_paths: list[str] = []
+    for path, module in list(model.named_modules()):
+        if any(path.startswith(w + ".") for w in wrapped_paths) or ".lora_" in path:
+            continue  # inside a LoRA layer: its base layer and adapters
+        if path.rsplit(".", 1)[-1] not in target_modules:
+            continue
+        if not isinstance(module, MultiLoraLayer):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            module = MultiLoraLayer(module, routing)
+            setattr(parent, child, module)
+        layers[path] = module
+        wrapped_paths.append(path)
+    if not layers:
+        raise ValueError(f"no module of the backbone matches LoRA target_modules={list(target_modules)}")
+    return layers

@@ -1,0 +1,260 @@
+"""MultiTaskModel: one frozen backbone, a LoRA adapter and a head per task.
+
+The path of one prediction: inputs -> task's features -> batches that may mix tasks ->
+backbone forward with each row's adapter -> each row's head -> task post-processing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtpeft.backbone import Backbone, load_backbone
+from mtpeft.batching import bucketed_batches, collate
+from mtpeft.config import LoraSettings
+from mtpeft.examples import Example
+from mtpeft.lora import AdapterRouting, MultiLoraLayer, inject_lora_layers
+from mtpeft.precision import autocast, resolve_bf16
+from mtpeft.predictions import Prediction
+from mtpeft.tasks import TaskSpec, task_type
+
+ModelInput = str | tuple[str, str] | dict
+
+
+class UnknownTaskError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MultiTaskModel(nn.Module):
+    """A frozen backbone shared by many tasks, each with its own adapter and head.
+
+    Build one with ``MultiTaskModel.from_backbone()`` (the packaged MiniLM by default) and
+    ``add_task``, or open saved tasks with ``MultiTaskModel.load(path)``.
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.identity = backbone.identity
+        self.backbone_info = backbone
+        self.routing = AdapterRouting()
+        self.heads = nn.ModuleDict()
+        self.specs: dict[str, TaskSpec] = {}
+        self.adapters: dict[str, LoraSettings | None] = {}
+        self.task_metrics: dict[str, dict] = {}
+        self.bf16: bool | None = None  # None: bf16 where the hardware is fast at it
+        self.backbone_dropout = False
+
+    # ----------------------------------------------------------------- building
+
+    @classmethod
+    def from_backbone(cls, backbone: str | os.PathLike | Backbone | None = None) -> MultiTaskModel:
+        """A model with no tasks on ``backbone``: ``"default"``, a local path or a hub name."""
+        return cls(backbone if isinstance(backbone, Backbone) else load_backbone(backbone))
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def add_task(self, spec: TaskSpec, lora: LoraSettings | None = None, *, head_only: bool = False) -> None:
+        """Register ``spec`` with a fresh head and (unless ``head_only``) a fresh LoRA adapter."""
+        if spec.name in self.specs:
+            raise ValueError(f"task {spec.name!r} already exists; remove_task it first")
+        lora = None if head_only else (lora or LoraSettings())
+        if lora is not None:
+            targets = self._targets(lora)
+            lora = LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
+            for layer in inject_lora_layers(self.backbone, targets, self.routing).values():
+                layer.add_adapter(spec.name, lora.r, lora.alpha, lora.dropout)
+        head = task_type(spec).build_head(spec, self.identity.hidden_size)
+        self.heads[spec.name] = head.to(self.device)
+        self.specs[spec.name] = spec
+        self.adapters[spec.name] = lora
+
+    def _targets(self, lora: LoraSettings) -> list[str]:
+        if lora.target_modules is None:
+            return self.backbone_info.default_targets()
+        if list(lora.target_modules) == ["all-linear"]:
+            return self.backbone_info.default_targets(all_linear=True)
+        return list(lora.target_modules)
+
+    def remove_task(self, name: str) -> None:
+        self.spec(name)
+        for layer in self.lora_layers().values():
+            layer.remove_adapter(name)
+        del self.heads[name], self.specs[name], self.adapters[name]
+        self.task_metrics.pop(name, None)
+
+    def spec(self, name: str) -> TaskSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise UnknownTaskError(f"unknown task {name!r}; known tasks: {sorted(self.specs) or 'none'}") from None
+
+    def lora_layers(self, task: str | None = None) -> dict[str, MultiLoraLayer]:
+        """LoRA layers by module path in the backbone; with ``task``, only those holding its adapter."""
+        return {path: m for path, m in self.backbone.named_modules()
+                if isinstance(m, MultiLoraLayer) and (task is None or task in m.lora_A)}
+
+    def task_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The parameters that belong to one task: its adapter and its head."""
+        self.spec(name)
+        params = {f"head.{k}": p for k, p in self.heads[name].named_parameters()}
+        for path, layer in self.lora_layers(name).items():
+            params[f"{path}.lora_A"] = layer.lora_A[name].weight
+            params[f"{path}.lora_B"] = layer.lora_B[name].weight
+        return params
+
+    def backbone_parameter_count(self) -> int:
+        return sum(p.numel() for n, p in self.backbone.named_parameters() if ".lora_" not in n)
+
+    # ----------------------------------------------------------------- forward
+
+    def encode(self, batch: dict[str, torch.Tensor], tasks: str | Sequence[str] | None) -> torch.Tensor:
+        """Backbone hidden states (B, T, H); row i uses the adapter of ``tasks[i]``."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        with self.routing.use(tasks, device=batch["input_ids"].device):
+            return self.backbone(**inputs).last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """Head outputs for a single-task batch (the training path)."""
+        self.spec(task)
+        hidden = self.encode(batch, task)
+        return self.heads[task](hidden, batch["attention_mask"])
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        """Heads and adapters follow ``mode``; the backbone keeps its dropout off unless
+        ``backbone_dropout`` is set (full fine-tuning): a frozen backbone gains nothing from it."""
+        super().train(mode)
+        self.backbone.train(mode and self.backbone_dropout)
+        for layer in self.lora_layers().values():
+            layer.lora_dropout.train(mode)
+        return self
+
+    # ----------------------------------------------------------------- inference
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[tuple[str, Example]], batch_size: int = 64) -> list[Prediction]:
+        """Predictions for ``(task, example)`` pairs of any mix of tasks, in input order.
+
+        Features of all tasks are sorted by length and batched together, so one forward
+        pass serves rows of different tasks with their own adapters and heads.
+        """
+        self.eval()
+        by_task: dict[str, list[int]] = {}
+        for i, (task, _) in enumerate(items):
+            self.spec(task)
+            by_task.setdefault(task, []).append(i)
+        features: list[tuple[str, dict]] = []
+        task_features: dict[str, list[dict]] = {}
+        for task, indices in by_task.items():
+            spec = self.specs[task]
+            encoded = task_type(spec).encode(spec, self.tokenizer, [items[i][1] for i in indices])
+            task_features[task] = encoded
+            features.extend((task, f) for f in encoded)
+        summaries: dict[int, Any] = {}
+        device = self.device
+        use_bf16 = resolve_bf16(self.bf16, device)
+        pad_id = self.tokenizer.pad_token_id
+        for batch_indices in bucketed_batches([len(f["input_ids"]) for _, f in features], batch_size, shuffle=False):
+            rows = [features[i] for i in batch_indices]
+            batch = {k: v.to(device) for k, v in collate([f for _, f in rows], pad_id).items()}
+            row_tasks = [task for task, _ in rows]
+            with autocast(device, use_bf16):
+                hidden = self.encode(batch, row_tasks)
+                for task in dict.fromkeys(row_tasks):
+                    positions = [r for r, t in enumerate(row_tasks) if t == task]
+                    index = torch.tensor(positions, device=device)
+                    outputs = self.heads[task](hidden.index_select(0, index), batch["attention_mask"].index_select(0, index))
+                    spec = self.specs[task]
+                    for r, summary in zip(positions, task_type(spec).summarize(spec, outputs, [rows[r][1] for r in positions])):
+                        summaries[id(rows[r][1])] = summary
+        results: list[Prediction | None] = [None] * len(items)
+        for task, indices in by_task.items():
+            spec = self.specs[task]
+            encoded = task_features[task]
+            predictions = task_type(spec).predict(spec, [summaries[id(f)] for f in encoded], encoded,
+                                                  [items[i][1] for i in indices])
+            for i, prediction in zip(indices, predictions):
+                results[i] = prediction
+        return results
+
+    def predict(self, inputs: ModelInput | Sequence[ModelInput], task: str | Sequence[str] | None = None,
+                batch_size: int = 64) -> Prediction | list[Prediction]:
+        """Predict for one input or a list of inputs.
+
+        Inputs: a string, an ``(a, b)`` tuple for pair tasks, or ``{"question", "context"}``
+        for QA. ``task`` names the task for all inputs or one per input; it may be left out
+        when the model holds a single task. A single input gives a single prediction.
+        """
+        single = isinstance(inputs, (str, tuple, dict))
+        batch = [inputs] if single else list(inputs)
+        if isinstance(task, str) or task is None:
+            tasks = [self._default_task(task)] * len(batch)
+        else:
+            tasks = list(task)
+            if len(tasks) != len(batch):
+                raise ValueError(f"{len(tasks)} task names for {len(batch)} inputs")
+        items = [(t, to_example(x, self.spec(t))) for t, x in zip(tasks, batch)]
+        predictions = self.run(items, batch_size=batch_size)
+        return predictions[0] if single else predictions
+
+    def _default_task(self, task: str | None) -> str:
+        if task is not None:
+            return self.spec(task).name
+        if len(self.specs) == 1:
+            return next(iter(self.specs))
+        raise ValueError(f"this model holds several tasks; pass task= one of {sorted(self.specs)}")
+
+    # ----------------------------------------------------------------- storage
+
+    def save(self, path: str | os.PathLike, tasks: Sequence[str] | None = None) -> None:
+        """Save tasks as a bundle: one PEFT-layout folder per task, no backbone weights."""
+        from mtpeft.storage import save_bundle
+
+        save_bundle(self, path, tasks)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None) -> MultiTaskModel:
+        """Open a task folder or a bundle of them on one shared backbone.
+
+        ``backbone`` defaults to the one the tasks were trained on.
+        """
+        from mtpeft.storage import load_into, read_backbone_name
+
+        if not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone if backbone is not None else read_backbone_name(path))
+        model = cls(backbone)
+        load_into(model, path)
+        return model
+
+
+def to_example(value: ModelInput, spec: TaskSpec) -> Example:
+    """Turn a user input into an ``Example`` of ``spec``'s shape, or say what shape it needs."""
+    if spec.type == "extractive-qa":
+        if isinstance(value, dict) and {"question", "context"} <= set(value):
+            return Example(text=str(value["question"]), text_pair=str(value["context"]))
+        if isinstance(value, tuple) and len(value) == 2:
+            return Example(text=str(value[0]), text_pair=str(value[1]))
+        raise ValueError(f"task {spec.name!r} answers questions: pass {{'question': ..., 'context': ...}}")
+    if spec.is_pair:
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return Example(text=str(value[0]), text_pair=str(value[1]))
+        if isinstance(value, dict) and {"text", "text_pair"} <= set(value):
+            return Example(text=str(value["text"]), text_pair=str(value["text_pair"]))
+        raise ValueError(f"task {spec.name!r} compares two texts: pass a pair (text_a, text_b)")
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if not isinstance(value, str):
+        raise ValueError(f"task {spec.name!r} takes one text per input, got {type(value).__name__}")
+    return Example(text=value)

@@ -1,0 +1,200 @@
+"""The on-disk format, owned here alone.
+
+A task folder holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter in the PEFT
+  layout (keys ``base_model.model.<module>.lora_A.weight``, task name stripped), so
+  ``peft.PeftModel.from_pretrained(backbone, folder)`` loads it;
+- ``head.safetensors``: the task head;
+- ``task.json``: the task spec, adapter settings, backbone identity and recorded metrics.
+
+A bundle is a folder of task folders plus ``bundle.json``. No backbone weights are ever
+written. Every file is written atomically (temporary file in the same folder, fsync,
+rename), and only safetensors are read: never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from mtpeft.config import LoraSettings
+from mtpeft.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from mtpeft.model import MultiTaskModel
+
+TASK_FILE = "task.json"
+BUNDLE_FILE = "bundle.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+TASK_FORMAT = "mtpeft-task/1"
+BUNDLE_FORMAT = "mtpeft-bundle/1"
+PEFT_PREFIX = "base_model.model."
+# The packaged default is these weights; PEFT users with a hub can load adapters by this name.
+DEFAULT_BACKBONE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old or its new content, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, save_safetensors_bytes(tensors, metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return load_safetensors_bytes(Path(path).read_bytes())
+
+
+# ------------------------------------------------------------------ one task
+
+
+def peft_adapter_config(lora: LoraSettings, base_model: str) -> dict:
+    """``adapter_config.json`` exactly as PEFT writes it for these settings."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none",
+                        base_model_name_or_path=base_model)
+    data = config.to_dict()
+    for key, value in data.items():
+        if isinstance(value, set):
+            data[key] = sorted(value)
+    return data
+
+
+def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Path:
+    """Write one task's adapter, head and task.json into ``folder``."""
+    folder = Path(folder)
+    spec = model.spec(name)
+    lora = model.adapters[name]
+    if lora is not None:
+        weights = {}
+        for path, layer in model.lora_layers(name).items():
+            weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
+            weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+        base_name = DEFAULT_BACKBONE_HUB_NAME if model.identity.name == "default" else model.identity.name
+        write_safetensors(folder / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
+        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name))
+    write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
+    write_json(folder / TASK_FILE, {
+        "format": TASK_FORMAT,
+        "spec": spec.to_dict(),
+        "adapter": None if lora is None else {"type": "lora", **lora.to_dict()},
+        "backbone": model.identity.to_dict(),
+        "trainable_parameters": sum(p.numel() for p in model.task_parameters(name).values()),
+        "metrics": model.task_metrics.get(name, {}),
+    })
+    return folder
+
+
+def load_task(model: MultiTaskModel, folder: str | os.PathLike) -> str:
+    """Add the task saved in ``folder`` to ``model``; returns its name."""
+    folder = Path(folder)
+    record = read_json(folder / TASK_FILE)
+    if record.get("format") != TASK_FORMAT:
+        raise ValueError(f"{folder / TASK_FILE}: not an mtpeft task file (format {record.get('format')!r})")
+    spec = TaskSpec.from_dict(record["spec"])
+    model.identity.check_matches(record["backbone"], f"task {spec.name!r} in {folder}")
+    adapter = record.get("adapter")
+    lora = None
+    if adapter is not None:
+        lora = LoraSettings(r=adapter["r"], alpha=adapter["alpha"], dropout=adapter["dropout"],
+                            target_modules=adapter["target_modules"])
+    model.add_task(spec, lora, head_only=lora is None)
+    if lora is not None:
+        weights = read_safetensors(folder / ADAPTER_WEIGHTS)
+        layers = model.lora_layers(spec.name)
+        expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight" for p in layers for ab in "AB"}
+        if set(weights) != expected:
+            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            model.remove_task(spec.name)
+            raise ValueError(f"{folder / ADAPTER_WEIGHTS} does not fit the backbone: "
+                             f"missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for path, layer in layers.items():
+                layer.lora_A[spec.name].weight.copy_(weights[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+                layer.lora_B[spec.name].weight.copy_(weights[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+    model.heads[spec.name].load_state_dict(read_safetensors(folder / HEAD_WEIGHTS))
+    model.task_metrics[spec.name] = record.get("metrics", {})
+    return spec.name
+
+
+# ------------------------------------------------------------------ bundles
+
+
+def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) -> Path:
+    folder = Path(folder)
+    names = list(tasks) if tasks is not None else model.task_names
+    for name in names:
+        save_task(model, name, folder / name)
+    manifest = {"format": BUNDLE_FORMAT, "backbone": model.identity.to_dict(), "tasks": {}}
+    if (folder / BUNDLE_FILE).exists():  # adding tasks to an existing bundle keeps the others
+        manifest["tasks"].update(read_json(folder / BUNDLE_FILE).get("tasks", {}))
+    manifest["tasks"].update({name: name for name in names})
+    write_json(folder / BUNDLE_FILE, manifest)
+    return folder
+
+
+def task_folders(path: str | os.PathLike) -> list[Path]:
+    """The task folders at ``path``: itself if it is one, else the bundle's tasks."""
+    path = Path(path)
+    if (path / TASK_FILE).is_file():
+        return [path]
+    if (path / BUNDLE_FILE).is_file():
+        root = path.resolve()
+        folders = []
+        for name, relative in read_json(path / BUNDLE_FILE)["tasks"].items():
+            folder = (path / relative).resolve()
+            if root not in folder.parents:  # a manifest may never point outside its bundle
+                raise ValueError(f"{path / BUNDLE_FILE}: task {name!r} points outside the bundle ({relative!r})")
+            folders.append(folder)
+        return folders
+    folders = sorted(p.parent for p in path.glob(f"*/{TASK_FILE}"))
+    if not folders:
+        raise FileNotFoundError(f"{path}: no {TASK_FILE} here or in its sub-folders; is this a saved task or bundle?")
+    return folders
+
+
+def read_backbone_name(path: str | os.PathLike) -> str:
+    return read_json(task_folders(path)[0] / TASK_FILE)["backbone"]["name"]
+
+
+def load_into(model: MultiTaskModel, path: str | os.PathLike) -> list[str]:
+    return [load_task(model, folder) for folder in task_folders(path)]

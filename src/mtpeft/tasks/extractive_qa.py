@@ -1,0 +1,124 @@
+"""Extractive question answering (SQuAD v1.1 style).
+
+Long contexts are cut into overlapping windows of ``max_length`` tokens that share
+``doc_stride`` tokens. Each window predicts start/end logits; a window's best span is the
+highest start+end logit sum with start <= end, both inside the context and at most
+``max_answer_length`` tokens long; an example's answer comes from its best window.
+Training windows that do not contain the answer point at token 0 (the "no answer here"
+position), as in the reference BERT recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpeft.examples import Example
+from mtpeft.heads import SpanHead
+from mtpeft.metrics import squad_metrics
+from mtpeft.predictions import AnswerPrediction
+from mtpeft.tasks.spec import TaskSpec
+
+
+def _cut_questions(tokenizer, questions: list[str], max_tokens: int) -> list[str]:
+    encoded = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    cut = []
+    for question, offsets in zip(questions, encoded["offset_mapping"]):
+        cut.append(question if len(offsets) <= max_tokens else question[: offsets[max_tokens - 1][1]])
+    return cut
+
+
+class ExtractiveQA:
+    targets = {"start_position": torch.long, "end_position": torch.long}
+
+    def build_head(self, spec: TaskSpec, hidden_size: int) -> nn.Module:
+        return SpanHead(hidden_size)
+
+    def encode(self, spec: TaskSpec, tokenizer, examples: Sequence[Example]) -> list[dict]:
+        questions = _cut_questions(tokenizer, [ex.text.lstrip() for ex in examples], spec.max_question_length)
+        contexts = [ex.text_pair or "" for ex in examples]
+        encoded = tokenizer(questions, contexts, truncation="only_second", max_length=spec.max_length,
+                            stride=spec.doc_stride, return_overflowing_tokens=True,
+                            return_offsets_mapping=True, padding=False)
+        features = []
+        for i, input_ids in enumerate(encoded["input_ids"]):
+            index = encoded["overflow_to_sample_mapping"][i]
+            sequence_ids = encoded.sequence_ids(i)
+            # Character span of each context token; None for question and special tokens.
+            offsets = [tuple(o) if s == 1 else None for o, s in zip(encoded["offset_mapping"][i], sequence_ids)]
+            feature = {"input_ids": input_ids, "example": index, "offsets": offsets}
+            if "token_type_ids" in encoded:
+                feature["token_type_ids"] = encoded["token_type_ids"][i]
+            answers = examples[index].answers
+            if answers:
+                feature["start_position"], feature["end_position"] = _token_span(offsets, answers[0])
+            features.append(feature)
+        return features
+
+    def loss(self, spec: TaskSpec, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = outputs.float()  # (B, T, 2)
+        start = F.cross_entropy(logits[..., 0], batch["start_position"])
+        end = F.cross_entropy(logits[..., 1], batch["end_position"])
+        return (start + end) / 2
+
+    def summarize(self, spec: TaskSpec, outputs: torch.Tensor, features) -> list:
+        logits = outputs.float()
+        batch, length = logits.shape[:2]
+        context = torch.zeros(batch, length, dtype=torch.bool)
+        for row, feature in enumerate(features):
+            for t, span in enumerate(feature["offsets"]):
+                context[row, t] = span is not None
+        start, end = logits[..., 0].cpu(), logits[..., 1].cpu()
+        spans = start.unsqueeze(2) + end.unsqueeze(1)  # (B, T_start, T_end)
+        allowed = torch.triu(torch.ones(length, length, dtype=torch.bool))
+        allowed &= ~torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=spec.max_answer_length)
+        allowed = allowed.unsqueeze(0) & context.unsqueeze(2) & context.unsqueeze(1)
+        spans = spans.masked_fill(~allowed, float("-inf"))
+        flat = spans.view(batch, -1)
+        best_logit, best_index = flat.max(dim=1)
+        null_logit = start[:, 0] + end[:, 0]
+        # Probability of the best span against every allowed span and "no answer here".
+        normaliser = torch.logsumexp(torch.cat([flat, null_logit.unsqueeze(1)], dim=1), dim=1)
+        summaries = []
+        for row, feature in enumerate(features):
+            if not torch.isfinite(best_logit[row]):
+                summaries.append(None)  # window without context tokens
+                continue
+            s, e = divmod(int(best_index[row]), length)
+            summaries.append((float(best_logit[row]), feature["offsets"][s][0], feature["offsets"][e][1],
+                              float(torch.exp(best_logit[row] - normaliser[row]))))
+        return summaries
+
+    def predict(self, spec: TaskSpec, summaries, features, examples) -> list[AnswerPrediction]:
+        best: dict[int, tuple] = {}
+        for summary, feature in zip(summaries, features):
+            if summary is not None and (feature["example"] not in best or summary[0] > best[feature["example"]][0]):
+                best[feature["example"]] = summary
+        predictions = []
+        for index, example in enumerate(examples):
+            if index not in best:
+                predictions.append(AnswerPrediction(spec.name, "", 0, 0, 0.0))
+                continue
+            _, start, end, probability = best[index]
+            predictions.append(AnswerPrediction(spec.name, (example.text_pair or "")[start:end], start, end, probability))
+        return predictions
+
+    def score(self, spec: TaskSpec, predictions, examples) -> dict[str, float]:
+        keys = [ex.id or str(i) for i, ex in enumerate(examples)]
+        return squad_metrics({k: p.answer for k, p in zip(keys, predictions)},
+                             {k: [a["text"] for a in ex.answers] for k, ex in zip(keys, examples)})
+
+
+def _token_span(offsets: list, answer: dict) -> tuple[int, int]:
+    """Token indices of ``answer`` in a window, or (0, 0) when the window does not hold it."""
+    start_char = int(answer["answer_start"])
+    end_char = start_char + len(answer["text"])
+    context_tokens = [t for t, span in enumerate(offsets) if span is not None]
+    if not context_tokens or offsets[context_tokens[0]][0] > start_char or offsets[context_tokens[-1]][1] < end_char:
+        return 0, 0
+    start = next(t for t in context_tokens if offsets[t][1] > start_char)
+    end = next(t for t in reversed(context_tokens) if offsets[t][0] < end_char)
+    return start, end

@@ -1,0 +1,100 @@
+"""TaskSpec: everything that defines a task apart from its weights; saved as task.json."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+TASK_TYPES = ("classification", "pair-classification", "regression", "extractive-qa")
+PRIMARY_METRIC = {
+    "classification": "accuracy",
+    "pair-classification": "f1",
+    "regression": "spearman",
+    "extractive-qa": "f1",
+}
+TRUNCATIONS = ("head", "head+tail")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class TaskSpec:
+    """A task's type, inputs, labels and limits. One name = one adapter = one head.
+
+    Attributes:
+        name: the task's name; also its adapter's and head's name and its folder name.
+        type: one of ``classification``, ``pair-classification``, ``regression``, ``extractive-qa``.
+        labels: class names, index = class id (classification types).
+        text_column: column of the text, first sentence, or QA question.
+        text_pair_column: column of the second sentence or QA context.
+        label_column: column of the label, score, or QA answers.
+        max_length: tokens per input (per window for QA).
+        truncation: ``head`` keeps the start of long texts; ``head+tail`` keeps
+            ``head_tokens`` from the start and the rest from the end (long reviews put their
+            verdict at the end).
+        head_tokens: tokens kept from the start with ``head+tail``.
+        doc_stride: QA: tokens of overlap between consecutive context windows.
+        max_answer_length: QA: longest answer span, in tokens.
+        max_question_length: QA: questions are cut to this many tokens.
+        label_range: regression: ``[low, high]`` of the gold scores, used to scale targets.
+        pooling: ``mean``, ``cls`` or ``last`` (decoders) for pooled heads.
+        metric: the primary metric that model selection and tables use.
+        description: one line saying what the task does (model cards, routing).
+    """
+
+    name: str
+    type: str
+    labels: list[str] | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    truncation: str = "head"
+    head_tokens: int = 128
+    doc_stride: int = 128
+    max_answer_length: int = 30
+    max_question_length: int = 64
+    label_range: list[float] | None = None
+    pooling: str = "mean"
+    metric: str = ""
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"task name {self.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit")
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: unknown type {self.type!r}; choose one of {TASK_TYPES}")
+        if self.type in ("classification", "pair-classification"):
+            if not self.labels or len(self.labels) < 2:
+                raise ValueError(f"task {self.name!r}: a {self.type} task needs at least two labels (labels=...)")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"task {self.name!r}: duplicate labels in {self.labels}")
+        if self.type in ("pair-classification", "extractive-qa") and not self.text_pair_column:
+            raise ValueError(f"task {self.name!r}: a {self.type} task needs text_pair_column")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"task {self.name!r}: truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        if self.max_length < 8:
+            raise ValueError(f"task {self.name!r}: max_length={self.max_length} is too small (>= 8)")
+        if self.type == "extractive-qa" and self.doc_stride >= self.max_length - self.max_question_length - 3:
+            raise ValueError(
+                f"task {self.name!r}: doc_stride={self.doc_stride} must be smaller than "
+                f"max_length - max_question_length - 3 = {self.max_length - self.max_question_length - 3}")
+        if self.label_range is not None and (len(self.label_range) != 2 or self.label_range[0] >= self.label_range[1]):
+            raise ValueError(f"task {self.name!r}: label_range must be [low, high] with low < high, got {self.label_range}")
+        if not self.metric:
+            self.metric = PRIMARY_METRIC[self.type]
+
+    @property
+    def is_pair(self) -> bool:
+        return self.text_pair_column is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"task spec has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
