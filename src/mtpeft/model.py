@@ -21,13 +21,9 @@ from mtpeft.lora import AdapterRouting, MultiLoraLayer, inject_lora_layers
 from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.predictions import Prediction
 from mtpeft.tasks import TaskSpec, task_type
+from mtpeft.tasks.spec import UnknownTaskError
 
 ModelInput = str | tuple[str, str] | dict
-
-
-class UnknownTaskError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class MultiTaskModel(nn.Module):
@@ -200,7 +196,7 @@ class MultiTaskModel(nn.Module):
         single = isinstance(inputs, (str, tuple, dict))
         batch = [inputs] if single else list(inputs)
         if isinstance(task, str) or task is None:
-            tasks = [self._default_task(task)] * len(batch)
+            tasks = [self.resolve_task(task)] * len(batch)
         else:
             tasks = list(task)
             if len(tasks) != len(batch):
@@ -209,7 +205,7 @@ class MultiTaskModel(nn.Module):
         predictions = self.run(items, batch_size=batch_size)
         return predictions[0] if single else predictions
 
-    def _default_task(self, task: str | None) -> str:
+    def resolve_task(self, task: str | None) -> str:
         if task is not None:
             return self.spec(task).name
         if len(self.specs) == 1:

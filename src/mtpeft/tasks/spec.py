@@ -13,6 +13,15 @@ PRIMARY_METRIC = {
     "extractive-qa": "f1",
 }
 TRUNCATIONS = ("head", "head+tail")
+
+
+class UnknownTaskError(KeyError):
+    """A task name that is not known; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -1,0 +1,225 @@
+"""The ``mtpeft`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.tasks.spec import TASK_TYPES, TaskSpec
+
+
+def _csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _range(value: str) -> list[float]:
+    low, high = (float(v) for v in value.split(","))
+    return [low, high]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtpeft", description="Multi-task LoRA adapters on one frozen backbone.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train, evaluate, save, reload and query the customer-support skills")
+    demo.add_argument("--out", default="runs/demo", help="bundle folder to write (default: runs/demo)")
+    demo.add_argument("--backbone", default="default", help="backbone: 'default' (packaged MiniLM), a path or a hub name")
+    demo.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every skill's epochs (e.g. 0.2 for a quick look)")
+
+    train = sub.add_parser("train", help="train one task's adapter and head")
+    train.add_argument("--task", required=True, help="a built-in task (sst2, stsb, mrpc, qqp, imdb, squad, ...) or a new task's name")
+    train.add_argument("--data", required=True, help="a folder holding the built-in task's files, or a data file (.tsv/.csv/.jsonl/.json)")
+    train.add_argument("--eval-data", help="evaluation file (default: the preset's dev file, else every 10th row held out)")
+    train.add_argument("--out", required=True, help="folder to write the trained task into")
+    train.add_argument("--backbone", default="default", help="'default' (packaged MiniLM), a local path or a hub name")
+    custom = train.add_argument_group("your own task (when --task is not built in)")
+    custom.add_argument("--task-type", choices=TASK_TYPES)
+    custom.add_argument("--text-column", help="column of the text / first sentence / question")
+    custom.add_argument("--text-pair-column", help="column of the second sentence / QA context")
+    custom.add_argument("--label-column", help="column of the label / score / QA answers")
+    custom.add_argument("--labels", type=_csv_list, help="comma-separated class names (default: the values found in the data)")
+    custom.add_argument("--label-range", type=_range, help="regression: low,high of the scores")
+    custom.add_argument("--max-length", type=int, help="tokens per input (default 128; QA 384)")
+    recipe = train.add_argument_group("recipe (defaults: the task's preset, else TrainConfig's)")
+    recipe.add_argument("--epochs", type=float)
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--head-lr", type=float)
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--seed", type=int)
+    recipe.add_argument("--max-train-examples", type=int, help="train on the first N examples only")
+    recipe.add_argument("--max-eval-examples", type=int, help="evaluate on the first N examples only")
+    recipe.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    recipe.add_argument("--alpha", type=float, help="LoRA alpha (default 2*r)")
+    recipe.add_argument("--lora-dropout", type=float, default=0.0)
+    recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
+    recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
+    recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    train.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (and report them) instead of stopping")
+    train.add_argument("--no-progress", action="store_true")
+
+    evaluate = sub.add_parser("evaluate", help="score a trained task on labelled data")
+    evaluate.add_argument("path", help="a trained task folder or a bundle")
+    evaluate.add_argument("--data", required=True, help="a folder with the built-in task's files, or an evaluation file")
+    evaluate.add_argument("--task", help="which task of a bundle")
+    evaluate.add_argument("--out", help="metrics JSON to write (default: PATH/eval-metrics.json for a task folder)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--skip-bad-rows", action="store_true")
+
+    predict = sub.add_parser("predict", help="predict for texts; prints JSON lines")
+    predict.add_argument("path", help="a trained task folder or a bundle")
+    predict.add_argument("text", nargs="?", help="one input; omit to read --file or standard input")
+    predict.add_argument("--task", help="which task (needed when the bundle holds several)")
+    predict.add_argument("--file", help="read one input per line from this file")
+    predict.add_argument("--batch-size", type=int, default=64)
+
+    sub.add_parser("tasks", help="list the built-in tasks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks}[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(f"mtpeft: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _demo(args) -> int:
+    from mtpeft.demo import run_demo
+
+    run_demo(out=args.out, backbone=args.backbone, epochs_scale=args.epochs_scale)
+    return 0
+
+
+def _tasks(args) -> int:
+    from mtpeft.tasks.presets import get_preset, preset_names
+
+    for name in preset_names():
+        preset = get_preset(name)
+        print(f"{name:18} {preset.spec.type:20} {preset.spec.description}")
+    return 0
+
+
+def _custom_spec(args) -> TaskSpec:
+    if not args.task_type:
+        raise ValueError(f"--task {args.task!r} is not built in; pass --task-type and the column options")
+    qa = args.task_type == "extractive-qa"
+    fields = {"name": args.task, "type": args.task_type,
+              "text_column": args.text_column or ("question" if qa else "text"),
+              "text_pair_column": args.text_pair_column or ("context" if qa else None),
+              "label_column": args.label_column or ("answers" if qa else "label"),
+              "labels": args.labels, "label_range": args.label_range}
+    if args.task_type in ("classification", "pair-classification") and not args.labels:
+        fields["labels"] = _labels_in(args.data, fields["label_column"])
+    if args.max_length:
+        fields["max_length"] = args.max_length
+    elif qa:
+        fields["max_length"] = 384
+    return TaskSpec(**fields)
+
+
+def _labels_in(data: str, column: str) -> list[str]:
+    """Class names found in a data file, sorted (numbers numerically)."""
+    from mtpeft.data import read_records
+
+    values = {str(row[column]) for _, row in read_records(data) if column in row}
+    if len(values) < 2:
+        raise ValueError(f"--label-column {column!r}: found {len(values)} distinct labels in {data}; pass --labels")
+    return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
+
+
+def _train(args) -> int:
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.sources import load_task_data
+    from mtpeft.tasks.presets import get_preset, preset_names
+    from mtpeft.train import format_metrics, train_task
+
+    preset = get_preset(args.task) if args.task in preset_names() and not args.task_type else None
+    spec = preset.spec if preset else _custom_spec(args)
+    if preset and args.max_length:
+        spec = TaskSpec.from_dict({**spec.to_dict(), "max_length": args.max_length})
+    recipe = dict(preset.recipe) if preset else {}
+    for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    lora = None if args.head_only else LoraSettings(
+        r=args.r, alpha=args.alpha or 2.0 * args.r, dropout=args.lora_dropout, target_modules=args.target_modules)
+    config = TrainConfig(**recipe, lora=lora, bf16=False if args.fp32 else None)
+
+    data = load_task_data(spec, args.data, args.eval_data, preset.layout if preset else None, args.skip_bad_rows)
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} bad rows; first: {data.skipped[0]}", file=sys.stderr)
+    print(f"task {spec.name}: {len(data.train)} training and {len(data.eval)} evaluation examples", file=sys.stderr)
+    model = MultiTaskModel.from_backbone(args.backbone)
+    model.add_task(spec, lora, head_only=args.head_only)
+    run_info = {"data": data.description, "skipped_rows": len(data.skipped), "backbone": args.backbone,
+                "command": "mtpeft " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    result = train_task(model, spec.name, data.train, data.eval, config, out_dir=args.out,
+                        progress=not args.no_progress, run_info=run_info)
+    print(f"{spec.name}: {format_metrics(result.metrics)} ({result.train_seconds:.0f} s, "
+          f"{result.trainable_parameters:,} trainable parameters) -> {args.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from mtpeft.evaluate import evaluate_task
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.sources import load_task_data
+    from mtpeft.storage import TASK_FILE, write_json
+    from mtpeft.tasks.presets import get_preset, preset_names
+
+    model = MultiTaskModel.load(args.path)
+    task = model.resolve_task(args.task)
+    spec = model.spec(task)
+    layout = get_preset(task).layout if task in preset_names() else None
+    data = Path(args.data)
+    if data.is_dir():
+        examples = load_task_data(spec, data, None, layout, args.skip_bad_rows).eval
+    else:
+        from mtpeft.data import load_examples
+
+        articles = layout.eval_articles if layout and data.suffix == ".json" else None
+        examples = load_examples(data, spec, articles=articles, skip_bad_rows=args.skip_bad_rows).examples
+    metrics = evaluate_task(model, task, examples, args.batch_size)
+    out = args.out or (Path(args.path) / "eval-metrics.json" if (Path(args.path) / TASK_FILE).is_file() else None)
+    if out:
+        write_json(out, {"task": task, "data": str(args.data), "metrics": metrics})
+    print(json.dumps({"task": task, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}))
+    return 0
+
+
+def parse_input_line(line: str):
+    """A JSON object/array line is parsed (QA dicts, pairs); a tab separates a pair; else plain text."""
+    stripped = line.strip()
+    if stripped.startswith(("{", "[")):
+        value = json.loads(stripped)
+        return tuple(value) if isinstance(value, list) else value
+    if "\t" in stripped:
+        return tuple(stripped.split("\t", 1))
+    return stripped
+
+
+def _predict(args) -> int:
+    from mtpeft.model import MultiTaskModel
+
+    model = MultiTaskModel.load(args.path)
+    task = model.resolve_task(args.task)
+    if args.text is not None:
+        lines = [args.text]
+    else:
+        source = open(args.file, encoding="utf-8") if args.file else sys.stdin
+        with source:
+            lines = [line for line in source if line.strip()]
+    inputs = [parse_input_line(line) for line in lines]
+    for prediction in model.predict(inputs, task=task, batch_size=args.batch_size):
+        print(json.dumps(prediction.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

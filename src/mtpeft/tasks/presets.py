@@ -1,0 +1,105 @@
+"""Built-in tasks: their spec, where their files sit in a data folder, and their recipe.
+
+``mtpeft train --task sst2 --data DIR`` reads ``DIR/train.tsv`` and evaluates on
+``DIR/dev.tsv``. SQuAD has only its dev file here, split by article in file order:
+articles 1-38 for training, the last 10 for evaluation ("article split 38/10").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from mtpeft.tasks.spec import TaskSpec, UnknownTaskError
+
+SQUAD_TRAIN_ARTICLES = slice(0, 38)
+SQUAD_EVAL_ARTICLES = slice(38, None)
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where a preset's files sit inside the folder a user passes with ``--data``."""
+
+    train_file: str
+    eval_file: str
+    train_articles: slice | None = None
+    eval_articles: slice | None = None
+    holdout_every: int | None = None  # no eval file: every k-th row of train_file is held out
+
+
+@dataclass(frozen=True)
+class Preset:
+    spec: TaskSpec
+    layout: DataLayout
+    recipe: dict = field(default_factory=dict)  # TrainConfig fields that differ from the defaults
+    note: str = ""
+
+
+def support_data_dir() -> Path:
+    """The customer-support data set that ships inside the package."""
+    return Path(str(resources.files("mtpeft") / "resources" / "support"))
+
+
+_PRESETS: dict[str, Preset] = {
+    "sst2": Preset(
+        TaskSpec(name="sst2", type="classification", labels=["negative", "positive"], text_column="sentence",
+                 label_column="label", max_length=128, description="Sentiment of a movie-review sentence (GLUE SST-2)."),
+        DataLayout("train.tsv", "dev.tsv"), {"epochs": 1.0, "lr": 5e-4}),
+    "stsb": Preset(
+        TaskSpec(name="stsb", type="regression", text_column="sentence1", text_pair_column="sentence2",
+                 label_column="score", label_range=[0.0, 5.0], max_length=128,
+                 description="Semantic similarity of two sentences, 0-5 (GLUE STS-B)."),
+        DataLayout("train.tsv", "dev.tsv"), {"epochs": 4.0, "lr": 1e-3}),
+    "mrpc": Preset(
+        TaskSpec(name="mrpc", type="pair-classification", labels=["not_equivalent", "equivalent"],
+                 text_column="#1 String", text_pair_column="#2 String", label_column="Quality", max_length=128,
+                 description="Whether two news sentences are paraphrases (GLUE MRPC)."),
+        DataLayout("train.tsv", "dev.tsv"), {"epochs": 5.0, "lr": 1e-3}),
+    "qqp": Preset(
+        TaskSpec(name="qqp", type="pair-classification", labels=["not_duplicate", "duplicate"],
+                 text_column="question1", text_pair_column="question2", label_column="is_duplicate", max_length=128,
+                 description="Whether two Quora questions ask the same thing (GLUE QQP)."),
+        DataLayout("train.tsv", "dev.tsv"), {"epochs": 1.0, "lr": 5e-4}),
+    "imdb": Preset(
+        TaskSpec(name="imdb", type="classification", labels=["negative", "positive"], text_column="review",
+                 label_column="label", max_length=256, truncation="head+tail", head_tokens=64,
+                 description="Sentiment of a full IMDb movie review."),
+        DataLayout("train.csv", "test.csv"), {"epochs": 1.0, "lr": 5e-4},
+        note="Reviews longer than 256 tokens keep their first 64 and last 190 tokens (head+tail)."),
+    "squad": Preset(
+        TaskSpec(name="squad", type="extractive-qa", text_column="question", text_pair_column="context",
+                 label_column="answers", max_length=384, doc_stride=128, max_answer_length=30,
+                 description="Extractive question answering on Wikipedia paragraphs (SQuAD v1.1)."),
+        DataLayout("dev-v1.1.json", "dev-v1.1.json", SQUAD_TRAIN_ARTICLES, SQUAD_EVAL_ARTICLES),
+        {"epochs": 3.0, "lr": 1e-3, "batch_size": 16},
+        note="SQuAD v1.1 dev file, article split 38/10; not comparable to published dev scores."),
+    # The packaged customer-support skills used by `mtpeft demo`.
+    "sentiment": Preset(
+        TaskSpec(name="sentiment", type="classification", labels=["negative", "neutral", "positive"],
+                 max_length=96, description="Sentiment of a customer message."),
+        DataLayout("sentiment.jsonl", "sentiment.jsonl", holdout_every=5), {"epochs": 8.0, "lr": 1e-3, "batch_size": 16}),
+    "similar-questions": Preset(
+        TaskSpec(name="similar-questions", type="pair-classification", labels=["different", "duplicate"],
+                 text_column="question1", text_pair_column="question2", max_length=96,
+                 description="Whether two customer questions ask the same thing."),
+        DataLayout("question_pairs.jsonl", "question_pairs.jsonl", holdout_every=5),
+        {"epochs": 8.0, "lr": 1e-3, "batch_size": 16}),
+    "faq-answer": Preset(
+        TaskSpec(name="faq-answer", type="extractive-qa", text_column="question", text_pair_column="context",
+                 label_column="answers", max_length=192, doc_stride=64, max_answer_length=24,
+                 description="The answer span to a customer question in an FAQ entry."),
+        DataLayout("qa.jsonl", "qa.jsonl", holdout_every=6), {"epochs": 15.0, "lr": 2e-3, "batch_size": 16}),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise UnknownTaskError(f"unknown task {name!r}; built-in tasks: {sorted(_PRESETS)} "
+                       "(or pass --task-type with column names for your own data)") from None
+
+
+def preset_names() -> list[str]:
+    return list(_PRESETS)

@@ -1,0 +1,147 @@
+"""The one training loop, for every task type.
+
+The task type supplies features, loss and metrics; the model supplies which parameters
+belong to the task. Compute runs in bf16 autocast where the hardware is fast at it, while
+the trainable parameters and optimizer state stay fp32 (AdamW on fp32 master weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from mtpeft.batching import bucketed_batches, collate
+from mtpeft.config import TrainConfig
+from mtpeft.evaluate import evaluate_task
+from mtpeft.examples import Example
+from mtpeft.model import MultiTaskModel
+from mtpeft.precision import autocast, resolve_bf16
+from mtpeft.storage import save_task, write_json
+from mtpeft.tasks import task_type
+
+
+@dataclass
+class TrainResult:
+    task: str
+    metrics: dict[str, float]
+    steps: int
+    train_examples: int
+    train_seconds: float
+    examples_per_second: float
+    final_loss: float
+    trainable_parameters: int
+    bf16: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _optimizer(model: MultiTaskModel, task: str, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay, head = [], [], []
+    for name, param in model.task_parameters(task).items():
+        if name.startswith("head."):
+            head.append(param)
+        elif param.ndim >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+        {"params": head, "weight_decay": 0.0, "lr": config.head_lr or config.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    # foreach: one fused kernel launch per parameter group instead of one per tensor.
+    return torch.optim.AdamW(groups, lr=config.lr, foreach=True)
+
+
+def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Example],
+               eval_examples: Sequence[Example] | None = None, config: TrainConfig | None = None,
+               out_dir: str | Path | None = None, progress: bool = True, run_info: dict | None = None) -> TrainResult:
+    """Train ``task``'s adapter and head on ``train_examples``; evaluate; save to ``out_dir``.
+
+    Only the task's own parameters train: the backbone and other tasks stay frozen.
+    """
+    config = config or TrainConfig()
+    spec = model.spec(task)
+    kind = task_type(spec)
+    if config.max_train_examples:
+        train_examples = train_examples[: config.max_train_examples]
+    if eval_examples is not None and config.max_eval_examples:
+        eval_examples = eval_examples[: config.max_eval_examples]
+    torch.manual_seed(config.seed)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable = model.task_parameters(task)
+    for param in trainable.values():
+        param.requires_grad_(True)
+
+    features = kind.encode(spec, model.tokenizer, train_examples)
+    lengths = [len(f["input_ids"]) for f in features]
+    steps_per_epoch = math.ceil(len(features) / config.batch_size)
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = _optimizer(model, task, config)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    device = model.device
+    use_bf16 = resolve_bf16(config.bf16, device)
+    pad_id = model.tokenizer.pad_token_id
+
+    model.train()
+    step, seen, loss_value = 0, 0, float("nan")
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"train {task}", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    epoch = 0
+    while step < total_steps:
+        for indices in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch):
+            if step >= total_steps:
+                break
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
+            with autocast(device, use_bf16):
+                outputs = model(batch, task)
+            loss = kind.loss(spec, outputs, batch)
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(indices)
+            loss_value = float(loss.detach())
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
+        epoch += 1
+    bar.close()
+    elapsed = time.perf_counter() - started
+    model.eval()
+    for param in trainable.values():
+        param.requires_grad_(False)
+
+    metrics = evaluate_task(model, task, eval_examples, config.eval_batch_size) if eval_examples else {}
+    model.task_metrics[task] = metrics
+    result = TrainResult(task=task, metrics=metrics, steps=step, train_examples=len(train_examples),
+                         train_seconds=round(elapsed, 3), examples_per_second=round(seen / elapsed, 2),
+                         final_loss=loss_value, trainable_parameters=sum(p.numel() for p in trainable.values()),
+                         bf16=use_bf16)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        save_task(model, task, out_dir)
+        write_json(out_dir / "config.json", {"task": spec.to_dict(), "train": config.to_dict(), **(run_info or {})})
+        write_json(out_dir / "metrics.json", result.to_dict())
+    return result
+
+
+def format_metrics(metrics: dict) -> str:
+    return json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()})
