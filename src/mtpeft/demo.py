@@ -70,7 +70,7 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
               f"{result.train_seconds:.0f} s\n")
 
     model.save(out)
-    reloaded = MultiTaskModel.load(out, backbone=model.backbone_info)
+    reloaded = MultiTaskModel.load(out, backbone=backbone)  # a fresh backbone: only the files carry the tasks
     print(f"saved the bundle to {out} and loaded it back: tasks {reloaded.task_names}\n")
 
     faq = load_faq()

@@ -56,6 +56,19 @@ class AdapterRouting:
             self.single, self.groups = previous
 
 
+def routing_of(model: nn.Module) -> AdapterRouting:
+    """The routing shared by every LoRA layer of ``model``, created on first use.
+
+    It lives on the backbone, not on whoever wraps it, so layers and routing can never
+    disagree even when two wrappers share one backbone.
+    """
+    routing = getattr(model, "_adapter_routing", None)
+    if routing is None:
+        routing = AdapterRouting()
+        model._adapter_routing = routing
+    return routing
+
+
 class MultiLoraLayer(nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus per-task low-rank deltas."""
 
@@ -91,7 +104,8 @@ class MultiLoraLayer(nn.Module):
         if self.merged == task:
             self.unmerge()
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
-            store.pop(task, None)
+            if task in store:
+                del store[task]
         self.scaling.pop(task, None)
 
     def _delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
@@ -136,12 +150,13 @@ class MultiLoraLayer(nn.Module):
         self.merged = None
 
 
-def inject_lora_layers(model: nn.Module, target_modules: Sequence[str], routing: AdapterRouting) -> dict[str, MultiLoraLayer]:
+def inject_lora_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[str, MultiLoraLayer]:
     """Wrap every module whose name ends with a target in a ``MultiLoraLayer``.
 
     Returns the wrapped layers by their module path in ``model``. Already wrapped layers
     are returned as they are, so adding a task with the same targets is cheap.
     """
+    routing = routing_of(model)
     layers: dict[str, MultiLoraLayer] = {}
     wrapped_paths: list[str] = []
     for path, module in list(model.named_modules()):

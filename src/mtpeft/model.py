@@ -17,7 +17,7 @@ from mtpeft.backbone import Backbone, load_backbone
 from mtpeft.batching import bucketed_batches, collate
 from mtpeft.config import LoraSettings
 from mtpeft.examples import Example
-from mtpeft.lora import AdapterRouting, MultiLoraLayer, inject_lora_layers
+from mtpeft.lora import MultiLoraLayer, inject_lora_layers, routing_of
 from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.predictions import Prediction
 from mtpeft.tasks import TaskSpec, task_type
@@ -39,7 +39,7 @@ class MultiTaskModel(nn.Module):
         self.tokenizer = backbone.tokenizer
         self.identity = backbone.identity
         self.backbone_info = backbone
-        self.routing = AdapterRouting()
+        self.routing = routing_of(self.backbone)
         self.heads = nn.ModuleDict()
         self.specs: dict[str, TaskSpec] = {}
         self.adapters: dict[str, LoraSettings | None] = {}
@@ -70,7 +70,7 @@ class MultiTaskModel(nn.Module):
         if lora is not None:
             targets = self._targets(lora)
             lora = LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
-            for layer in inject_lora_layers(self.backbone, targets, self.routing).values():
+            for layer in inject_lora_layers(self.backbone, targets).values():
                 layer.add_adapter(spec.name, lora.r, lora.alpha, lora.dropout)
         head = task_type(spec).build_head(spec, self.identity.hidden_size)
         self.heads[spec.name] = head.to(self.device)

@@ -100,7 +100,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     step, seen, loss_value = 0, 0, float("nan")
     started = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"train {task}", unit="step", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+               file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     epoch = 0
     while step < total_steps:
         for indices in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch):

@@ -1,0 +1,131 @@
+"""Data readers: formats, validation errors that name file, line and field, skipping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import require_shared_data
+from mtpeft.data import DataError, load_examples, read_records
+from mtpeft.sources import load_task_data
+from mtpeft.tasks import TaskSpec
+from mtpeft.tasks.presets import get_preset
+
+SENTIMENT = TaskSpec(name="s", type="classification", labels=["negative", "positive"], text_column="sentence")
+QA = TaskSpec(name="qa", type="extractive-qa", text_column="question", text_pair_column="context",
+              label_column="answers", max_length=128, doc_stride=32)
+STS = TaskSpec(name="sts", type="regression", text_column="a", text_pair_column="b", label_column="score",
+               label_range=[0, 5])
+
+
+def test_tsv_is_read_without_quote_handling(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text('sentence\tlabel\nhe said " hello \t1\n"quoted" start \t0\n', encoding="utf-8")
+    examples = load_examples(path, SENTIMENT).examples
+    assert [e.text for e in examples] == ['he said " hello ', '"quoted" start ']
+    assert [e.label for e in examples] == [1, 0]
+    assert examples[0].source == f"{path}:2"
+
+
+def test_tsv_wrong_field_count_names_the_line(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\nfine\t1\nbroken row without tab\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.tsv:3: expected 2 tab-separated fields"):
+        load_examples(path, SENTIMENT)
+
+
+def test_label_out_of_range_names_file_line_and_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"sentence": "ok", "label": 1}\n{"sentence": "bad", "label": 7}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_examples(path, SENTIMENT)
+    assert str(err.value).startswith(f"{path}:2: field 'label': label 7 is not one of ['negative', 'positive']")
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"label": 1}, "sentence", "missing"),
+    ({"sentence": "   ", "label": 1}, "sentence", "empty text"),
+    ({"sentence": "x", "label": "maybe"}, "label", "is not one of"),
+    ({"sentence": "x", "label": True}, "label", "is not one of"),
+    ({"sentence": 5, "label": 1}, "sentence", "expected text"),
+])
+def test_bad_classification_rows(tmp_path, row, field, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message) as err:
+        load_examples(path, SENTIMENT)
+    assert err.value.field == field and err.value.where == f"{path}:1"
+
+
+def test_regression_scores_are_checked(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('a,b,score\n"x, with comma",y,4.5\nx,y,seven\nx,y,6\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.csv:3: field 'score': expected a number"):
+        load_examples(path, STS)
+    report = load_examples(path, STS, skip_bad_rows=True)
+    assert [e.label for e in report.examples] == [4.5]
+    assert len(report.skipped) == 2 and "outside label_range" in str(report.skipped[1])
+
+
+def test_csv_line_numbers_count_multiline_fields(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('sentence,label\n"two\nlines",1\nnext,2\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.csv:4: field 'label'"):
+        load_examples(path, SENTIMENT)
+
+
+def test_qa_answer_must_match_the_context(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    good = {"question": "Who?", "context": "Alice met Bob.", "answers": [{"text": "Bob", "answer_start": 10}]}
+    bad = {**good, "answers": [{"text": "Bob", "answer_start": 3}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"qa.jsonl:2: field 'answers': answer 'Bob' does not appear in the context at offset 3"):
+        load_examples(path, QA)
+
+
+def test_invalid_json_and_undecodable_bytes_name_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"sentence": "a", "label": 0}\n{"sentence": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
+        list(read_records(path))
+    raw = tmp_path / "e.tsv"
+    raw.write_bytes(b"sentence\tlabel\nok\t1\n\xff\xfe bad\t0\n")
+    with pytest.raises(DataError, match=r"e.tsv:3: bytes that are not UTF-8"):
+        list(read_records(raw))
+
+
+def test_squad_json_and_article_split(tmp_path):
+    data = {"data": [{"title": f"T{a}", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": f"{a}-{q}", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]}
+        for q in range(2)]}]} for a in range(5)]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    head = load_examples(path, QA, articles=slice(0, 3)).examples
+    tail = load_examples(path, QA, articles=slice(3, None)).examples
+    assert [e.id for e in head] == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
+    assert [e.id for e in tail] == ["3-0", "3-1", "4-0", "4-1"]
+    assert "article 4 'T3'" in tail[0].source
+
+
+def test_real_squad_split_is_38_10():
+    folder = require_shared_data("squad")
+    preset = get_preset("squad")
+    data = load_task_data(preset.spec, folder, layout=preset.layout)
+    assert len(data.train) == 8582 and len(data.eval) == 1988
+
+
+def test_real_glue_files_load():
+    for task, counts in {"sst2": (67349, 872), "stsb": (5749, 1500), "mrpc": (3668, 408)}.items():
+        folder = require_shared_data("glue", {"sst2": "SST-2", "stsb": "STS-B", "mrpc": "MRPC"}[task])
+        preset = get_preset(task)
+        data = load_task_data(preset.spec, folder, layout=preset.layout)
+        assert (len(data.train), len(data.eval)) == counts
+
+
+def test_real_imdb_loads():
+    folder = require_shared_data("imdb")
+    preset = get_preset("imdb")
+    data = load_task_data(preset.spec, folder, layout=preset.layout)
+    assert (len(data.train), len(data.eval)) == (25000, 25000)
+    assert {e.label for e in data.eval} == {0, 1}

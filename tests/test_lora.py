@@ -1,0 +1,134 @@
+"""The LoRA layer's invariants: no-op at init, mixed batches equal single-task runs, merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2Model
+
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.backbone import from_model
+from mtpeft.batching import collate
+from mtpeft.config import LoraSettings
+from mtpeft.lora import MultiLoraLayer
+
+
+def _batch(tokenizer, texts):
+    encoded = tokenizer(texts, truncation=True, max_length=32)
+    features = [{"input_ids": ids, "token_type_ids": types} for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+    return collate(features, tokenizer.pad_token_id)
+
+
+def _randomise_adapters(model: MultiTaskModel, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    for layer in model.lora_layers().values():
+        for task in layer.lora_B:
+            torch.nn.init.normal_(layer.lora_B[task].weight, std=0.5)
+
+
+TEXTS = ["the first sentence", "a second, longer sentence with more words", "three", "and the fourth one here",
+         "five", "six is the last row of this batch"]
+
+
+def test_zero_initialised_adapter_equals_base_model(backbone, tokenizer):
+    batch = _batch(tokenizer, TEXTS)
+    with torch.no_grad():
+        base = backbone.model(**batch).last_hidden_state
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), LoraSettings(r=4))
+    with torch.no_grad():
+        adapted = model.encode(batch, "a")
+    torch.testing.assert_close(adapted, base, rtol=0, atol=0)
+
+
+def test_adapter_changes_output_once_trained(backbone, tokenizer):
+    batch = _batch(tokenizer, TEXTS)
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    with torch.no_grad():
+        base = model.encode(batch, None)
+        _randomise_adapters(model)
+        adapted = model.encode(batch, "a")
+    assert (adapted - base).abs().max() > 1e-3
+
+
+def test_mixed_batch_equals_single_task_runs(backbone, tokenizer):
+    model = MultiTaskModel(backbone)
+    for name, r in (("a", 4), ("b", 8), ("c", 2)):
+        model.add_task(TaskSpec(name=name, type="classification", labels=["x", "y"]), LoraSettings(r=r, alpha=2 * r))
+    model.add_task(TaskSpec(name="plain", type="classification", labels=["x", "y"]), head_only=True)
+    _randomise_adapters(model)
+    batch = _batch(tokenizer, TEXTS)
+    row_tasks = ["b", "a", "plain", "c", "a", "b"]  # interleaved, with a row of a task without adapter
+    with torch.no_grad():
+        mixed = model.encode(batch, row_tasks)
+        for row, task in enumerate(row_tasks):
+            single = model.encode({k: v[row:row + 1] for k, v in batch.items()}, task)
+            length = int(batch["attention_mask"][row].sum())
+            torch.testing.assert_close(mixed[row, :length], single[0, :length], rtol=1e-5, atol=1e-5)
+    # The tasks really differ, so the check above is not vacuous.
+    with torch.no_grad():
+        assert (model.encode(batch, "a") - model.encode(batch, "b")).abs().max() > 1e-3
+
+
+def test_mixed_predictions_equal_single_task_predictions(backbone):
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="cls", type="classification", labels=["x", "y", "z"]))
+    model.add_task(TaskSpec(name="reg", type="regression", text_pair_column="b", label_range=[0, 5]))
+    model.add_task(TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=48,
+                            doc_stride=8, max_question_length=16))
+    _randomise_adapters(model)
+    model.bf16 = False
+    inputs = ["a text", ("one", "two"), {"question": "where?", "context": "in the house by the river " * 6},
+              "another text", ("three", "four")]
+    tasks = ["cls", "reg", "qa", "cls", "reg"]
+    mixed = model.predict(inputs, task=tasks)
+    for x, task, prediction in zip(inputs, tasks, mixed):
+        alone = model.predict(x, task=task)
+        assert type(alone) is type(prediction)
+        if task == "cls":
+            assert alone.label == prediction.label
+            assert alone.probabilities == pytest.approx(prediction.probabilities, abs=1e-5)
+        elif task == "reg":
+            assert alone.score == pytest.approx(prediction.score, abs=1e-5)
+        else:
+            assert (alone.answer, alone.start, alone.end) == (prediction.answer, prediction.start, prediction.end)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(backbone, tokenizer):
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    _randomise_adapters(model)
+    batch = _batch(tokenizer, TEXTS)
+    with torch.no_grad():
+        base = model.encode(batch, None)
+        unmerged = model.encode(batch, "a")
+        for layer in model.lora_layers().values():
+            layer.merge("a")
+        merged = model.encode(batch, "a")
+        for layer in model.lora_layers().values():
+            layer.unmerge()
+        restored = model.encode(batch, None)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(restored, base, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_layers_take_adapters(tokenizer):
+    torch.manual_seed(0)
+    gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    model = MultiTaskModel(from_model(gpt2, tokenizer, name="tiny-gpt2"))
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"], pooling="last"))
+    layers = model.lora_layers("a")
+    assert layers and all(isinstance(layer, MultiLoraLayer) for layer in layers.values())
+    _randomise_adapters(model)
+    encoded = tokenizer(["a b c", "d"], padding=True, return_tensors="pt")
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    with torch.no_grad():
+        assert (model.encode(batch, "a") - model.encode(batch, None)).abs().max() > 1e-3
+
+
+def test_unknown_target_module_is_reported(backbone):
+    model = MultiTaskModel(backbone)
+    with pytest.raises(ValueError, match="no module of the backbone matches"):
+        model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]),
+                       LoraSettings(target_modules=["not_a_layer"]))

@@ -1,0 +1,45 @@
+"""Metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtpeft.metrics import classification_metrics, normalize_answer, regression_metrics, squad_metrics
+
+
+def test_normalize_answer_follows_squad_rules():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("an apple, a pear") == "apple pear"
+    assert normalize_answer("Theory") == "theory"  # 'the' only as a whole word
+
+
+def test_squad_em_and_f1_by_hand():
+    references = {"q1": ["Denver Broncos", "The Denver Broncos"], "q2": ["1,000 years"], "q3": ["blue"]}
+    predictions = {"q1": "the Denver Broncos.", "q2": "about 1,000 years ago"}  # q3 unanswered
+    scores = squad_metrics(predictions, references)
+    # q1: exact after normalisation. q2: pred tokens {about, 1000, years, ago}, gold {1000, years}:
+    # precision 2/4, recall 2/2 -> F1 = 2/3. q3: missing -> 0.
+    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
+
+
+def test_squad_takes_the_best_gold_answer():
+    scores = squad_metrics({"q": "in 1990"}, {"q": ["1991", "1990"]})
+    assert scores["exact_match"] == 0.0
+    assert scores["f1"] == pytest.approx(100 * 2 * (1 / 2 * 1) / (1 / 2 + 1))
+
+
+def test_classification_binary_and_macro_f1():
+    binary = classification_metrics([1, 1, 0, 0], [1, 0, 0, 0], num_labels=2)
+    assert binary["accuracy"] == 75.0
+    assert binary["f1"] == pytest.approx(100 * 2 / 3)  # class 1: precision 1/2, recall 1
+    macro = classification_metrics([0, 1, 2, 2], [0, 1, 2, 1], num_labels=3)
+    # per class F1: 1.0, 2/3, 2/3 -> mean 7/9
+    assert macro["f1"] == pytest.approx(100 * 7 / 9)
+
+
+def test_regression_correlations():
+    scores = regression_metrics([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 9.0])
+    assert scores["spearman"] == pytest.approx(100.0)
+    assert 95 < scores["pearson"] < 100
+    assert regression_metrics([1.0, 1.0], [0.0, 1.0])["pearson"] == 0.0  # constant predictions

@@ -1,0 +1,114 @@
+"""The on-disk format: PEFT layout, round trips, no backbone weights, safe loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_bert
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.backbone import BackboneMismatchError
+from mtpeft.batching import collate
+from mtpeft.config import LoraSettings
+from mtpeft.storage import BUNDLE_FILE, write_json
+
+
+def _model(backbone) -> MultiTaskModel:
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="sentiment", type="classification", labels=["neg", "pos"]))
+    model.add_task(TaskSpec(name="similarity", type="regression", text_pair_column="b", label_range=[0, 5]),
+                   LoraSettings(r=4, alpha=8, target_modules=["query", "key", "value"]))
+    model.add_task(TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=64,
+                            doc_stride=16, max_question_length=16))
+    torch.manual_seed(3)
+    for layer in model.lora_layers().values():
+        for task in layer.lora_B:
+            torch.nn.init.normal_(layer.lora_B[task].weight, std=0.3)
+    model.bf16 = False
+    return model
+
+
+INPUTS = [("great product", "sentiment"), (("a cat", "a dog"), "similarity"),
+          ({"question": "when?", "context": "We open at nine every day except Sunday."}, "faq")]
+
+
+def _predict(model):
+    return [p.to_dict() for p in model.predict([x for x, _ in INPUTS], task=[t for _, t in INPUTS])]
+
+
+def test_save_load_round_trip_gives_identical_outputs(backbone, tokenizer, tmp_path):
+    model = _model(backbone)
+    before = _predict(model)
+    model.save(tmp_path / "bundle")
+    loaded = MultiTaskModel.load(tmp_path / "bundle", backbone=tiny_bert(tokenizer))
+    loaded.bf16 = False
+    assert loaded.task_names == ["sentiment", "similarity", "faq"]
+    assert _predict(loaded) == before
+    single = MultiTaskModel.load(tmp_path / "bundle" / "similarity", backbone=tiny_bert(tokenizer))
+    assert single.task_names == ["similarity"]
+
+
+def test_task_folder_holds_peft_layout_and_no_backbone_weights(backbone, tmp_path):
+    model = _model(backbone)
+    model.save(tmp_path)
+    folder = tmp_path / "similarity"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"]
+    adapter = load_file(folder / "adapter_model.safetensors")
+    assert adapter and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in adapter)
+    assert all(k.startswith("base_model.model.encoder.layer.") for k in adapter)
+    backbone_names = {n for n, _ in backbone.model.named_parameters() if ".lora_" not in n}
+    assert not any(k.removeprefix("base_model.model.") in backbone_names for k in adapter)
+    assert set(load_file(folder / "head.safetensors")) == {"out.weight", "out.bias"}
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    assert total < 100_000  # the tiny backbone alone is ~4 MB
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["key", "query", "value"]
+    record = json.loads((folder / "task.json").read_text())
+    assert record["spec"]["type"] == "regression" and record["backbone"]["name"] == "tiny-bert"
+
+
+def test_peft_loads_our_adapter_with_the_same_hidden_states(backbone, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    model = _model(backbone)
+    model.save(tmp_path)
+    encoded = tokenizer(["a first text", "and a second, longer one"], truncation=True)
+    batch = collate([{"input_ids": i, "token_type_ids": t} for i, t in zip(encoded["input_ids"], encoded["token_type_ids"])],
+                    tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = model.encode(batch, "similarity")
+        peft_model = PeftModel.from_pretrained(tiny_bert(tokenizer).model, tmp_path / "similarity")
+        theirs = peft_model(**batch).last_hidden_state
+        base = tiny_bert(tokenizer).model(**batch).last_hidden_state
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-3
+
+
+def test_loading_onto_another_backbone_names_the_expected_one(backbone, tokenizer, tmp_path):
+    _model(backbone).save(tmp_path)
+    other = tiny_bert(tokenizer, seed=7)  # same shapes, different weights
+    with pytest.raises(BackboneMismatchError, match="trained on backbone 'tiny-bert'"):
+        MultiTaskModel.load(tmp_path, backbone=other)
+
+
+def test_bundle_manifest_cannot_point_outside_the_bundle(backbone, tmp_path):
+    _model(backbone).save(tmp_path / "bundle")
+    write_json(tmp_path / "bundle" / BUNDLE_FILE, {"format": "mtpeft-bundle/1", "tasks": {"x": "../../etc"}})
+    with pytest.raises(ValueError, match="points outside the bundle"):
+        MultiTaskModel.load(tmp_path / "bundle", backbone=backbone)
+
+
+def test_missing_task_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no task.json"):
+        MultiTaskModel.load(tmp_path)
+
+
+def test_unknown_task_lists_known_ones(backbone):
+    model = _model(backbone)
+    with pytest.raises(KeyError, match="known tasks: \\['faq', 'sentiment', 'similarity'\\]"):
+        model.predict("x", task="nope")

@@ -1,0 +1,140 @@
+"""Every task type learns tiny separable data through the one training loop."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.examples import Example
+from mtpeft.train import train_task
+
+POSITIVE = ["great", "excellent", "wonderful", "love", "happy", "perfect", "superb", "nice"]
+NEGATIVE = ["awful", "terrible", "broken", "hate", "angry", "worst", "poor", "sad"]
+FILLER = ["the", "item", "was", "and", "it", "my", "order", "really", "very", "service"]
+
+
+def _sentences(rng, words, n):
+    out = []
+    for _ in range(n):
+        body = rng.sample(FILLER, 3) + [rng.choice(words), rng.choice(words)]
+        rng.shuffle(body)
+        out.append(" ".join(body))
+    return out
+
+
+def _sentiment(seed, n):
+    rng = random.Random(seed)
+    pos, neg = _sentences(rng, POSITIVE, n), _sentences(rng, NEGATIVE, n)
+    examples = [Example(text=t, label=1) for t in pos] + [Example(text=t, label=0) for t in neg]
+    rng.shuffle(examples)
+    return examples
+
+
+def _model(backbone, spec, **lora):
+    model = MultiTaskModel(backbone)
+    model.add_task(spec, LoraSettings(**lora) if lora else None)
+    return model
+
+
+FAST = dict(epochs=6, batch_size=16, lr=5e-3, bf16=False, seed=0)
+
+
+def test_classification_learns(backbone):
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    model = _model(backbone, spec)
+    result = train_task(model, "sent", _sentiment(0, 80), _sentiment(1, 40), TrainConfig(**FAST), progress=False)
+    assert result.metrics["accuracy"] >= 85, result.metrics
+    assert model.predict("excellent wonderful item", task="sent").label == "pos"
+
+
+def test_pair_classification_learns(backbone):
+    # The label is carried by the second text only, so the pair input must reach the model.
+    rng = random.Random(0)
+    def pairs(n):
+        out = []
+        for _ in range(n):
+            good = rng.random() < 0.5
+            second = " ".join(rng.sample(FILLER, 3) + [rng.choice(POSITIVE if good else NEGATIVE)])
+            out.append(Example(text=" ".join(rng.sample(FILLER, 4)), text_pair=second, label=int(good)))
+        return out
+    spec = TaskSpec(name="dup", type="pair-classification", labels=["different", "same"], text_pair_column="b")
+    model = _model(backbone, spec)
+    result = train_task(model, "dup", pairs(300), pairs(60), TrainConfig(**{**FAST, "epochs": 10}), progress=False)
+    assert result.metrics["accuracy"] >= 85, result.metrics
+
+
+def test_regression_learns(backbone):
+    rng = random.Random(0)
+    def rows(n):
+        out = []
+        for _ in range(n):
+            k = rng.randint(0, 5)
+            words = ["great"] * k + rng.sample(FILLER, 5 - k)
+            rng.shuffle(words)
+            out.append(Example(text=" ".join(words), text_pair="item", label=float(k)))
+        return out
+    spec = TaskSpec(name="score", type="regression", text_pair_column="b", label_range=[0, 5])
+    model = _model(backbone, spec)
+    result = train_task(model, "score", rows(300), rows(80), TrainConfig(**FAST), progress=False)
+    assert result.metrics["spearman"] >= 70, result.metrics
+
+
+def test_extractive_qa_learns(backbone):
+    rng = random.Random(0)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+    def rows(n):
+        out = []
+        for i in range(n):
+            filler = " ".join(rng.sample(FILLER, 6))
+            colour = rng.choice(colours)
+            context = f"{filler} the box is {colour} and {' '.join(rng.sample(FILLER, 4))}."
+            start = context.index(f"is {colour}") + 3
+            out.append(Example(text="what colour is the box?", text_pair=context, id=str(i),
+                               answers=[{"text": colour, "answer_start": start}]))
+        return out
+    spec = TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=48, doc_stride=8,
+                    max_question_length=16)
+    model = _model(backbone, spec)
+    result = train_task(model, "qa", rows(200), rows(50), TrainConfig(**{**FAST, "epochs": 8}), progress=False)
+    assert result.metrics["exact_match"] >= 60, result.metrics
+
+
+def test_head_only_trains_only_the_head(backbone):
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    model = MultiTaskModel(backbone)
+    model.add_task(spec, head_only=True)
+    assert model.lora_layers("sent") == {}
+    before = {n: p.clone() for n, p in backbone.model.named_parameters()}
+    result = train_task(model, "sent", _sentiment(0, 40), _sentiment(1, 20), TrainConfig(**FAST), progress=False)
+    assert result.trainable_parameters == 32 * 2 + 2
+    assert all((p == before[n]).all() for n, p in backbone.model.named_parameters())
+
+
+def test_training_leaves_other_tasks_untouched(backbone):
+    model = MultiTaskModel(backbone)
+    for name in ("a", "b"):
+        model.add_task(TaskSpec(name=name, type="classification", labels=["neg", "pos"]))
+    frozen = {k: v.clone() for k, v in model.task_parameters("b").items()}
+    train_task(model, "a", _sentiment(0, 20), None, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    assert all((model.task_parameters("b")[k] == v).all() for k, v in frozen.items())
+    changed = [k for k, v in model.task_parameters("a").items() if "lora_B" in k and v.abs().sum() > 0]
+    assert changed
+
+
+def test_training_writes_run_folder(backbone, tmp_path):
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    model = _model(backbone, spec)
+    train_task(model, "sent", _sentiment(0, 20), _sentiment(1, 10), TrainConfig(**{**FAST, "epochs": 1}),
+               out_dir=tmp_path / "run", progress=False)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"task.json", "adapter_model.safetensors", "adapter_config.json", "head.safetensors",
+            "config.json", "metrics.json"} <= names
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1)])
+def test_bad_train_config_names_the_option(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig(**bad)
