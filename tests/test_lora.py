@@ -77,16 +77,18 @@ def test_mixed_predictions_equal_single_task_predictions(backbone):
     model.add_task(TaskSpec(name="reg", type="regression", text_pair_column="b", label_range=[0, 5]))
     model.add_task(TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=48,
                             doc_stride=8, max_question_length=16))
+    model.add_task(TaskSpec(name="bi", type="pair-classification", labels=["no", "yes"], text_pair_column="b",
+                            pair_encoding="bi"))
     _randomise_adapters(model)
     model.bf16 = False
     inputs = ["a text", ("one", "two"), {"question": "where?", "context": "in the house by the river " * 6},
-              "another text", ("three", "four")]
-    tasks = ["cls", "reg", "qa", "cls", "reg"]
+              ("is it here", "is it there at all"), "another text", ("three", "four"), ("x", "y z")]
+    tasks = ["cls", "reg", "qa", "bi", "cls", "reg", "bi"]
     mixed = model.predict(inputs, task=tasks)
     for x, task, prediction in zip(inputs, tasks, mixed):
         alone = model.predict(x, task=task)
         assert type(alone) is type(prediction)
-        if task == "cls":
+        if task in ("cls", "bi"):
             assert alone.label == prediction.label
             assert alone.probabilities == pytest.approx(prediction.probabilities, abs=1e-5)
         elif task == "reg":

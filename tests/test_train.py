@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.config import LoraSettings, TrainConfig
@@ -62,6 +63,35 @@ def test_pair_classification_learns(backbone):
         return out
     spec = TaskSpec(name="dup", type="pair-classification", labels=["different", "same"], text_pair_column="b")
     model = _model(backbone, spec)
+    result = train_task(model, "dup", pairs(300), pairs(60), TrainConfig(**{**FAST, "epochs": 10}), progress=False)
+    assert result.metrics["accuracy"] >= 85, result.metrics
+
+
+def test_bi_encoder_starts_as_cosine_similarity_and_learns(backbone):
+    from mtpeft.heads import pool
+
+    spec = TaskSpec(name="sim", type="regression", text_pair_column="b", label_range=[0, 5], pair_encoding="bi")
+    model = _model(backbone, spec)
+    model.bf16 = False
+    a, b = "the order arrived", "my parcel came late"
+    encoded = [model.tokenizer(t, return_tensors="pt") for t in (a, b)]
+    with torch.no_grad():
+        u, v = (pool(backbone.model(**e).last_hidden_state, e["attention_mask"], "mean") for e in encoded)
+    cosine = float(torch.nn.functional.cosine_similarity(u, v))
+    assert model.predict((a, b)).score == pytest.approx(5 * cosine, abs=1e-4)  # zero-shot: scaled cosine
+
+    rng = random.Random(0)
+    def pairs(n):
+        out = []
+        for _ in range(n):
+            same = rng.random() < 0.5
+            w = rng.choice(POSITIVE)
+            other = w if same else rng.choice(NEGATIVE)
+            out.append(Example(text=f"{w} {w}", text_pair=f"{other} {other}", label=int(same)))
+        return out
+    dup = TaskSpec(name="dup", type="pair-classification", labels=["different", "same"], text_pair_column="b",
+                   pair_encoding="bi")
+    model.add_task(dup)
     result = train_task(model, "dup", pairs(300), pairs(60), TrainConfig(**{**FAST, "epochs": 10}), progress=False)
     assert result.metrics["accuracy"] >= 85, result.metrics
 

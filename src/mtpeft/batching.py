@@ -13,25 +13,44 @@ from collections.abc import Mapping, Sequence
 import torch
 
 
-def collate(features: Sequence[dict], pad_token_id: int, targets: Mapping[str, torch.dtype] | None = None,
-            pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest feature (rounded up to ``pad_to_multiple_of``)."""
-    longest = max(len(f["input_ids"]) for f in features)
+def sequences(features: Sequence[dict]) -> list[dict]:
+    """The token sequences of a batch of one task's features.
+
+    A bi-encoded pair feature holds two sequences (``input_ids`` and ``input_ids_b``); its
+    batch lists every first text, then every second text, which is the layout a
+    ``CosineHead`` splits in halves.
+    """
+    if "input_ids_b" not in features[0]:
+        return list(features)
+    firsts = [{"input_ids": f["input_ids"], "token_type_ids": f.get("token_type_ids")} for f in features]
+    seconds = [{"input_ids": f["input_ids_b"], "token_type_ids": f.get("token_type_ids_b")} for f in features]
+    return firsts + seconds
+
+
+def pad_sequences(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences to the longest (rounded up to ``pad_to_multiple_of``)."""
+    longest = max(len(r["input_ids"]) for r in rows)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    batch_size = len(features)
-    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    has_types = "token_type_ids" in features[0]
-    token_type_ids = torch.zeros((batch_size, length), dtype=torch.long) if has_types else None
-    for row, feature in enumerate(features):
-        n = len(feature["input_ids"])
-        input_ids[row, :n] = torch.tensor(feature["input_ids"])
-        attention_mask[row, :n] = 1
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    has_types = rows[0].get("token_type_ids") is not None
+    token_type_ids = torch.zeros((len(rows), length), dtype=torch.long) if has_types else None
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        attention_mask[i, :n] = 1
         if has_types:
-            token_type_ids[row, :n] = torch.tensor(feature["token_type_ids"])
+            token_type_ids[i, :n] = torch.tensor(row["token_type_ids"])
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if has_types:
         batch["token_type_ids"] = token_type_ids
+    return batch
+
+
+def collate(features: Sequence[dict], pad_token_id: int, targets: Mapping[str, torch.dtype] | None = None,
+            pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """A padded batch of one task's features, with their targets as tensors."""
+    batch = pad_sequences(sequences(features), pad_token_id, pad_to_multiple_of)
     for key, dtype in (targets or {}).items():
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features], dtype=dtype)

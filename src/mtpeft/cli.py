@@ -107,7 +107,10 @@ def _tasks(args) -> int:
 
 def _custom_spec(args) -> TaskSpec:
     if not args.task_type:
-        raise ValueError(f"--task {args.task!r} is not built in; pass --task-type and the column options")
+        from mtpeft.tasks.presets import preset_names
+
+        raise ValueError(f"--task {args.task!r} is not built in ({', '.join(preset_names())}); "
+                         "for your own data pass --task-type and the column options")
     qa = args.task_type == "extractive-qa"
     fields = {"name": args.task, "type": args.task_type,
               "text_column": args.text_column or ("question" if qa else "text"),

@@ -7,6 +7,7 @@ adapter plus its head stays thousands of times smaller than the backbone.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 POOLINGS = ("mean", "cls", "last")
@@ -45,6 +46,35 @@ class PooledHead(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.out(self.dropout(pooled))  # (B, num_outputs)
+
+
+class CosineHead(nn.Module):
+    """Bi-encoder (siamese) pair head: each text is encoded and pooled on its own, and the
+    output is an affine function of their cosine similarity.
+
+    Sentence-embedding backbones (all-MiniLM) are trained for exactly this comparison, so
+    it works from few examples where a cross-encoder over the joined pair does not; the
+    texts' embeddings can also be indexed for retrieval. The batch holds every first text,
+    then every second text: (2B, T, H) -> (B, num_outputs).
+    """
+
+    def __init__(self, num_outputs: int, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.pooling = pooling
+        self.out = nn.Linear(1, num_outputs)
+        with torch.no_grad():
+            # Start as "similarity = cosine": regression predicts the cosine, and for classes
+            # the last class (e.g. "duplicate") grows with the cosine, the first shrinks.
+            steps = torch.linspace(-1.0, 1.0, num_outputs) if num_outputs > 1 else torch.ones(1)
+            self.out.weight.copy_(steps.unsqueeze(1) * (5.0 if num_outputs > 1 else 1.0))
+            self.out.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        first, second = pool(hidden, attention_mask, self.pooling).float().chunk(2)
+        cosine = F.cosine_similarity(first, second, dim=-1).unsqueeze(-1)  # (B, 1)
+        return self.out(cosine)
 
 
 class SpanHead(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mtpeft.backbone import Backbone, load_backbone
-from mtpeft.batching import bucketed_batches, collate
+from mtpeft.batching import bucketed_batches, pad_sequences, sequences
 from mtpeft.config import LoraSettings
 from mtpeft.examples import Example
 from mtpeft.lora import MultiLoraLayer, inject_lora_layers, routing_of
@@ -163,18 +163,24 @@ class MultiTaskModel(nn.Module):
         use_bf16 = resolve_bf16(self.bf16, device)
         pad_id = self.tokenizer.pad_token_id
         for batch_indices in bucketed_batches([len(f["input_ids"]) for _, f in features], batch_size, shuffle=False):
-            rows = [features[i] for i in batch_indices]
-            batch = {k: v.to(device) for k, v in collate([f for _, f in rows], pad_id).items()}
-            row_tasks = [task for task, _ in rows]
+            # Rows of one task sit together: (task, first row, end row, its features).
+            groups: dict[str, list[dict]] = {}
+            for i in batch_indices:
+                groups.setdefault(features[i][0], []).append(features[i][1])
+            rows, row_tasks, spans = [], [], []
+            for task, group in groups.items():
+                task_rows = sequences(group)
+                spans.append((task, len(rows), len(rows) + len(task_rows), group))
+                rows.extend(task_rows)
+                row_tasks.extend([task] * len(task_rows))
+            batch = {k: v.to(device) for k, v in pad_sequences(rows, pad_id).items()}
             with autocast(device, use_bf16):
                 hidden = self.encode(batch, row_tasks)
-                for task in dict.fromkeys(row_tasks):
-                    positions = [r for r, t in enumerate(row_tasks) if t == task]
-                    index = torch.tensor(positions, device=device)
-                    outputs = self.heads[task](hidden.index_select(0, index), batch["attention_mask"].index_select(0, index))
+                for task, start, end, group in spans:
                     spec = self.specs[task]
-                    for r, summary in zip(positions, task_type(spec).summarize(spec, outputs, [rows[r][1] for r in positions])):
-                        summaries[id(rows[r][1])] = summary
+                    outputs = self.heads[task](hidden[start:end], batch["attention_mask"][start:end])
+                    for feature, summary in zip(group, task_type(spec).summarize(spec, outputs, group)):
+                        summaries[id(feature)] = summary
         results: list[Prediction | None] = [None] * len(items)
         for task, indices in by_task.items():
             spec = self.specs[task]

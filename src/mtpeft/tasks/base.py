@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from mtpeft.examples import Example
+from mtpeft.heads import CosineHead, PooledHead
 from mtpeft.predictions import Prediction
 from mtpeft.tasks.spec import TaskSpec
 
@@ -41,11 +42,25 @@ class TaskType(Protocol):
 
 
 def encode_sequences(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> list[dict]:
-    """Tokenise single texts or pairs, truncated to ``spec.max_length``, without padding."""
+    """Tokenise single texts or pairs, truncated to ``spec.max_length``, without padding.
+
+    Bi-encoded pairs get each text tokenised on its own (``input_ids`` and ``input_ids_b``).
+    """
     texts = [ex.text for ex in examples]
     if spec.truncation == "head+tail" and not spec.is_pair:
         texts = [_head_and_tail(tokenizer, t, spec.max_length, spec.head_tokens) for t in texts]
     pairs = [ex.text_pair or "" for ex in examples] if spec.is_pair else None
+    if spec.is_bi_encoder:
+        first = tokenizer(texts, truncation=True, max_length=spec.max_length)
+        second = tokenizer(pairs, truncation=True, max_length=spec.max_length)
+        features = []
+        for i in range(len(examples)):
+            feature = {"input_ids": first["input_ids"][i], "input_ids_b": second["input_ids"][i], "example": i}
+            if "token_type_ids" in first:
+                feature["token_type_ids"] = first["token_type_ids"][i]
+                feature["token_type_ids_b"] = second["token_type_ids"][i]
+            features.append(feature)
+        return features
     encoded = tokenizer(texts, pairs, truncation=True, max_length=spec.max_length, padding=False)
     features = []
     for i in range(len(examples)):
@@ -71,3 +86,10 @@ def _head_and_tail(tokenizer: PreTrainedTokenizerBase, text: str, max_length: in
     head_end = offsets[head - 1][1] if head else 0
     tail_start = offsets[len(offsets) - tail][0] if tail else len(text)
     return text[:head_end] + " " + text[tail_start:]
+
+
+def pooled_head(spec: TaskSpec, hidden_size: int, num_outputs: int) -> nn.Module:
+    """A cosine head for bi-encoded pairs, else pool + linear."""
+    if spec.is_bi_encoder:
+        return CosineHead(num_outputs, spec.pooling)
+    return PooledHead(hidden_size, num_outputs, spec.pooling)

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpeft.examples import Example
-from mtpeft.heads import PooledHead
 from mtpeft.metrics import classification_metrics
 from mtpeft.predictions import LabelPrediction
-from mtpeft.tasks.base import encode_sequences
+from mtpeft.tasks.base import encode_sequences, pooled_head
 from mtpeft.tasks.spec import TaskSpec
 
 
@@ -20,7 +19,7 @@ class Classification:
     targets = {"label": torch.long}
 
     def build_head(self, spec: TaskSpec, hidden_size: int) -> nn.Module:
-        return PooledHead(hidden_size, len(spec.labels), spec.pooling)
+        return pooled_head(spec, hidden_size, len(spec.labels))
 
     def encode(self, spec: TaskSpec, tokenizer, examples: Sequence[Example]) -> list[dict]:
         features = encode_sequences(spec, tokenizer, examples)

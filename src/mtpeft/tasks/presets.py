@@ -81,7 +81,7 @@ _PRESETS: dict[str, Preset] = {
         DataLayout("sentiment.jsonl", "sentiment.jsonl", holdout_every=5), {"epochs": 8.0, "lr": 1e-3, "batch_size": 16}),
     "similar-questions": Preset(
         TaskSpec(name="similar-questions", type="pair-classification", labels=["different", "duplicate"],
-                 text_column="question1", text_pair_column="question2", max_length=96,
+                 text_column="question1", text_pair_column="question2", max_length=96, pair_encoding="bi",
                  description="Whether two customer questions ask the same thing."),
         DataLayout("question_pairs.jsonl", "question_pairs.jsonl", holdout_every=5),
         {"epochs": 8.0, "lr": 1e-3, "batch_size": 16}),

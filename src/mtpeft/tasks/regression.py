@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpeft.examples import Example
-from mtpeft.heads import PooledHead
 from mtpeft.metrics import regression_metrics
 from mtpeft.predictions import ScorePrediction
-from mtpeft.tasks.base import encode_sequences
+from mtpeft.tasks.base import encode_sequences, pooled_head
 from mtpeft.tasks.spec import TaskSpec
 
 
@@ -26,7 +25,7 @@ class Regression:
     targets = {"label": torch.float32}
 
     def build_head(self, spec: TaskSpec, hidden_size: int) -> nn.Module:
-        return PooledHead(hidden_size, 1, spec.pooling)
+        return pooled_head(spec, hidden_size, 1)
 
     def encode(self, spec: TaskSpec, tokenizer, examples: Sequence[Example]) -> list[dict]:
         low, width = _scale(spec)

@@ -13,6 +13,7 @@ PRIMARY_METRIC = {
     "extractive-qa": "f1",
 }
 TRUNCATIONS = ("head", "head+tail")
+PAIR_ENCODINGS = ("cross", "bi")
 
 
 class UnknownTaskError(KeyError):
@@ -46,6 +47,8 @@ class TaskSpec:
         max_question_length: QA: questions are cut to this many tokens.
         label_range: regression: ``[low, high]`` of the gold scores, used to scale targets.
         pooling: ``mean``, ``cls`` or ``last`` (decoders) for pooled heads.
+        pair_encoding: ``cross`` joins a pair into one input (a cross-encoder);
+            ``bi`` encodes each text alone and compares their embeddings (cosine).
         metric: the primary metric that model selection and tables use.
         description: one line saying what the task does (model cards, routing).
     """
@@ -64,6 +67,7 @@ class TaskSpec:
     max_question_length: int = 64
     label_range: list[float] | None = None
     pooling: str = "mean"
+    pair_encoding: str = "cross"
     metric: str = ""
     description: str = ""
     extra: dict = field(default_factory=dict)
@@ -82,6 +86,10 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: a {self.type} task needs text_pair_column")
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"task {self.name!r}: truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        if self.pair_encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"task {self.name!r}: pair_encoding must be one of {PAIR_ENCODINGS}, got {self.pair_encoding!r}")
+        if self.pair_encoding == "bi" and (self.type == "extractive-qa" or not self.text_pair_column):
+            raise ValueError(f"task {self.name!r}: pair_encoding='bi' needs a pair task (text_pair_column) that is not QA")
         if self.max_length < 8:
             raise ValueError(f"task {self.name!r}: max_length={self.max_length} is too small (>= 8)")
         if self.type == "extractive-qa" and self.doc_stride >= self.max_length - self.max_question_length - 3:
@@ -96,6 +104,10 @@ class TaskSpec:
     @property
     def is_pair(self) -> bool:
         return self.text_pair_column is not None
+
+    @property
+    def is_bi_encoder(self) -> bool:
+        return self.is_pair and self.pair_encoding == "bi"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,85 @@
+"""The CLI end to end on a tiny backbone saved to a local folder (the local-path route)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from conftest import tiny_bert
+from mtpeft.cli import main, parse_input_line
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-backbone")
+    backbone = tiny_bert(tokenizer)
+    backbone.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _write_sentiment(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text,label\n")
+        for _ in range(n):
+            good = rng.random() < 0.5
+            word = rng.choice(["great", "superb", "lovely"] if good else ["awful", "broken", "terrible"])
+            f.write(f"the {word} order {rng.choice(['arrived', 'came', 'was here'])},{'pos' if good else 'neg'}\n")
+
+
+def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
+    _write_sentiment(tmp_path / "train.csv", 200, 0)
+    _write_sentiment(tmp_path / "dev.csv", 40, 1)
+    run = tmp_path / "run"
+    code = main(["train", "--task", "mood", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),
+                 "--eval-data", str(tmp_path / "dev.csv"), "--out", str(run), "--backbone", str(backbone_dir),
+                 "--epochs", "6", "--lr", "5e-3", "--batch-size", "16", "--no-progress", "--fp32"])
+    assert code == 0
+    record = json.loads((run / "task.json").read_text())
+    assert record["spec"]["labels"] == ["neg", "pos"]  # found in the data
+    assert record["backbone"]["name"] == str(backbone_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["metrics"]["accuracy"] >= 85
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["epochs"] == 6 and config["command"].startswith("mtpeft ")
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "dev.csv")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["task"] == "mood" and printed["accuracy"] >= 85
+    assert json.loads((run / "eval-metrics.json").read_text())["metrics"]["examples"] == 40
+
+    assert main(["predict", str(run), "the superb order arrived"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["type"] == "label" and out["label"] == "pos" and set(out["probabilities"]) == {"neg", "pos"}
+
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("the awful order came\nthe lovely order was here\n", encoding="utf-8")
+    assert main(["predict", str(run), "--file", str(inputs)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["label"] for line in lines] == ["neg", "pos"]
+
+
+def test_bad_data_fails_with_file_and_line(backbone_dir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine", "label": "a"}\n{"text": "", "label": "b"}\n', encoding="utf-8")
+    code = main(["train", "--task", "t", "--task-type", "classification", "--labels", "a,b", "--data", str(data),
+                 "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir), "--no-progress"])
+    assert code == 2
+    assert f"{data}:2: field 'text': empty text" in capsys.readouterr().err
+
+
+def test_unknown_builtin_task_lists_the_known_ones(tmp_path, capsys):
+    code = main(["train", "--task", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "sst2" in capsys.readouterr().err
+
+
+def test_input_lines_parse_to_texts_pairs_and_questions():
+    assert parse_input_line("plain text\n") == "plain text"
+    assert parse_input_line("first\tsecond") == ("first", "second")
+    assert parse_input_line('["a", "b"]') == ("a", "b")
+    assert parse_input_line('{"question": "q", "context": "c"}') == {"question": "q", "context": "c"}
