@@ -53,6 +53,7 @@ class TrainConfig:
         max_train_examples: use only the first N training examples (quick runs).
         max_eval_examples: evaluate on only the first N evaluation examples.
         eval_batch_size: batch size for evaluation and prediction.
+        checkpoint_every: steps between checkpoints (0: only at epoch ends; -1: none).
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
     """
 
@@ -68,6 +69,7 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     eval_batch_size: int = 64
+    checkpoint_every: int = 500
     lora: LoraSettings | None = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:

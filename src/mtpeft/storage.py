@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -43,8 +44,12 @@ PEFT_PREFIX = "base_model.model."
 DEFAULT_BACKBONE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old or its new content, never a mix."""
+def atomic_write(path: str | os.PathLike, data: bytes, before_replace=None) -> None:
+    """Write ``data`` so that ``path`` holds either its old or its new content, never a mix.
+
+    ``before_replace`` runs after the temporary file is complete, just before the rename
+    (the crash tests kill the process there).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,6 +58,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,6 +71,15 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporary files that a crash left behind in ``folder`` (never complete files)."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     atomic_write(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
@@ -73,13 +89,19 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
+                      before_replace=None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, save_safetensors_bytes(tensors, metadata=metadata))
+    atomic_write(path, save_safetensors_bytes(tensors, metadata=metadata), before_replace)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_safetensors_bytes(Path(path).read_bytes())
+
+
+def read_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 # ------------------------------------------------------------------ one task

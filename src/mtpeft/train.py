@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.batching import bucketed_batches, collate
+from mtpeft.checkpoint import CHECKPOINT_FILE, RunPosition, fault_point, load_checkpoint, save_checkpoint
 from mtpeft.config import TrainConfig
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel
 from mtpeft.precision import autocast, resolve_bf16
-from mtpeft.storage import save_task, write_json
+from mtpeft.storage import remove_stale_temporaries, save_task, write_json
 from mtpeft.tasks import task_type
 
 
@@ -69,7 +70,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                out_dir: str | Path | None = None, progress: bool = True, run_info: dict | None = None) -> TrainResult:
     """Train ``task``'s adapter and head on ``train_examples``; evaluate; save to ``out_dir``.
 
-    Only the task's own parameters train: the backbone and other tasks stay frozen.
+    Only the task's own parameters train: the backbone and other tasks stay frozen. With
+    ``out_dir``, a checkpoint is written every ``config.checkpoint_every`` steps and at each
+    epoch end, and a run that finds one there continues from it.
     """
     config = config or TrainConfig()
     spec = model.spec(task)
@@ -96,16 +99,38 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     use_bf16 = resolve_bf16(config.bf16, device)
     pad_id = model.tokenizer.pad_token_id
 
+    checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
+    # What must not change between a run and its resumption.
+    fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True),
+                   "config": json.dumps(config.to_dict(), sort_keys=True), "features": str(len(features))}
+    position = RunPosition()
+    if out_dir is not None and Path(out_dir).is_dir():
+        remove_stale_temporaries(out_dir)
+    if checkpoint is not None and checkpoint.exists():
+        position = load_checkpoint(checkpoint, trainable, optimizer, scheduler, fingerprint)
+        print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
+
     model.train()
-    step, seen, loss_value = 0, 0, float("nan")
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"train {task}", unit="step", disable=not progress,
+    step, seen, epoch, loss_value = position.step, position.seen, position.epoch, float("nan")
+    saves = 0
+    started = time.perf_counter() - position.elapsed
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {task}", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    epoch = 0
+
+    def save_position(batch_in_epoch: int, at_epoch: int) -> None:
+        nonlocal saves
+        saves += 1
+        save_checkpoint(checkpoint, trainable, optimizer, scheduler,
+                        RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started),
+                        fingerprint, saves)
+
     while step < total_steps:
-        for indices in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch):
+        batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
+        skip = position.batch_in_epoch if epoch == position.epoch else 0
+        for index in range(skip, len(batches)):
             if step >= total_steps:
                 break
+            indices = batches[index]
             batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
             with autocast(device, use_bf16):
                 outputs = model(batch, task)
@@ -122,7 +147,12 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
                 bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
+            fault_point("step", step)
+            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_position(index + 1, epoch)
         epoch += 1
+        if checkpoint is not None and step < total_steps:
+            save_position(0, epoch)
     bar.close()
     elapsed = time.perf_counter() - started
     model.eval()
@@ -140,6 +170,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         save_task(model, task, out_dir)
         write_json(out_dir / "config.json", {"task": spec.to_dict(), "train": config.to_dict(), **(run_info or {})})
         write_json(out_dir / "metrics.json", result.to_dict())
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # the finished adapter supersedes it
     return result
 
 

