@@ -67,7 +67,8 @@ def test_task_folder_holds_peft_layout_and_no_backbone_weights(backbone, tmp_pat
     assert total < 100_000  # the tiny backbone alone is ~4 MB
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    assert sorted(config["target_modules"]) == ["key", "query", "value"]
+    assert sorted({m.rsplit(".", 1)[-1] for m in config["target_modules"]}) == ["key", "query", "value"]
+    assert len(config["target_modules"]) == 2 * 3  # two layers x three targets
     record = json.loads((folder / "task.json").read_text())
     assert record["spec"]["type"] == "regression" and record["backbone"]["name"] == "tiny-bert"
 
@@ -87,6 +88,17 @@ def test_peft_loads_our_adapter_with_the_same_hidden_states(backbone, tokenizer,
         base = tiny_bert(tokenizer).model(**batch).last_hidden_state
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3
+
+
+def test_peft_loads_an_all_linear_adapter_exactly(backbone, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="t", type="classification", labels=["a", "b"]), LoraSettings(target_modules=["all-linear"]))
+    model.save(tmp_path)
+    peft_model = PeftModel.from_pretrained(tiny_bert(tokenizer).model, tmp_path / "t")
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(model.lora_layers("t"))
 
 
 def test_loading_onto_another_backbone_names_the_expected_one(backbone, tokenizer, tmp_path):

@@ -150,8 +150,11 @@ class MultiLoraLayer(nn.Module):
         self.merged = None
 
 
-def inject_lora_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[str, MultiLoraLayer]:
+def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
+                       exclude: Sequence[str] = ("pooler",)) -> dict[str, MultiLoraLayer]:
     """Wrap every module whose name ends with a target in a ``MultiLoraLayer``.
+
+    Modules under ``exclude`` (BERT's pooler, which mean-pooling heads never use) are left alone.
 
     Returns the wrapped layers by their module path in ``model``. Already wrapped layers
     are returned as they are, so adding a task with the same targets is cheap.
@@ -162,7 +165,7 @@ def inject_lora_layers(model: nn.Module, target_modules: Sequence[str]) -> dict[
     for path, module in list(model.named_modules()):
         if any(path.startswith(w + ".") for w in wrapped_paths) or ".lora_" in path:
             continue  # inside a LoRA layer: its base layer and adapters
-        if path.rsplit(".", 1)[-1] not in target_modules:
+        if path.rsplit(".", 1)[-1] not in target_modules or any(part in exclude for part in path.split(".")):
             continue
         if not isinstance(module, MultiLoraLayer):
             parent_path, _, child = path.rpartition(".")

@@ -107,12 +107,16 @@ def read_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
 # ------------------------------------------------------------------ one task
 
 
-def peft_adapter_config(lora: LoraSettings, base_model: str) -> dict:
-    """``adapter_config.json`` exactly as PEFT writes it for these settings."""
+def peft_adapter_config(lora: LoraSettings, base_model: str, module_paths: list[str]) -> dict:
+    """``adapter_config.json`` exactly as PEFT writes it for these settings.
+
+    Targets are the full module paths, so PEFT adapts exactly the layers we adapted
+    (a leaf name such as ``dense`` would also catch BERT's pooler).
+    """
     from peft import LoraConfig
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), bias="none",
+                        target_modules=sorted(module_paths), bias="none",
                         base_model_name_or_path=base_model)
     data = config.to_dict()
     for key, value in data.items():
@@ -133,7 +137,7 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
             weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
         base_name = DEFAULT_BACKBONE_HUB_NAME if model.identity.name == "default" else model.identity.name
         write_safetensors(folder / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
-        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name))
+        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(model.lora_layers(name))))
     write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
     write_json(folder / TASK_FILE, {
         "format": TASK_FORMAT,

@@ -1,0 +1,291 @@
+"""The HTTP server: every task of a bundle from one process, behind one micro-batcher.
+
+``create_app(model, router, support, settings)`` builds a FastAPI app; ``serve(...)`` runs
+it with uvicorn (``mtpeft serve BUNDLE``). A request's path: limits -> task (explicit, else
+the router) -> ``to_example`` (a malformed input is a 422, never a 500) -> the batcher,
+which joins rows of all concurrent requests into one ``model.run`` on the model thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from mtpeft.batcher import MicroBatcher
+from mtpeft.embeddings import embed_texts
+from mtpeft.model import MultiTaskModel, to_example
+from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
+from mtpeft.schemas import (Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput, SupportRequest,
+                            SupportResponse, TasksResponse, TextInput)
+from mtpeft.support import SupportPipeline
+from mtpeft.tasks.spec import UnknownTaskError
+
+
+@dataclass
+class ServeSettings:
+    """Batching and request limits.
+
+    Attributes:
+        max_wait_ms: longest a request waits for others to share its forward pass.
+        max_batch_items: rows (inputs) per ``model.run`` call.
+        batch_size: rows per forward pass inside ``model.run``.
+        max_inputs: inputs per ``/v1/predict`` request.
+        max_text_chars: characters per text, pair member, question or support message.
+        max_context_chars: characters per QA context (longer: contexts are split into windows).
+        max_body_bytes: request body size.
+    """
+
+    max_wait_ms: float = 2.0
+    max_batch_items: int = 256
+    batch_size: int = 64
+    max_inputs: int = 64
+    max_text_chars: int = 2000
+    max_context_chars: int = 20000
+    max_body_bytes: int = 1_000_000
+
+
+class Metrics:
+    """Prometheus metrics in the app's own registry (several apps may live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mtpeft_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("mtpeft_request_seconds", "HTTP request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_rows = Histogram("mtpeft_batch_rows", "inputs per model.run call", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_requests = Histogram("mtpeft_batch_requests", "requests joined in one model.run call",
+                                        registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.predictions = Counter("mtpeft_predictions", "predictions per task", ["task"], registry=self.registry)
+        self.routes = Counter("mtpeft_routes", "routing decisions", ["source", "task"], registry=self.registry)
+
+
+class LimitsAndMetrics:
+    """Outermost ASGI layer: 413 for bodies over the limit (chunked ones too), and per-request metrics."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        body, size, more = [], 0, True
+        while more:  # read the body up front: requests are small and limited
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                response = JSONResponse({"detail": f"request body over max_body_bytes={self.max_body_bytes}"}, 413)
+                await response(scope, receive, send_status)
+                self.metrics.requests.labels("unmatched", "413").inc()
+                return
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def receive_again():
+            return replay.pop() if replay else await receive()
+
+        try:
+            await self.app(scope, receive_again, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")  # the route template: few label values
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _plain(value: InputItem):
+    """A validated request input as ``MultiTaskModel`` takes it."""
+    if isinstance(value, QAInput):
+        return {"question": value.question, "context": value.context}
+    if isinstance(value, PairInput):
+        return (value.text, value.text_pair)
+    if isinstance(value, TextInput):
+        return value.text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_lengths(i: int, value, settings: ServeSettings) -> None:
+    texts = routing_texts(value)
+    if input_shape(value) == "qa" and len(value["context"]) > settings.max_context_chars:
+        raise HTTPException(422, f"inputs[{i}]: context has {len(value['context'])} characters, "
+                                 f"over max_context_chars={settings.max_context_chars}")
+    for text in texts:
+        if len(text) > settings.max_text_chars:
+            raise HTTPException(422, f"inputs[{i}]: a text has {len(text)} characters, "
+                                     f"over max_text_chars={settings.max_text_chars}")
+
+
+def page_html() -> str:
+    return (resources.files("mtpeft") / "resources" / "web" / "index.html").read_text(encoding="utf-8")
+
+
+def create_app(model: MultiTaskModel, router: Router | None = None, support: SupportPipeline | None = None,
+               settings: ServeSettings | None = None) -> FastAPI:
+    """An app serving ``model``'s tasks; ``router`` defaults to the shape rule, ``support`` enables ``/v1/support``."""
+    settings = settings or ServeSettings()
+    router = router or ShapeRouter(model.specs)
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtpeft-model")  # the model thread
+
+    def on_batch(rows: int, requests: int) -> None:
+        metrics.batch_rows.observe(rows)
+        metrics.batch_requests.observe(requests)
+
+    batcher = MicroBatcher(lambda items: model.run(items, batch_size=settings.batch_size), executor,
+                           settings.max_wait_ms, settings.max_batch_items, on_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await batcher.close()
+        executor.shutdown(wait=False)
+
+    app = FastAPI(title="mtpeft", version="0.1.0", lifespan=lifespan,
+                  description="Many task adapters on one frozen backbone: predictions, routing and customer support.")
+    app.state.model, app.state.router, app.state.support = model, router, support
+    app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        first = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        return JSONResponse({"detail": f"invalid request: {first}{more}", "errors": jsonable_encoder(errors)}, 422)
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        kind = "learned" if isinstance(router, LearnedRouter) else "shape"
+        return Health(status="ok", tasks=len(model.specs), router=kind, support=support is not None)
+
+    @app.get("/v1/tasks", response_model=TasksResponse)
+    async def tasks() -> dict:
+        learned = isinstance(router, LearnedRouter)
+        return {"tasks": [{"name": name, "type": spec.type, "input": task_shape(spec), "labels": spec.labels,
+                           "description": spec.description, "metrics": model.task_metrics.get(name, {})}
+                          for name, spec in model.specs.items()],
+                "router": {"kind": "learned" if learned else "shape", "threshold": getattr(router, "threshold", None),
+                           "classes": getattr(router, "classes", [])},
+                "support": support is not None}
+
+    @app.post("/v1/predict", response_model=PredictResponse)
+    async def predict(request: PredictRequest) -> dict:
+        if (request.input is None) == (request.inputs is None):
+            raise HTTPException(422, "pass exactly one of 'input' (one input) or 'inputs' (a list)")
+        values = [_plain(request.input)] if request.inputs is None else [_plain(v) for v in request.inputs]
+        if not values:
+            raise HTTPException(422, "'inputs' is empty")
+        if len(values) > settings.max_inputs:
+            raise HTTPException(422, f"{len(values)} inputs, over max_inputs={settings.max_inputs} per request")
+        for i, value in enumerate(values):
+            _check_lengths(i, value, settings)
+        tasks = request.task
+        if isinstance(tasks, list) and len(tasks) != len(values):
+            raise HTTPException(422, f"{len(tasks)} task names for {len(values)} inputs")
+        for name in [tasks] if isinstance(tasks, str) else tasks or []:
+            if name is not None and name not in model.specs:
+                raise HTTPException(422, str(UnknownTaskError(f"unknown task {name!r}; known tasks: {sorted(model.specs)}")))
+        needs_router = tasks is None or (isinstance(tasks, list) and None in tasks)
+        if needs_router and not isinstance(router, ShapeRouter):  # the learned router runs the backbone
+            loop = asyncio.get_running_loop()
+            decisions = await loop.run_in_executor(executor, decide, values, tasks, router)
+        else:
+            decisions = decide(values, tasks, router)
+        results, items, where = [], [], []
+        for i, (value, decision) in enumerate(zip(values, decisions)):
+            metrics.routes.labels(decision.source, decision.task or "none").inc()
+            result = {"task": decision.task, "route": decision.to_dict(), "prediction": None, "error": None}
+            results.append(result)
+            if decision.task is None:
+                result["error"] = f"no task matched: {decision.reason}"
+                continue
+            try:
+                example = to_example(value, model.spec(decision.task))
+            except ValueError as err:
+                if decision.source == "explicit":
+                    raise HTTPException(422, f"inputs[{i}]: {err}") from None
+                result["error"] = f"routed to {decision.task!r} (p={decision.confidence:.2f}), which needs another input: {err}"
+                continue
+            items.append((decision.task, example))
+            where.append(i)
+        for i, prediction in zip(where, await batcher.submit(items)):
+            results[i]["prediction"] = prediction.to_dict()
+            metrics.predictions.labels(prediction.task).inc()
+        return {"results": results}
+
+    @app.post("/v1/support", response_model=SupportResponse)
+    async def support_reply(request: SupportRequest) -> dict:
+        if support is None:
+            raise HTTPException(404, "no support pipeline: start the server on a bundle with sentiment, similar-question "
+                                     "and QA tasks (and --faq FILE)")
+        if len(request.message) > settings.max_text_chars:
+            raise HTTPException(422, f"message has {len(request.message)} characters, over max_text_chars={settings.max_text_chars}")
+        if not request.message.strip():
+            raise HTTPException(422, "the message is empty")
+        loop = asyncio.get_running_loop()
+
+        def run(items):  # from the worker thread, through the batcher on the event loop
+            return asyncio.run_coroutine_threadsafe(batcher.submit(items), loop).result()
+
+        def embed(texts):
+            return executor.submit(embed_texts, model, texts).result()
+
+        reply = await run_in_threadpool(support.answer, request.message, run=run, embed=embed, top_k=request.top_k)
+        for task in (support.sentiment_task, support.similarity_task, support.qa_task):
+            metrics.predictions.labels(task).inc()
+        return reply.to_dict()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return page_html()
+
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    return app
+
+
+def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None, backbone: str | None = None,
+                settings: ServeSettings | None = None, support_tasks: tuple[str, str, str] | None = None) -> FastAPI:
+    """An app for a saved bundle: its router (else the shape rule), and the support pipeline
+    when the bundle holds the support tasks (the packaged FAQ unless ``faq`` names one)."""
+    from mtpeft.router import load_router
+
+    model = MultiTaskModel.load(bundle, backbone=backbone)
+    router = load_router(bundle, model)
+    names = support_tasks or ("sentiment", "similar-questions", "faq-answer")
+    support = None
+    if all(name in model.specs for name in names):
+        support = SupportPipeline(model, faq, *names)
+    elif faq is not None:
+        raise ValueError(f"--faq needs the support tasks {list(names)} in the bundle; it holds {model.task_names}")
+    return create_app(model, router, support, settings)
+
+
+def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+    import uvicorn
+
+    app = load_server(bundle, **kwargs)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,63 @@
+"""Backbones: default LoRA targets per architecture, local-path loading, identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+from conftest import tiny_bert
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.backbone import from_model, load_backbone
+from mtpeft.config import LoraSettings
+
+SPEC = TaskSpec(name="t", type="classification", labels=["a", "b"])
+
+
+def _leaf_names(model):
+    return sorted({path.rsplit(".", 1)[-1] for path in model.lora_layers("t")})
+
+
+@pytest.mark.parametrize("build, expected", [
+    (lambda v: DistilBertModel(DistilBertConfig(vocab_size=v, dim=32, n_layers=2, n_heads=2, hidden_dim=64)),
+     ["q_lin", "v_lin"]),
+    (lambda v: RobertaModel(RobertaConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64)), ["query", "value"]),
+])
+def test_default_targets_per_architecture(tokenizer, build, expected):
+    torch.manual_seed(0)
+    model = MultiTaskModel(from_model(build(tokenizer.vocab_size), tokenizer, name="tiny"))
+    model.add_task(SPEC)
+    assert _leaf_names(model) == expected
+    assert len(model.lora_layers("t")) == 2 * 2  # two layers x two targets
+
+
+def test_all_linear_targets(backbone):
+    model = MultiTaskModel(backbone)
+    model.add_task(SPEC, LoraSettings(target_modules=["all-linear"]))
+    assert _leaf_names(model) == ["dense", "key", "query", "value"]
+    assert not any("pooler" in path for path in model.lora_layers("t"))
+
+
+def test_local_path_backbone_has_a_stable_identity(tokenizer, tmp_path):
+    tiny = tiny_bert(tokenizer)
+    tiny.model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_backbone(tmp_path)
+    assert loaded.identity.name == str(tmp_path)
+    assert loaded.identity.fingerprint == tiny.identity.fingerprint
+    assert loaded.identity.hidden_size == 32 and loaded.identity.model_type == "bert"
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+
+
+def test_default_backbone_is_the_packaged_minilm():
+    backbone = load_backbone("default")
+    assert backbone.identity.model_type == "bert"
+    assert (backbone.identity.hidden_size, backbone.identity.num_layers) == (384, 6)
+    assert sum(p.numel() for p in backbone.model.parameters()) == 22_713_216
+
+
+def test_hub_name_without_hub_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError):
+        load_backbone("some-org/not-a-local-model")
