@@ -56,7 +56,7 @@ def test_task_folder_holds_peft_layout_and_no_backbone_weights(backbone, tmp_pat
     model.save(tmp_path)
     folder = tmp_path / "similarity"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"]
     adapter = load_file(folder / "adapter_model.safetensors")
     assert adapter and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in adapter)
     assert all(k.startswith("base_model.model.encoder.layer.") for k in adapter)
@@ -124,3 +124,15 @@ def test_unknown_task_lists_known_ones(backbone):
     model = _model(backbone)
     with pytest.raises(KeyError, match="known tasks: \\['faq', 'sentiment', 'similarity'\\]"):
         model.predict("x", task="nope")
+
+
+def test_model_card_is_readable_by_huggingface_hub(backbone, tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = _model(backbone)
+    model.task_metrics["sentiment"] = {"accuracy": 91.5, "examples": 10}
+    model.save(tmp_path)
+    card = ModelCard.load(tmp_path / "sentiment" / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "tiny-bert"
+    assert "lora" in card.data.tags
+    assert "| accuracy | 91.50 |" in card.text and "trainable parameters" in card.text

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
     recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    recipe.add_argument("--checkpoint-every", type=int,
+                        help="steps between checkpoints in --out (default 500; 0: epoch ends only; -1: none). "
+                             "A run that finds a checkpoint in --out continues from it")
     train.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (and report them) instead of stopping")
     train.add_argument("--no-progress", action="store_true")
 
@@ -147,7 +150,8 @@ def _train(args) -> int:
     if preset and args.max_length:
         spec = TaskSpec.from_dict({**spec.to_dict(), "max_length": args.max_length})
     recipe = dict(preset.recipe) if preset else {}
-    for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples"):
+    for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
+                "checkpoint_every"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
     lora = None if args.head_only else LoraSettings(

@@ -6,7 +6,8 @@ A task folder holds:
   layout (keys ``base_model.model.<module>.lora_A.weight``, task name stripped), so
   ``peft.PeftModel.from_pretrained(backbone, folder)`` loads it;
 - ``head.safetensors``: the task head;
-- ``task.json``: the task spec, adapter settings, backbone identity and recorded metrics.
+- ``task.json``: the task spec, adapter settings, backbone identity and recorded metrics;
+- ``README.md``: a model card.
 
 A bundle is a folder of task folders plus ``bundle.json``. No backbone weights are ever
 written. Every file is written atomically (temporary file in the same folder, fsync,
@@ -27,6 +28,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from mtpeft.config import LoraSettings
+from mtpeft.model_card import render_model_card
 from mtpeft.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ BUNDLE_FILE = "bundle.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
+MODEL_CARD = "README.md"
 TASK_FORMAT = "mtpeft-task/1"
 BUNDLE_FORMAT = "mtpeft-bundle/1"
 PEFT_PREFIX = "base_model.model."
@@ -135,19 +138,25 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         for path, layer in model.lora_layers(name).items():
             weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
             weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
-        base_name = DEFAULT_BACKBONE_HUB_NAME if model.identity.name == "default" else model.identity.name
+        base_name = _peft_base_name(model)
         write_safetensors(folder / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
         write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(model.lora_layers(name))))
     write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
-    write_json(folder / TASK_FILE, {
+    record = {
         "format": TASK_FORMAT,
         "spec": spec.to_dict(),
         "adapter": None if lora is None else {"type": "lora", **lora.to_dict()},
         "backbone": model.identity.to_dict(),
         "trainable_parameters": sum(p.numel() for p in model.task_parameters(name).values()),
         "metrics": model.task_metrics.get(name, {}),
-    })
+    }
+    write_json(folder / TASK_FILE, record)
+    atomic_write(folder / MODEL_CARD, render_model_card(record, _peft_base_name(model)).encode())
     return folder
+
+
+def _peft_base_name(model: MultiTaskModel) -> str:
+    return DEFAULT_BACKBONE_HUB_NAME if model.identity.name == "default" else model.identity.name
 
 
 def load_task(model: MultiTaskModel, folder: str | os.PathLike) -> str:

@@ -72,7 +72,7 @@ _PRESETS: dict[str, Preset] = {
                  label_column="answers", max_length=384, doc_stride=128, max_answer_length=30,
                  description="Extractive question answering on Wikipedia paragraphs (SQuAD v1.1)."),
         DataLayout("dev-v1.1.json", "dev-v1.1.json", SQUAD_TRAIN_ARTICLES, SQUAD_EVAL_ARTICLES),
-        {"epochs": 3.0, "lr": 1e-3, "batch_size": 16},
+        {"epochs": 2.0, "lr": 1e-3, "batch_size": 16},
         note="SQuAD v1.1 dev file, article split 38/10; not comparable to published dev scores."),
     # The packaged customer-support skills used by `mtpeft demo`.
     "sentiment": Preset(

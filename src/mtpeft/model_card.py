@@ -1,0 +1,55 @@
+"""A model card (README.md) for each saved task, readable by the Hugging Face tooling.
+
+The YAML front matter carries the fields the Hub and ``huggingface_hub.ModelCard`` read
+(library, base model, tags, metrics); the body says what the task is, how it was trained
+and where it should not be used.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def render_model_card(record: dict, base_model: str) -> str:
+    spec = record["spec"]
+    adapter = record.get("adapter")
+    metrics = {k: v for k, v in record.get("metrics", {}).items() if isinstance(v, (int, float))}
+    front = [
+        "---",
+        "library_name: peft" if adapter else "library_name: mtpeft",
+        f"base_model: {base_model}",
+        "tags:",
+        "- mtpeft",
+        f"- {spec['type']}",
+        *(["- lora"] if adapter else []),
+        "---",
+    ]
+    lines = [f"# {spec['name']}", "", spec.get("description") or f"A {spec['type']} task trained with mtpeft.", ""]
+    lines += ["## Task", "", f"- type: `{spec['type']}`"]
+    if spec.get("labels"):
+        lines.append(f"- labels: {', '.join(f'`{label}`' for label in spec['labels'])}")
+    columns = [spec["text_column"], spec.get("text_pair_column"), spec["label_column"]]
+    lines.append(f"- input columns: {', '.join(f'`{c}`' for c in columns if c)}")
+    lines.append(f"- max length: {spec['max_length']} tokens; primary metric: `{spec['metric']}`")
+    lines += ["", "## Parameters", ""]
+    if adapter:
+        lines.append(f"- LoRA r={adapter['r']}, alpha={adapter['alpha']}, targets {', '.join(adapter['target_modules'])}")
+    else:
+        lines.append("- no adapter: a head trained on the frozen backbone")
+    lines.append(f"- trainable parameters: {record['trainable_parameters']:,} (backbone frozen, not included in this folder)")
+    lines += ["", "## Evaluation", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    else:
+        lines.append("Not evaluated at training time.")
+    lines += ["", "## Use", "", "```python", "from mtpeft import MultiTaskModel", "",
+              "model = MultiTaskModel.load(\"path/to/this/folder\")",
+              f"model.predict(..., task={json.dumps(spec['name'])})", "```", "",
+              "The adapter also loads with `peft.PeftModel.from_pretrained(backbone, folder)` on the same backbone.",
+              "", "## Limits", "",
+              "Trained for the task and data above only; scores hold for data like the evaluation set. "
+              f"Inputs longer than {spec['max_length']} tokens are truncated"
+              + (" (QA contexts are windowed)" if spec["type"] == "extractive-qa" else "") + ". "
+              "Check the predictions on your own data before relying on them.", ""]
+    return "\n".join(front + [""] + lines)
