@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--file", help="read one input per line from this file")
     predict.add_argument("--batch-size", type=int, default=64)
 
+    export = sub.add_parser("export", help="write a task as a plain transformers model folder (LoRA merged)")
+    export.add_argument("path", help="a trained task folder or a bundle")
+    export.add_argument("--task", help="which task (needed when the bundle holds several)")
+    export.add_argument("--out", required=True, help="folder to write")
+
     sub.add_parser("tasks", help="list the built-in tasks")
     return parser
 
@@ -86,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks}[args.command](args)
+        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
+                "export": _export}[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mtpeft: error: {err}", file=sys.stderr)
         return 2
@@ -197,6 +203,17 @@ def _evaluate(args) -> int:
     if out:
         write_json(out, {"task": task, "data": str(args.data), "metrics": metrics})
     print(json.dumps({"task": task, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}))
+    return 0
+
+
+def _export(args) -> int:
+    from mtpeft.export import export_task
+    from mtpeft.model import MultiTaskModel
+
+    model = MultiTaskModel.load(args.path)
+    task = model.resolve_task(args.task)
+    export_task(model, task, args.out)
+    print(f"exported {task} to {args.out}: load it with transformers and trust_remote_code=True")
     return 0
 
 

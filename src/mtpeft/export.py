@@ -1,0 +1,133 @@
+"""Export one task as a plain ``transformers`` model folder, LoRA merged, no mtpeft needed.
+
+The folder holds the backbone with the task's LoRA delta folded into its weights, the
+tokenizer, the head, and a short ``modeling_mtpeft.py`` that ``transformers`` loads with
+``trust_remote_code=True`` (the pooling heads have no built-in transformers class):
+
+    AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)   # classification, regression
+    AutoModelForQuestionAnswering.from_pretrained(folder, trust_remote_code=True)        # extractive QA
+
+Bi-encoder pair tasks are exported too: the model's output for a batch is computed the
+same way (first texts, then second texts), so their use stays specific; see the card.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mtpeft.lora import MultiLoraLayer
+from mtpeft.model import MultiTaskModel
+from mtpeft.storage import atomic_write, write_json, write_safetensors
+
+MODELING_FILE = "modeling_mtpeft.py"
+
+# Self-contained: imports transformers and torch only.
+MODELING_SOURCE = '''"""Heads exported by mtpeft: a transformers backbone plus a small task head."""
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
+
+
+class MtpeftConfig(PretrainedConfig):
+    model_type = "mtpeft-export"
+
+    def __init__(self, backbone=None, head="pooled", pooling="mean", num_outputs=2, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone or {}
+        self.head = head
+        self.pooling = pooling
+        self.num_outputs = num_outputs
+
+
+def _pool(hidden, mask, how):
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if how == "cls":
+        return hidden[:, 0]
+    last = mask.long().sum(1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+
+class MtpeftModel(PreTrainedModel):
+    config_class = MtpeftConfig
+    base_model_prefix = "backbone"
+
+    def __init__(self, config):
+        super().__init__(config)
+        backbone_config = AutoConfig.for_model(**config.backbone)
+        self.backbone = AutoModel.from_config(backbone_config)
+        hidden = backbone_config.hidden_size
+        self.out = nn.Linear(1 if config.head == "cosine" else hidden, 2 if config.head == "span" else config.num_outputs)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**inputs).last_hidden_state
+        if self.config.head == "span":
+            logits = self.out(hidden).masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min)
+            return QuestionAnsweringModelOutput(start_logits=logits[..., 0], end_logits=logits[..., 1])
+        pooled = _pool(hidden, attention_mask, self.config.pooling)
+        if self.config.head == "cosine":  # batch = first texts, then second texts
+            first, second = pooled.float().chunk(2)
+            pooled = nn.functional.cosine_similarity(first, second, dim=-1).unsqueeze(-1)
+        return SequenceClassifierOutput(logits=self.out(pooled))
+
+
+MtpeftForSequenceClassification = MtpeftModel
+MtpeftForQuestionAnswering = MtpeftModel
+'''
+
+
+def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> Path:
+    """Write ``task`` as a standalone transformers model folder (LoRA merged)."""
+    folder = Path(folder)
+    spec = model.spec(task)
+    backbone = copy.deepcopy(model.backbone)
+    with torch.no_grad():
+        for path, layer in [(p, m) for p, m in backbone.named_modules() if isinstance(m, MultiLoraLayer)]:
+            if task in layer.lora_A:
+                layer.merge(task)
+            parent_path, _, child = path.rpartition(".")
+            setattr(backbone.get_submodule(parent_path) if parent_path else backbone, child, layer.base_layer)
+    head = model.heads[task]
+    kind = "span" if spec.type == "extractive-qa" else "cosine" if spec.is_bi_encoder else "pooled"
+    backbone_config = backbone.config.to_dict()
+    for key in ("architectures", "auto_map", "transformers_version", "_name_or_path"):
+        backbone_config.pop(key, None)
+    auto = "AutoModelForQuestionAnswering" if kind == "span" else "AutoModelForSequenceClassification"
+    labels = spec.labels or []
+    config = {
+        "model_type": "mtpeft-export",
+        "architectures": ["MtpeftModel"],
+        "auto_map": {"AutoConfig": "modeling_mtpeft.MtpeftConfig", auto: f"modeling_mtpeft.Mtpeft{auto[9:]}"},
+        "backbone": backbone_config,
+        "head": kind,
+        "pooling": spec.pooling,
+        "num_outputs": head.out.out_features,
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "mtpeft_task": spec.to_dict(),
+    }
+    weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    weights.update({f"out.{k}": v for k, v in head.out.state_dict().items()})
+    write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
+    write_json(folder / "config.json", config)
+    atomic_write(folder / MODELING_FILE, MODELING_SOURCE.encode())
+    model.tokenizer.save_pretrained(folder)
+    readme = (f"# {spec.name} (exported by mtpeft)\n\n{spec.description}\n\nLoad with `{auto}.from_pretrained(folder, "
+              f"trust_remote_code=True)`; the LoRA adapter is merged into the backbone weights.\n\n"
+              f"Task spec:\n\n```json\n{json.dumps(spec.to_dict(), indent=2)}\n```\n")
+    atomic_write(folder / "README.md", readme.encode())
+    return folder
