@@ -111,7 +111,7 @@ def test_loading_onto_another_backbone_names_the_expected_one(backbone, tokenize
 def test_bundle_manifest_cannot_point_outside_the_bundle(backbone, tmp_path):
     _model(backbone).save(tmp_path / "bundle")
     write_json(tmp_path / "bundle" / BUNDLE_FILE, {"format": "mtpeft-bundle/1", "tasks": {"x": "../../etc"}})
-    with pytest.raises(ValueError, match="points outside the bundle"):
+    with pytest.raises(ValueError, match="'../../etc' points outside the bundle"):
         MultiTaskModel.load(tmp_path / "bundle", backbone=backbone)
 
 
@@ -136,3 +136,17 @@ def test_model_card_is_readable_by_huggingface_hub(backbone, tmp_path):
     assert card.data.library_name == "peft" and card.data.base_model == "tiny-bert"
     assert "lora" in card.data.tags
     assert "| accuracy | 91.50 |" in card.text and "trainable parameters" in card.text
+
+
+def test_bundle_files_are_verified_against_their_sha256(backbone, tmp_path):
+    from mtpeft.storage import BundleIntegrityError
+
+    _model(backbone).save(tmp_path)
+    manifest = json.loads((tmp_path / "bundle.json").read_text())
+    assert "similarity/adapter_model.safetensors" in manifest["files"]
+    head = tmp_path / "sentiment" / "head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 1
+    head.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="sentiment/head.safetensors: missing or changed"):
+        MultiTaskModel.load(tmp_path, backbone=backbone)

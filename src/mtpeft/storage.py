@@ -16,6 +16,7 @@ rename), and only safetensors are read: never pickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -194,32 +195,59 @@ def load_task(model: MultiTaskModel, folder: str | os.PathLike) -> str:
 # ------------------------------------------------------------------ bundles
 
 
+class BundleIntegrityError(ValueError):
+    """A bundle file differs from the sha256 its manifest recorded."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) -> Path:
+    """Save tasks under ``folder`` and (re)write ``bundle.json`` with a sha256 per file."""
     folder = Path(folder)
     names = list(tasks) if tasks is not None else model.task_names
     for name in names:
         save_task(model, name, folder / name)
-    manifest = {"format": BUNDLE_FORMAT, "backbone": model.identity.to_dict(), "tasks": {}}
+    manifest = {"format": BUNDLE_FORMAT, "backbone": model.identity.to_dict(), "tasks": {}, "files": {}}
     if (folder / BUNDLE_FILE).exists():  # adding tasks to an existing bundle keeps the others
-        manifest["tasks"].update(read_json(folder / BUNDLE_FILE).get("tasks", {}))
-    manifest["tasks"].update({name: name for name in names})
+        previous = read_json(folder / BUNDLE_FILE)
+        manifest["tasks"].update(previous.get("tasks", {}))
+        manifest["files"].update({k: v for k, v in previous.get("files", {}).items()
+                                  if k.split("/", 1)[0] not in names})
+    for name in names:
+        manifest["tasks"][name] = name
+        for file in sorted((folder / name).iterdir()):
+            if file.is_file() and not file.name.startswith("."):
+                manifest["files"][f"{name}/{file.name}"] = _sha256(file)
     write_json(folder / BUNDLE_FILE, manifest)
     return folder
 
 
+def _inside(root: Path, relative: str, manifest: Path) -> Path:
+    path = (root / relative).resolve()
+    if root.resolve() not in path.parents:  # a manifest may never point outside its bundle
+        raise ValueError(f"{manifest}: {relative!r} points outside the bundle")
+    return path
+
+
 def task_folders(path: str | os.PathLike) -> list[Path]:
-    """The task folders at ``path``: itself if it is one, else the bundle's tasks."""
+    """The task folders at ``path``: itself if it is one, else the bundle's tasks.
+
+    A bundle's files are checked against the sha256 recorded in its manifest.
+    """
     path = Path(path)
     if (path / TASK_FILE).is_file():
         return [path]
-    if (path / BUNDLE_FILE).is_file():
-        root = path.resolve()
-        folders = []
-        for name, relative in read_json(path / BUNDLE_FILE)["tasks"].items():
-            folder = (path / relative).resolve()
-            if root not in folder.parents:  # a manifest may never point outside its bundle
-                raise ValueError(f"{path / BUNDLE_FILE}: task {name!r} points outside the bundle ({relative!r})")
-            folders.append(folder)
+    manifest_path = path / BUNDLE_FILE
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        folders = [_inside(path, relative, manifest_path) for relative in manifest["tasks"].values()]
+        for relative, digest in manifest.get("files", {}).items():
+            file = _inside(path, relative, manifest_path)
+            if not file.is_file() or _sha256(file) != digest:
+                raise BundleIntegrityError(f"{file}: missing or changed since the bundle was saved "
+                                           f"(sha256 differs from {manifest_path})")
         return folders
     folders = sorted(p.parent for p in path.glob(f"*/{TASK_FILE}"))
     if not folders:
