@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     custom.add_argument("--labels", type=_csv_list, help="comma-separated class names (default: the values found in the data)")
     custom.add_argument("--label-range", type=_range, help="regression: low,high of the scores")
     custom.add_argument("--max-length", type=int, help="tokens per input (default 128; QA 384)")
+    custom.add_argument("--head-dropout", type=float, help="dropout before the head's linear layer (default 0.1)")
     recipe = train.add_argument_group("recipe (defaults: the task's preset, else TrainConfig's)")
     recipe.add_argument("--epochs", type=float)
     recipe.add_argument("--lr", type=float)
@@ -85,6 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write")
 
     sub.add_parser("tasks", help="list the built-in tasks")
+
+    router = sub.add_parser("train-router", help="train the bundle's router (which task an input is for); saves BUNDLE/router")
+    router.add_argument("bundle", help="a bundle folder")
+    router.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
+                        help="a task's training data (TASK=FILE), or a folder holding built-in tasks' files; repeatable "
+                             "(default: the packaged support data, for the tasks it has)")
+    router.add_argument("--phrasings", action="append", default=[], metavar="FILE",
+                        help="extra request phrasings: JSON Lines of {'task': NAME or null, 'text': ...}; repeatable")
+    router.add_argument("--no-packaged-phrasings", action="store_true", help="leave out the packaged phrasings")
+    router.add_argument("--threshold", type=float, default=0.5, help="below this probability: no task (default 0.5)")
+    router.add_argument("--c", type=float, default=30.0, help="inverse regularisation of the classifier (default 30)")
+    router.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+
+    support = sub.add_parser("support", help="answer one customer message: sentiment, similar FAQ questions, answer (JSON)")
+    support.add_argument("bundle", help="a bundle with sentiment, similar-questions and faq-answer tasks")
+    support.add_argument("message", help="the customer's message")
+    support.add_argument("--faq", help="FAQ file (.jsonl/.json/.csv/.tsv with question and context/answer; default: the packaged demo FAQ)")
+    support.add_argument("--top-k", type=int, default=5, help="FAQ questions to retrieve and re-rank (default 5)")
+    support.add_argument("--answer-threshold", type=float, default=0.3, help="below this answer probability: no answer")
+    support.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn)")
+    serve.add_argument("bundle", help="a bundle folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--faq", help="FAQ file for /v1/support (default: the packaged demo FAQ when the bundle has the support tasks)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits to share a forward pass (default 2)")
+    serve.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request (default 64)")
+    serve.add_argument("--max-text-chars", type=int, default=2000, help="characters per text (default 2000)")
+    serve.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
     return parser
 
 
@@ -92,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
-                "export": _export}[args.command](args)
+                "export": _export, "train-router": _train_router, "support": _support, "serve": _serve}[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mtpeft: error: {err}", file=sys.stderr)
         return 2
@@ -128,6 +159,8 @@ def _custom_spec(args) -> TaskSpec:
               "labels": args.labels, "label_range": args.label_range}
     if args.task_type in ("classification", "pair-classification") and not args.labels:
         fields["labels"] = _labels_in(args.data, fields["label_column"])
+    if args.head_dropout is not None:
+        fields["head_dropout"] = args.head_dropout
     if args.max_length:
         fields["max_length"] = args.max_length
     elif qa:
@@ -146,6 +179,8 @@ def _labels_in(data: str, column: str) -> list[str]:
 
 
 def _train(args) -> int:
+    import torch
+
     from mtpeft.model import MultiTaskModel
     from mtpeft.sources import load_task_data
     from mtpeft.tasks.presets import get_preset, preset_names
@@ -169,6 +204,7 @@ def _train(args) -> int:
         print(f"skipped {len(data.skipped)} bad rows; first: {data.skipped[0]}", file=sys.stderr)
     print(f"task {spec.name}: {len(data.train)} training and {len(data.eval)} evaluation examples", file=sys.stderr)
     model = MultiTaskModel.from_backbone(args.backbone)
+    torch.manual_seed(config.seed)  # the adapter's and head's initial weights
     model.add_task(spec, lora, head_only=args.head_only)
     run_info = {"data": data.description, "skipped_rows": len(data.skipped), "backbone": args.backbone,
                 "command": "mtpeft " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
@@ -242,6 +278,64 @@ def _predict(args) -> int:
     inputs = [parse_input_line(line) for line in lines]
     for prediction in model.predict(inputs, task=task, batch_size=args.batch_size):
         print(json.dumps(prediction.to_dict()))
+    return 0
+
+
+
+def _router_data(model, values: list[str]) -> dict:
+    """``--data`` values as {task: path}: ``TASK=PATH`` names one task; a folder serves every
+    built-in task whose training file is in it."""
+    from mtpeft.tasks.presets import get_preset, preset_names, support_data_dir
+
+    data = {}
+    for value in values or [str(support_data_dir())]:
+        task, sep, path = value.partition("=")
+        if sep and task in model.specs:
+            data[task] = path
+            continue
+        if sep:
+            raise ValueError(f"--data {value!r}: unknown task {task!r}; tasks in the bundle: {model.task_names}")
+        if not Path(value).is_dir():
+            raise ValueError(f"--data {value!r}: pass TASK=FILE for a data file, or a folder of built-in tasks' files")
+        found = [t for t in model.task_names if t in preset_names() and (Path(value) / get_preset(t).layout.train_file).is_file()]
+        data.update({t: value for t in found if t not in data})
+    return data
+
+
+def _train_router(args) -> int:
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.router import ROUTER_DIR, LearnedRouter
+    from mtpeft.router_data import router_examples
+
+    model = MultiTaskModel.load(args.bundle, backbone=args.backbone)
+    examples, summary = router_examples(model, _router_data(model, args.data), args.phrasings,
+                                        packaged=not args.no_packaged_phrasings)
+    missing = [t for t in model.task_names if not any(task == t for task, _ in examples)]
+    if missing:
+        print(f"warning: no examples for tasks {missing}: the router will never choose them "
+              "(pass --data TASK=FILE or --phrasings)", file=sys.stderr)
+    router = LearnedRouter.fit(model, examples, threshold=args.threshold, c=args.c)
+    folder = router.save(Path(args.bundle) / ROUTER_DIR)
+    print(json.dumps({"router": str(folder), "classes": router.classes, "threshold": router.threshold,
+                      "train_accuracy": round(router.info["train_accuracy"], 4), **summary}, indent=2))
+    return 0
+
+
+def _support(args) -> int:
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.support import SupportPipeline
+
+    model = MultiTaskModel.load(args.bundle, backbone=args.backbone)
+    pipeline = SupportPipeline(model, args.faq, top_k=args.top_k, answer_threshold=args.answer_threshold)
+    print(json.dumps(pipeline.answer(args.message).to_dict(), indent=2))
+    return 0
+
+
+def _serve(args) -> int:
+    from mtpeft.serve import ServeSettings, serve
+
+    settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars)
+    serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings)
     return 0
 
 

@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from mtpeft.config import TrainConfig
 from mtpeft.model import MultiTaskModel
 from mtpeft.sources import load_task_data
@@ -61,6 +63,7 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
         recipe = dict(preset.recipe)
         recipe["epochs"] = max(recipe.get("epochs", 3.0) * epochs_scale, 0.1)
         config = TrainConfig(**recipe)
+        torch.manual_seed(config.seed)
         model.add_task(preset.spec, config.lora)
         print(f"[{skill}] {preset.spec.description} {len(data.train)} training / {len(data.eval)} held-out examples")
         result = train_task(model, skill, data.train, data.eval, config)

@@ -22,6 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import CHECKPOINT_FILE, RunPosition, fault_point, load_checkpoint, save_checkpoint
 from mtpeft.config import TrainConfig
+from mtpeft.distributed import DataParallel
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel
@@ -110,11 +111,15 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         position = load_checkpoint(checkpoint, trainable, optimizer, scheduler, fingerprint)
         print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
 
+    parallel = DataParallel()
+    checkpoint = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
+    step_model = parallel.wrap(model)
     model.train()
     step, seen, epoch, loss_value = position.step, position.seen, position.epoch, float("nan")
     saves = 0
     started = time.perf_counter() - position.elapsed
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {task}", unit="step", disable=not progress,
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {task}", unit="step",
+               disable=not progress or not parallel.is_main,
                file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
     def save_position(batch_in_epoch: int, at_epoch: int) -> None:
@@ -130,10 +135,12 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         for index in range(skip, len(batches)):
             if step >= total_steps:
                 break
-            indices = batches[index]
+            indices = parallel.shard(batches[index])
+            if indices is None:
+                continue
             batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
             with autocast(device, use_bf16):
-                outputs = model(batch, task)
+                outputs = step_model(batch, task)
             loss = kind.loss(spec, outputs, batch)
             loss.backward()
             if config.max_grad_norm:
@@ -142,7 +149,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            seen += len(indices)
+            seen += len(batches[index])
             loss_value = float(loss.detach())
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
@@ -159,6 +166,10 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     for param in trainable.values():
         param.requires_grad_(False)
 
+    if not parallel.is_main:  # the main process evaluates and writes the results
+        parallel.barrier()
+        return TrainResult(task, {}, step, len(train_examples), round(elapsed, 3), round(seen / elapsed, 2),
+                           loss_value, sum(p.numel() for p in trainable.values()), use_bf16)
     metrics = evaluate_task(model, task, eval_examples, config.eval_batch_size) if eval_examples else {}
     model.task_metrics[task] = metrics
     result = TrainResult(task=task, metrics=metrics, steps=step, train_examples=len(train_examples),
@@ -172,6 +183,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         write_json(out_dir / "metrics.json", result.to_dict())
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # the finished adapter supersedes it
+    parallel.barrier()
     return result
 
 

@@ -92,4 +92,4 @@ def pooled_head(spec: TaskSpec, hidden_size: int, num_outputs: int) -> nn.Module
     """A cosine head for bi-encoded pairs, else pool + linear."""
     if spec.is_bi_encoder:
         return CosineHead(num_outputs, spec.pooling)
-    return PooledHead(hidden_size, num_outputs, spec.pooling)
+    return PooledHead(hidden_size, num_outputs, spec.pooling, spec.head_dropout)

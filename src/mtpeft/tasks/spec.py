@@ -47,6 +47,7 @@ class TaskSpec:
         max_question_length: QA: questions are cut to this many tokens.
         label_range: regression: ``[low, high]`` of the gold scores, used to scale targets.
         pooling: ``mean``, ``cls`` or ``last`` (decoders) for pooled heads.
+        head_dropout: dropout before a pooled head's linear layer, in training.
         pair_encoding: ``cross`` joins a pair into one input (a cross-encoder);
             ``bi`` encodes each text alone and compares their embeddings (cosine).
         metric: the primary metric that model selection and tables use.
@@ -67,6 +68,7 @@ class TaskSpec:
     max_question_length: int = 64
     label_range: list[float] | None = None
     pooling: str = "mean"
+    head_dropout: float = 0.1
     pair_encoding: str = "cross"
     metric: str = ""
     description: str = ""
