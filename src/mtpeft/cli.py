@@ -12,6 +12,14 @@ from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.tasks.spec import TASK_TYPES, TaskSpec
 
 
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def _csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -36,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-data", help="evaluation file (default: the preset's dev file, else every 10th row held out)")
     train.add_argument("--out", required=True, help="folder to write the trained task into")
     train.add_argument("--backbone", default="default", help="'default' (packaged MiniLM), a local path or a hub name")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     custom = train.add_argument_group("your own task (when --task is not built in)")
     custom.add_argument("--task-type", choices=TASK_TYPES)
     custom.add_argument("--text-column", help="column of the text / first sentence / question")
@@ -71,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", help="which task of a bundle")
     evaluate.add_argument("--out", help="metrics JSON to write (default: PATH/eval-metrics.json for a task folder)")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     evaluate.add_argument("--skip-bad-rows", action="store_true")
 
     predict = sub.add_parser("predict", help="predict for texts; prints JSON lines")
@@ -79,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--task", help="which task (needed when the bundle holds several)")
     predict.add_argument("--file", help="read one input per line from this file")
     predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     export = sub.add_parser("export", help="write a task as a plain transformers model folder (LoRA merged)")
     export.add_argument("path", help="a trained task folder or a bundle")
     export.add_argument("--task", help="which task (needed when the bundle holds several)")
     export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     sub.add_parser("tasks", help="list the built-in tasks")
 
@@ -203,7 +215,7 @@ def _train(args) -> int:
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad rows; first: {data.skipped[0]}", file=sys.stderr)
     print(f"task {spec.name}: {len(data.train)} training and {len(data.eval)} evaluation examples", file=sys.stderr)
-    model = MultiTaskModel.from_backbone(args.backbone)
+    model = MultiTaskModel.from_backbone(args.backbone).to(resolve_device(args.device))
     torch.manual_seed(config.seed)  # the adapter's and head's initial weights
     model.add_task(spec, lora, head_only=args.head_only)
     run_info = {"data": data.description, "skipped_rows": len(data.skipped), "backbone": args.backbone,
@@ -222,7 +234,7 @@ def _evaluate(args) -> int:
     from mtpeft.storage import TASK_FILE, write_json
     from mtpeft.tasks.presets import get_preset, preset_names
 
-    model = MultiTaskModel.load(args.path)
+    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
     task = model.resolve_task(args.task)
     spec = model.spec(task)
     layout = get_preset(task).layout if task in preset_names() else None
@@ -246,7 +258,7 @@ def _export(args) -> int:
     from mtpeft.export import export_task
     from mtpeft.model import MultiTaskModel
 
-    model = MultiTaskModel.load(args.path)
+    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
     task = model.resolve_task(args.task)
     export_task(model, task, args.out)
     print(f"exported {task} to {args.out}: load it with transformers and trust_remote_code=True")
@@ -267,7 +279,7 @@ def parse_input_line(line: str):
 def _predict(args) -> int:
     from mtpeft.model import MultiTaskModel
 
-    model = MultiTaskModel.load(args.path)
+    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
     task = model.resolve_task(args.task)
     if args.text is not None:
         lines = [args.text]

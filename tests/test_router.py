@@ -1,0 +1,155 @@
+"""The router: shapes as hard constraints, thresholds, no-task, precedence, saving, training data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_bert
+from mtpeft.backbone import BackboneMismatchError
+from mtpeft.cli import main
+from mtpeft.router import (NO_TASK, ROUTER_DIR, LearnedRouter, RouteDecision, ShapeRouter, decide, input_shape,
+                           lexical_features, load_router)
+from mtpeft.router_data import packaged_phrasings_dir, read_phrasings, router_examples
+from tiny_bundle import path_backbone, saved_backbone, support_model
+
+QA = {"question": "when do you open?", "context": "We open at nine."}
+# Words that a tiny random backbone can still tell apart (its embeddings are noise, words are not).
+EXAMPLES = ([("sentiment", t) for t in ("I love it, great service", "awful, broken and late", "thanks, lovely",
+                                        "terrible support, I am angry", "happy with the sofa", "great great great")]
+            + [("faq-answer", t) for t in ("what does the FAQ say about returns", "look up shipping in the FAQ",
+                                           "FAQ answer about refunds", "search the help centre FAQ")]
+            + [("similar-questions", t) for t in ("are these two questions duplicates", "same question or duplicate",
+                                                  "duplicate questions check")]
+            + [(None, t) for t in ("weather in paris tomorrow", "tell me a joke", "capital of france weather")]
+            + [("similar-questions", ("where is my order", "has my parcel shipped")), ("faq-answer", QA)])
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return support_model(tiny_bert(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def router(model):
+    return LearnedRouter.fit(model, EXAMPLES)
+
+
+def test_input_shapes_and_a_clear_error_for_others():
+    assert [input_shape(v) for v in ("hi", ("a", "b"), ["a", "b"], {"text": "a", "text_pair": "b"}, QA, {"text": "x"})] \
+        == ["text", "pair", "pair", "pair", "qa", "text"]
+    with pytest.raises(ValueError, match="pass a string, a pair"):
+        input_shape(42)
+
+
+def test_learned_router_fits_its_examples_and_answers_no_task_for_off_topic(router):
+    assert router.info["train_accuracy"] == 1.0 and set(router.classes) == {NO_TASK, "sentiment", "faq-answer",
+                                                                               "similar-questions"}
+    decisions = router.route(["I love it, great service", "what does the FAQ say about returns", "tell me a joke"])
+    assert [d.task for d in decisions] == ["sentiment", "faq-answer", None]
+    assert decisions[2].reason.startswith("the input looks like none")
+    assert all(NO_TASK not in [c for c, _ in d.candidates] for d in decisions)
+
+
+def test_shape_is_a_hard_constraint(router):
+    # A QA dict whose question reads like sentiment still goes to the QA task; a pair to the pair task.
+    qa, pair = router.route([{"question": "I love it, great service", "context": "x"}, ("awful, broken", "thanks")])
+    assert (qa.task, qa.confidence, [c for c, _ in qa.candidates]) == ("faq-answer", 1.0, ["faq-answer"])
+    assert (pair.task, pair.confidence) == ("similar-questions", 1.0)
+
+
+def test_below_threshold_no_task_with_candidates(model):
+    classes = ["faq-answer", "sentiment", "similar-questions"]
+    width = model.identity.hidden_size + 1024 + 3
+    undecided = LearnedRouter(model, classes, {}, torch.zeros(3, width), torch.zeros(3), threshold=0.5)
+    decision = undecided.route(["anything at all"])[0]  # every task at p = 1/3
+    assert decision.task is None and "< threshold 0.5" in decision.reason
+    assert sorted(c for c, _ in decision.candidates) == classes
+    assert decision.confidence == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_explicit_task_wins_and_none_entries_are_routed(router):
+    decisions = decide(["tell me a joke", "I love it, great service"], ["faq-answer", None], router)
+    assert [(d.task, d.source) for d in decisions] == [("faq-answer", "explicit"), ("sentiment", "router")]
+    assert [d.source for d in decide(["a", "b"], "sentiment", router)] == ["explicit", "explicit"]
+    with pytest.raises(ValueError, match="2 task names for 1 inputs"):
+        decide(["a"], ["sentiment", None], router)
+
+
+def test_shape_router_is_the_fallback_rule(model):
+    decisions = ShapeRouter(model.specs).route(["hello", ("a", "b"), QA])
+    assert [(d.task, d.source) for d in decisions] == [("sentiment", "shape"), ("similar-questions", "shape"),
+                                                        ("faq-answer", "shape")]
+    two_text_tasks = {**model.specs, "topic": model.specs["sentiment"]}
+    undecided = ShapeRouter(two_text_tasks).route(["hello"])[0]
+    assert undecided.task is None and "2 tasks take a text input" in undecided.reason
+    assert {c for c, _ in undecided.candidates} == {"sentiment", "topic"}
+
+
+def test_save_load_round_trip_without_pickles(model, router, tokenizer, tmp_path):
+    router.save(tmp_path / ROUTER_DIR)
+    assert sorted(p.name for p in (tmp_path / ROUTER_DIR).iterdir()) == ["router.json", "router.safetensors"]
+    loaded = load_router(tmp_path, model)
+    assert isinstance(loaded, LearnedRouter) and loaded.classes == router.classes
+    inputs = ["I love it", ("a", "b"), "tell me a joke"]
+    torch.testing.assert_close(loaded.probabilities(inputs), router.probabilities(inputs))
+    record = json.loads((tmp_path / ROUTER_DIR / "router.json").read_text())
+    assert record["format"] == "mtpeft-router/1" and record["backbone"]["name"] == "tiny-bert"
+    with pytest.raises(BackboneMismatchError, match="the router in"):
+        LearnedRouter.load(tmp_path, support_model(tiny_bert(tokenizer, seed=9)))
+    assert isinstance(load_router(tmp_path / "elsewhere", model), ShapeRouter)
+
+
+def test_lexical_features_are_stable_across_processes():
+    # crc32, not hash(): the same text sets the same columns in any process.
+    columns = torch.nonzero(lexical_features(["FAQ refund"], dims=64)[0]).flatten().tolist()
+    assert columns == sorted(columns) and len(columns) == 3
+    assert columns == torch.nonzero(lexical_features(["faq  REFUND!"], dims=64)[0]).flatten().tolist()
+
+
+def test_decision_to_dict():
+    d = RouteDecision("a", 0.9, [("a", 0.9), ("b", 0.1)]).to_dict()
+    assert d["candidates"] == [{"task": "a", "probability": 0.9}, {"task": "b", "probability": 0.1}]
+
+
+def test_packaged_phrasings_cover_the_demo_skills_and_no_task():
+    rows = read_phrasings(packaged_phrasings_dir())
+    counts = {task: sum(1 for t, _ in rows if t == task) for task in ("sentiment", "similar-questions", "faq-answer", None)}
+    assert all(n >= 70 for n in counts.values()), counts
+    assert len({text for _, text in rows}) == len(rows)  # no duplicates
+
+
+def test_bad_phrasing_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"task": "a", "text": "ok"}\n{"task": 3, "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: 'task' must be a task name or null"):
+        read_phrasings(path)
+    path.write_text('{"task": "a"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: expected"):
+        read_phrasings(path)
+
+
+def test_router_examples_skip_phrasings_of_absent_tasks(model, tmp_path):
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"task": "sentiment", "text": "so happy"}\n{"task": "translate", "text": "in French"}\n')
+    examples, summary = router_examples(model, phrasings=[extra], packaged=False)
+    assert examples == [("sentiment", "so happy")] and summary["skipped_phrasings"] == 1
+    with pytest.raises(ValueError, match="tasks the model does not hold: \\['translate'\\]"):
+        LearnedRouter.fit(model, [("translate", "x"), ("sentiment", "y")])
+
+
+def test_train_router_cli_writes_router_into_the_bundle(tokenizer, tmp_path, capsys):
+    backbone_dir = saved_backbone(tmp_path / "backbone", tokenizer)
+    support_model(path_backbone(backbone_dir)).save(tmp_path / "bundle")
+    data = tmp_path / "sentiment.csv"
+    data.write_text("text,label\nlovely sofa,positive\nbroken lamp,negative\nwhen do you open,neutral\n")
+    assert main(["train-router", str(tmp_path / "bundle"), "--data", f"sentiment={data}",
+                 "--data", str(tmp_path / "nowhere")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["train-router", str(tmp_path / "bundle"), "--data", f"sentiment={data}", "--threshold", "0.4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tasks"]["sentiment"]["examples"] == 3 and out["phrasings"]["faq-answer"] > 50
+    record = json.loads((tmp_path / "bundle" / "router" / "router.json").read_text())
+    assert record["threshold"] == 0.4 and NO_TASK in record["classes"]
