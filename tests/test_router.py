@@ -13,18 +13,7 @@ from mtpeft.cli import main
 from mtpeft.router import (NO_TASK, ROUTER_DIR, LearnedRouter, RouteDecision, ShapeRouter, decide, input_shape,
                            lexical_features, load_router)
 from mtpeft.router_data import packaged_phrasings_dir, read_phrasings, router_examples
-from tiny_bundle import path_backbone, saved_backbone, support_model
-
-QA = {"question": "when do you open?", "context": "We open at nine."}
-# Words that a tiny random backbone can still tell apart (its embeddings are noise, words are not).
-EXAMPLES = ([("sentiment", t) for t in ("I love it, great service", "awful, broken and late", "thanks, lovely",
-                                        "terrible support, I am angry", "happy with the sofa", "great great great")]
-            + [("faq-answer", t) for t in ("what does the FAQ say about returns", "look up shipping in the FAQ",
-                                           "FAQ answer about refunds", "search the help centre FAQ")]
-            + [("similar-questions", t) for t in ("are these two questions duplicates", "same question or duplicate",
-                                                  "duplicate questions check")]
-            + [(None, t) for t in ("weather in paris tomorrow", "tell me a joke", "capital of france weather")]
-            + [("similar-questions", ("where is my order", "has my parcel shipped")), ("faq-answer", QA)])
+from tiny_bundle import QA, ROUTER_EXAMPLES as EXAMPLES, path_backbone, saved_backbone, support_model
 
 
 @pytest.fixture(scope="module")

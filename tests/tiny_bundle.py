@@ -31,6 +31,18 @@ FAQ = [
     FaqEntry("faq-4", "Can I change my delivery address?", "Change the address in the app before the order ships."),
 ]
 
+QA = {"question": "when do you open?", "context": "We open at nine."}
+# Router examples whose words a tiny random backbone can still tell apart (its embeddings are noise, words are not).
+ROUTER_EXAMPLES = (
+    [("sentiment", t) for t in ("I love it, great service", "awful, broken and late", "thanks, lovely",
+                                "terrible support, I am angry", "happy with the sofa", "great great great")]
+    + [("faq-answer", t) for t in ("what does the FAQ say about returns", "look up shipping in the FAQ",
+                                   "FAQ answer about refunds", "search the help centre FAQ")]
+    + [("similar-questions", t) for t in ("are these two questions duplicates", "same question or duplicate",
+                                          "duplicate questions check")]
+    + [(None, t) for t in ("weather in paris tomorrow", "tell me a joke", "capital of france weather")]
+    + [("similar-questions", ("where is my order", "has my parcel shipped")), ("faq-answer", QA)])
+
 
 def support_model(backbone) -> MultiTaskModel:
     """The three support skills on ``backbone``, with random non-zero adapters, in fp32."""

@@ -1,13 +1,20 @@
-"""An FAQ: the file a user provides, and an embedding index over its questions.
+"""An FAQ: the file a user provides, and an embedding index over its entries.
 
 Each entry is a question and the paragraph that answers it (``context``, or ``answer``).
-The index holds bare-backbone embeddings of the questions, so a new FAQ needs no
-training: retrieval is cosine similarity, and the similarity task re-ranks the top hits.
+The index holds bare-backbone embeddings, so a new FAQ needs no training: retrieval is
+cosine similarity, and the similarity task re-ranks the top hits by their questions.
+
+An entry is embedded as its question followed by its context: customers ask about details
+that only the context names ("what does it cost to have a couch collected?" belongs under
+"How do I return an item?"). On the packaged data this finds the right entry among the
+top 5 for 97 % of the 240 QA questions, against 83 % for the questions alone
+(``benchmarks/faq_retrieval.py``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +29,7 @@ if TYPE_CHECKING:
     from mtpeft.model import MultiTaskModel
 
 CONTEXT_COLUMNS = ("context", "answer")  # either names the paragraph that answers the question
+INDEX_TOKENS = 256  # question + a 40-90 word context fit; longer contexts keep their start
 
 
 @dataclass(frozen=True)
@@ -42,19 +50,29 @@ def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
     Every row needs ``question`` and ``context`` (or ``answer``) text; ``id`` is optional.
     A bad row raises ``DataError`` naming the file, the line and the field.
     """
-    entries, seen = [], set()
-    for where, row in read_records(path):
-        if not isinstance(row, dict):
-            raise DataError(where, None, f"expected an object with 'question' and 'context', found {type(row).__name__}")
-        question = _text(where, row, ("question",))
-        context = _text(where, row, CONTEXT_COLUMNS)
-        entry_id = str(row.get("id") or f"faq-{len(entries) + 1}")
-        if entry_id in seen:
-            raise DataError(where, "id", f"duplicate FAQ id {entry_id!r}")
-        seen.add(entry_id)
-        entries.append(FaqEntry(entry_id, question.strip(), context))
+    entries = faq_entries(read_records(path))
     if not entries:
         raise DataError(str(path), None, "no FAQ entries; expected rows with 'question' and 'context' (or 'answer')")
+    return entries
+
+
+def faq_entries(records: Iterable[tuple[str, dict]] | Sequence[dict | FaqEntry]) -> list[FaqEntry]:
+    """Validated entries from ``(where, row)`` records, or from plain dict rows (``FaqEntry`` passes through)."""
+    entries, seen = [], set()
+    for i, record in enumerate(records):
+        where, row = record if isinstance(record, tuple) else (f"FAQ row {i}", record)
+        if isinstance(row, FaqEntry):
+            entry = row
+        else:
+            if not isinstance(row, dict):
+                raise DataError(where, None, f"expected an object with 'question' and 'context', found {type(row).__name__}")
+            question = _text(where, row, ("question",))
+            context = _text(where, row, CONTEXT_COLUMNS)
+            entry = FaqEntry(str(row.get("id") or f"faq-{len(entries) + 1}"), question.strip(), context)
+        if entry.id in seen:
+            raise DataError(where, "id", f"duplicate FAQ id {entry.id!r}")
+        seen.add(entry.id)
+        entries.append(entry)
     return entries
 
 
@@ -70,7 +88,7 @@ def _text(where: str, row: dict, columns: tuple[str, ...]) -> str:
 
 
 class FaqIndex:
-    """Cosine search over the FAQ questions' embeddings, (N, H) unit vectors."""
+    """Cosine search over the FAQ entries' embeddings, (N, H) unit vectors."""
 
     def __init__(self, entries: list[FaqEntry], vectors: torch.Tensor) -> None:
         if len(entries) != len(vectors):
@@ -78,11 +96,13 @@ class FaqIndex:
         self.entries, self.vectors = entries, vectors
 
     @classmethod
-    def build(cls, model: MultiTaskModel, entries: list[FaqEntry]) -> FaqIndex:
-        return cls(entries, embed_texts(model, [e.question for e in entries]))
+    def build(cls, model: MultiTaskModel, entries: list[FaqEntry], with_context: bool = True) -> FaqIndex:
+        """Embed each entry's question and (``with_context``) its context, as one text."""
+        texts = [f"{e.question} {e.context}" if with_context else e.question for e in entries]
+        return cls(entries, embed_texts(model, texts, max_length=INDEX_TOKENS))
 
     def search(self, query: torch.Tensor, k: int) -> list[tuple[FaqEntry, float]]:
-        """The ``k`` entries whose questions are closest to the (H,) unit ``query``, best first."""
+        """The ``k`` entries closest to the (H,) unit ``query``, best first."""
         scores = self.vectors @ query  # (N,)
         top = torch.topk(scores, min(k, len(self.entries)))
         return [(self.entries[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]

@@ -30,7 +30,6 @@ from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shap
 from mtpeft.schemas import (Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput, SupportRequest,
                             SupportResponse, TasksResponse, TextInput)
 from mtpeft.support import SupportPipeline
-from mtpeft.tasks.spec import UnknownTaskError
 
 
 @dataclass
@@ -125,10 +124,14 @@ def _plain(value: InputItem):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _check_lengths(i: int, value, settings: ServeSettings) -> None:
-    texts = routing_texts(value)
-    if input_shape(value) == "qa" and len(value["context"]) > settings.max_context_chars:
-        raise HTTPException(422, f"inputs[{i}]: context has {len(value['context'])} characters, "
+def _check_texts(i: int, value, settings: ServeSettings) -> None:
+    """422 for blank texts (a model would still answer them, confidently) and texts over the limits."""
+    texts = routing_texts(value)  # the text, both texts of a pair, or a QA question
+    context = value["context"] if input_shape(value) == "qa" else None
+    if any(not text.strip() for text in texts + ([context] if context is not None else [])):
+        raise HTTPException(422, f"inputs[{i}]: empty text")
+    if context is not None and len(context) > settings.max_context_chars:
+        raise HTTPException(422, f"inputs[{i}]: context has {len(context)} characters, "
                                  f"over max_context_chars={settings.max_context_chars}")
     for text in texts:
         if len(text) > settings.max_text_chars:
@@ -198,13 +201,13 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         if len(values) > settings.max_inputs:
             raise HTTPException(422, f"{len(values)} inputs, over max_inputs={settings.max_inputs} per request")
         for i, value in enumerate(values):
-            _check_lengths(i, value, settings)
+            _check_texts(i, value, settings)
         tasks = request.task
         if isinstance(tasks, list) and len(tasks) != len(values):
             raise HTTPException(422, f"{len(tasks)} task names for {len(values)} inputs")
         for name in [tasks] if isinstance(tasks, str) else tasks or []:
             if name is not None and name not in model.specs:
-                raise HTTPException(422, str(UnknownTaskError(f"unknown task {name!r}; known tasks: {sorted(model.specs)}")))
+                raise HTTPException(422, f"unknown task {name!r}; known tasks: {sorted(model.specs)}")
         needs_router = tasks is None or (isinstance(tasks, list) and None in tasks)
         if needs_router and not isinstance(router, ShapeRouter):  # the learned router runs the backbone
             loop = asyncio.get_running_loop()

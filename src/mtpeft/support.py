@@ -1,12 +1,19 @@
 """The customer-support pipeline: one message in, sentiment + similar FAQ questions + answer out.
 
 1. Sentiment of the message (a text classification task).
-2. The ``top_k`` FAQ questions nearest to the message by bare-backbone cosine (``FaqIndex``),
-   re-ranked by the similarity task's score for each ``(message, FAQ question)`` pair. The
-   sentiment row and the pair rows go through one mixed-task ``run`` call.
-3. The answer span from the best entry's context by the QA task; ``no_answer`` when its
-   probability is below ``answer_threshold`` (a wrong span stated confidently is worse
-   than "see the FAQ entry").
+2. The ``top_k`` FAQ entries nearest to the message by bare-backbone cosine (``FaqIndex``,
+   over question + context), re-ranked by the similarity task's score for each
+   ``(message, FAQ question)`` pair. The sentiment row and the pair rows go through one
+   mixed-task ``run`` call.
+3. The answer span by the QA task from the context of the entry retrieval ranks first;
+   ``no_answer`` when its probability is below ``answer_threshold`` (a wrong span stated
+   confidently is worse than "see the FAQ entry").
+
+Why the answer does not come from the re-ranked list's first entry: the similarity task
+compares the message with FAQ *questions* (paraphrase detection), while customers often
+ask about a detail that only an entry's context names. On the 40 QA questions the demo
+holds out, the retrieval's first entry is the right one for 60 %, the re-ranked list's
+first for 20 % (``benchmarks/support_eval.py``, ``results/support_eval.json``).
 
 ``answer(model, message)`` is the one-call Python entry point (``model.support`` in spirit);
 the HTTP server passes its own ``run``/``embed`` so these rows share micro-batches.
@@ -24,7 +31,7 @@ import torch
 
 from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
-from mtpeft.faq import FaqEntry, FaqIndex, load_faq, packaged_faq_path
+from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path
 from mtpeft.predictions import AnswerPrediction, LabelPrediction, Prediction, ScorePrediction
 from mtpeft.tasks import TaskSpec
 
@@ -96,9 +103,13 @@ def _check_task(model: MultiTaskModel, name: str, role: str, types: tuple[str, .
 
 
 class SupportPipeline:
-    """Sentiment, FAQ retrieval re-ranked by a similarity task, and extractive answers, on one model."""
+    """Sentiment, FAQ retrieval re-ranked by a similarity task, and extractive answers, on one model.
 
-    def __init__(self, model: MultiTaskModel, faq: Sequence[FaqEntry] | str | os.PathLike | None = None,
+    ``faq`` is a file (see ``load_faq``), a list of ``FaqEntry`` or of dict rows with
+    ``question`` and ``context`` (or ``answer``), or ``None`` for the packaged demo FAQ.
+    """
+
+    def __init__(self, model: MultiTaskModel, faq: Sequence[FaqEntry | dict] | str | os.PathLike | None = None,
                  sentiment_task: str = "sentiment", similarity_task: str = "similar-questions",
                  qa_task: str = "faq-answer", top_k: int = 5, answer_threshold: float = 0.3) -> None:
         if top_k < 1:
@@ -109,7 +120,8 @@ class SupportPipeline:
         self.similarity_spec = _check_task(model, similarity_task, "similarity",
                                            ("pair-classification", "regression"), pair=True)
         _check_task(model, qa_task, "QA", ("extractive-qa",), pair=None)
-        entries = load_faq(faq or packaged_faq_path()) if faq is None or isinstance(faq, (str, os.PathLike)) else list(faq)
+        entries = load_faq(faq or packaged_faq_path()) if faq is None or isinstance(faq, (str, os.PathLike)) \
+            else faq_entries(faq)
         if not entries:
             raise ValueError("the FAQ is empty; pass entries with a question and a context")
         self.top_k, self.answer_threshold = top_k, answer_threshold
@@ -137,7 +149,7 @@ class SupportPipeline:
         similar = sorted((SimilarQuestion(entry.id, entry.question, match_score(p, self.similarity_spec), cosine)
                           for (entry, cosine), p in zip(hits, matches)),
                          key=lambda s: (-s.score, -s.retrieval_score))
-        best = next(entry for entry, _ in hits if entry.id == similar[0].id)
+        best = hits[0][0]  # see the module docstring: retrieval picks the answer's entry
         span: AnswerPrediction = run([(self.qa_task, Example(text=message, text_pair=best.context))])[0]
         no_answer = span.score < self.answer_threshold or not span.answer.strip()
         answer = SupportAnswer(span.answer, span.score, span.start, span.end, no_answer, best.id, best.question,

@@ -1,0 +1,205 @@
+"""The HTTP server in-process: endpoints, routing precedence, micro-batching, limits, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from conftest import tiny_bert  # noqa: E402
+from mtpeft.router import LearnedRouter  # noqa: E402
+from mtpeft.serve import ServeSettings, create_app, load_server  # noqa: E402
+from mtpeft.support import SupportPipeline  # noqa: E402
+from tiny_bundle import FAQ, QA, ROUTER_EXAMPLES, path_backbone, saved_backbone, support_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return support_model(tiny_bert(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def router(model):
+    return LearnedRouter.fit(model, ROUTER_EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def support(model):
+    return SupportPipeline(model, FAQ, top_k=2)
+
+
+@pytest.fixture
+def run_calls(model, monkeypatch):
+    """Every ``model.run`` call's task list, in order."""
+    calls, run = [], model.run
+
+    def spy(items, batch_size=64):
+        calls.append([task for task, _ in items])
+        return run(items, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "run", spy)
+    return calls
+
+
+@pytest.fixture
+def client(model, router, support):
+    with TestClient(create_app(model, router, support, ServeSettings(max_wait_ms=1, max_inputs=4, max_text_chars=100,
+                                                                     max_context_chars=300, max_body_bytes=4000))) as c:
+        yield c
+
+
+def test_health_and_tasks(client):
+    assert client.get("/healthz").json() == {"status": "ok", "tasks": 3, "router": "learned", "support": True}
+    data = client.get("/v1/tasks").json()
+    tasks = {t["name"]: t for t in data["tasks"]}
+    assert tasks["sentiment"] == {"name": "sentiment", "type": "classification", "input": "text",
+                                  "labels": ["negative", "neutral", "positive"],
+                                  "description": "Sentiment of a customer message.",
+                                  "metrics": {"accuracy": 0.5, "examples": 10}}
+    assert (tasks["similar-questions"]["input"], tasks["faq-answer"]["input"]) == ("pair", "qa")
+    assert data["router"]["kind"] == "learned" and data["router"]["threshold"] == 0.5 and data["support"]
+
+
+def test_mixed_task_request_runs_in_one_model_call(client, run_calls):
+    response = client.post("/v1/predict", json={
+        "inputs": ["great", ["where is it?", "has it shipped?"], QA, {"text": "a", "text_pair": "b"}],
+        "task": ["sentiment", "similar-questions", "faq-answer", "similar-questions"]})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["prediction"]["type"] for r in results] == ["label", "label", "answer", "label"]
+    assert [r["route"]["source"] for r in results] == ["explicit"] * 4
+    assert run_calls == [["sentiment", "similar-questions", "faq-answer", "similar-questions"]]
+
+
+def test_concurrent_requests_share_one_forward_pass(model, run_calls):
+    app = create_app(model, settings=ServeSettings(max_wait_ms=500))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            bodies = [{"input": "great", "task": "sentiment"}, {"input": ["a", "b"], "task": "similar-questions"},
+                      {"input": QA, "task": "faq-answer"}, {"input": "bad", "task": "sentiment"}]
+            return await asyncio.gather(*(c.post("/v1/predict", json=b) for b in bodies))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 4
+    assert len(run_calls) == 1 and sorted(run_calls[0]) == ["faq-answer", "sentiment", "sentiment", "similar-questions"]
+    assert [r.json()["results"][0]["task"] for r in responses] == ["sentiment", "similar-questions", "faq-answer", "sentiment"]
+    with TestClient(app) as c:
+        metrics = c.get("/metrics").text
+    assert "mtpeft_batch_requests_bucket{le=\"4.0\"} 1.0" in metrics and "mtpeft_batch_rows_sum 4.0" in metrics
+
+
+def test_explicit_task_wins_over_the_router(client):
+    body = {"inputs": ["tell me a joke", "tell me a joke", "I love it, great service"], "task": ["sentiment", None, None]}
+    explicit, unmatched, routed = client.post("/v1/predict", json=body).json()["results"]
+    assert (explicit["task"], explicit["route"]["source"], explicit["prediction"]["task"]) == ("sentiment", "explicit", "sentiment")
+    assert unmatched["task"] is None and unmatched["prediction"] is None
+    assert unmatched["error"].startswith("no task matched") and len(unmatched["route"]["candidates"]) == 3
+    assert (routed["task"], routed["route"]["source"]) == ("sentiment", "router")
+
+
+def test_structured_inputs_route_by_shape_and_text_routed_to_qa_explains(client):
+    pair, qa, request = client.post("/v1/predict", json={
+        "inputs": [["x", "y"], QA, "what does the FAQ say about returns"]}).json()["results"]
+    assert (pair["task"], qa["task"], request["task"]) == ("similar-questions", "faq-answer", "faq-answer")
+    assert pair["prediction"]["type"] == "label" and qa["prediction"]["type"] == "answer"
+    assert request["prediction"] is None and "which needs another input" in request["error"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"inputs": ["a"] * 5}, 422, "5 inputs, over max_inputs=4"),
+    ({"input": "x" * 101}, 422, "over max_text_chars=100"),
+    ({"input": {"question": "q", "context": "c" * 301}}, 422, "over max_context_chars=300"),
+    ({"input": "y" * 5000}, 413, "max_body_bytes=4000"),
+    ({"input": " \n"}, 422, "inputs[0]: empty text"),
+    ({"inputs": ["ok", ["a", ""]]}, 422, "inputs[1]: empty text"),
+    ({"input": {"question": "q", "context": ""}}, 422, "inputs[0]: empty text"),
+    ({"input": "x", "task": "nope"}, 422, "unknown task 'nope'; known tasks: ['faq-answer', 'sentiment', 'similar-questions']"),
+    ({"input": "x", "task": "faq-answer"}, 422, "inputs[0]: task 'faq-answer' answers questions"),
+    ({"input": "x", "task": "similar-questions"}, 422, "compares two texts"),
+    ({"inputs": ["a", "b"], "task": ["sentiment"]}, 422, "1 task names for 2 inputs"),
+    ({"input": "x", "inputs": ["y"]}, 422, "exactly one of 'input'"),
+    ({}, 422, "exactly one of 'input'"),
+    ({"inputs": []}, 422, "'inputs' is empty"),
+    ({"inputs": [["a", "b", "c"]]}, 422, "invalid request: inputs"),
+    ({"inputs": [3]}, 422, "invalid request: inputs"),
+    ({"input": "x", "extra": 1}, 422, "invalid request: extra"),
+])
+def test_limits_and_malformed_inputs_are_4xx_with_a_message(client, body, status, message):
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def test_invalid_json_is_422(client):
+    response = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "invalid request" in response.json()["detail"]
+
+
+def test_metrics_count_requests_latency_batches_and_tasks(client):
+    client.post("/v1/predict", json={"input": "great", "task": "sentiment"})
+    client.post("/v1/predict", json={"input": "x", "task": "nope"})
+    text = client.get("/metrics").text
+    for line in ('mtpeft_requests_total{endpoint="/v1/predict",status="200"} 1.0',
+                 'mtpeft_requests_total{endpoint="/v1/predict",status="422"} 1.0',
+                 'mtpeft_predictions_total{task="sentiment"} 1.0',
+                 'mtpeft_routes_total{source="explicit",task="sentiment"} 1.0',
+                 "mtpeft_batch_rows_count 1.0"):
+        assert line in text, line
+    assert 'mtpeft_request_seconds_bucket{endpoint="/v1/predict",le="+Inf"} 2.0' in text
+
+
+def test_support_endpoint_shape(client, run_calls):
+    response = client.post("/v1/support", json={"message": "How do I return an item?"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["sentiment"]["type"] == "label" and len(data["similar"]) == 2
+    assert set(data["answer"]) == {"text", "score", "start", "end", "no_answer", "faq_id", "question", "context"}
+    assert run_calls == [["sentiment", "similar-questions", "similar-questions"], ["faq-answer"]]
+    assert len(client.post("/v1/support", json={"message": "refund?", "top_k": 1}).json()["similar"]) == 1
+    assert client.post("/v1/support", json={"message": " "}).status_code == 422
+    assert "max_text_chars=100" in client.post("/v1/support", json={"message": "z" * 101}).json()["detail"]
+
+
+def test_support_is_404_without_a_pipeline(model):
+    with TestClient(create_app(model)) as c:
+        response = c.post("/v1/support", json={"message": "hi"})
+        assert response.status_code == 404 and "no support pipeline" in response.json()["detail"]
+        assert c.get("/healthz").json()["router"] == "shape"
+
+
+def test_page_is_self_contained_and_schema_documents_the_api(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "v1/support" in page.text and "http://" not in page.text and "https://" not in page.text
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/tasks", "/v1/support", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert {"PredictRequest", "PredictResponse", "QAInput", "LabelOut", "AnswerOut"} <= set(schema["components"]["schemas"])
+
+
+def test_load_server_and_serve_cli(tokenizer, tmp_path, monkeypatch):
+    backbone_dir = saved_backbone(tmp_path / "backbone", tokenizer)
+    model = support_model(path_backbone(backbone_dir))
+    model.save(tmp_path / "bundle")
+    LearnedRouter.fit(model, ROUTER_EXAMPLES).save(tmp_path / "bundle" / "router")
+    started = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: started.update(app=app, host=host, port=port))
+    from mtpeft.cli import main
+
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps({"question": e.question, "context": e.context}) + "\n" for e in FAQ))
+    assert main(["serve", str(tmp_path / "bundle"), "--port", "8123", "--faq", str(faq), "--max-inputs", "7"]) == 0
+    assert started["port"] == 8123 and started["app"].state.settings.max_inputs == 7
+    with TestClient(started["app"]) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "tasks": 3, "router": "learned", "support": True}
+    model.save(tmp_path / "one", tasks=["sentiment"])
+    with pytest.raises(ValueError, match="--faq needs the support tasks"):
+        load_server(tmp_path / "one", faq=faq)

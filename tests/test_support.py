@@ -1,0 +1,132 @@
+"""The customer-support pipeline and the FAQ it reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_bert
+from mtpeft import TaskSpec
+from mtpeft.data import DataError
+from mtpeft.faq import FaqIndex, load_faq, packaged_faq_path
+from mtpeft.predictions import LabelPrediction, ScorePrediction
+from mtpeft.support import SupportPipeline, answer, match_score
+from tiny_bundle import FAQ, support_model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return support_model(tiny_bert(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def pipeline(model):
+    return SupportPipeline(model, FAQ, top_k=3)
+
+
+def test_faq_reads_jsonl_csv_and_answer_column(tmp_path):
+    assert len(load_faq(packaged_faq_path())) == 40
+    (tmp_path / "faq.csv").write_text('question,answer\n"Do you ship abroad?","Yes, to 30 countries."\n')
+    entry = load_faq(tmp_path / "faq.csv")[0]
+    assert (entry.id, entry.question, entry.context) == ("faq-1", "Do you ship abroad?", "Yes, to 30 countries.")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "q"}\n', r"faq.jsonl:1: field 'context': missing; an FAQ row needs 'context' or 'answer'; the row has \['question'\]"),
+    ('{"question": "q", "context": "  "}\n', r"faq.jsonl:1: field 'context': expected non-empty text"),
+    ('{"id": "a", "question": "q", "context": "c"}\n{"id": "a", "question": "r", "context": "d"}\n', "duplicate FAQ id 'a'"),
+    ("\n", "no FAQ entries"),
+])
+def test_faq_errors_name_file_line_and_field(tmp_path, content, message):
+    (tmp_path / "faq.jsonl").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_faq(tmp_path / "faq.jsonl")
+
+
+def test_faq_rows_may_be_dicts(model):
+    rows = [{"question": "Do you ship abroad?", "answer": "Yes, to 30 countries."}, {"question": "q2", "context": "c2"}]
+    pipeline = SupportPipeline(model, rows, top_k=1)
+    assert [e.id for e in pipeline.entries] == ["faq-1", "faq-2"]
+    with pytest.raises(DataError, match=r"FAQ row 1: field 'context': missing"):
+        SupportPipeline(model, [rows[0], {"question": "no context"}])
+
+
+def test_index_finds_the_same_entry_first(model):
+    index = FaqIndex.build(model, FAQ)
+    query = index.vectors[2]
+    hits = index.search(query, 2)
+    assert hits[0][0].id == "faq-3" and hits[0][1] == pytest.approx(1.0, abs=1e-5) and len(hits) == 2
+    assert len(index.search(query, 99)) == len(FAQ)
+
+
+def test_reply_has_sentiment_reranked_questions_and_answer(pipeline):
+    reply = pipeline.answer("How do I return an item?")
+    assert reply.sentiment.task == "sentiment" and reply.sentiment.label in ("negative", "neutral", "positive")
+    assert len(reply.similar) == 3
+    assert [s.score for s in reply.similar] == sorted((s.score for s in reply.similar), reverse=True)
+    best = next(e for e in FAQ if e.id == max(reply.similar, key=lambda s: s.retrieval_score).id)
+    a = reply.answer
+    assert a.faq_id == best.id and a.context == best.context and best.context[a.start:a.end] == a.text
+    data = json.loads(json.dumps(reply.to_dict()))
+    assert set(data) == {"message", "sentiment", "similar", "answer"}
+    assert set(data["answer"]) == {"text", "score", "start", "end", "no_answer", "faq_id", "question", "context"}
+
+
+def test_sentiment_and_similarity_share_one_mixed_run_and_qa_follows(pipeline, model):
+    calls = []
+
+    def run(items):
+        calls.append([task for task, _ in items])
+        return model.run(items)
+
+    pipeline.answer("refund please", run=run)
+    assert calls == [["sentiment"] + ["similar-questions"] * 3, ["faq-answer"]]
+
+
+def test_similarity_scores_rerank_the_retrieved_questions(pipeline, model):
+    def run(items):  # the similarity task prefers the last retrieved question
+        if items[0][0] == "faq-answer":
+            return model.run(items)
+        pairs = items[1:]
+        return [model.run(items[:1])[0]] + [
+            LabelPrediction("similar-questions", "duplicate", 0.0, {"different": 1 - p, "duplicate": p})
+            for p in [i / len(pairs) for i in range(len(pairs))]]
+
+    reply = pipeline.answer("How do I return an item?", run=run)
+    retrieval_order = sorted(reply.similar, key=lambda s: -s.retrieval_score)
+    assert [s.id for s in reply.similar] == [s.id for s in reversed(retrieval_order)]
+    assert reply.answer.faq_id == retrieval_order[0].id  # the answer's entry is retrieval's first
+
+
+def test_no_answer_below_threshold(model):
+    reply = SupportPipeline(model, FAQ, answer_threshold=1.01).answer("shipping cost?")
+    assert reply.answer.no_answer
+    assert not SupportPipeline(model, FAQ, answer_threshold=0.0).answer("shipping cost?").answer.no_answer
+
+
+def test_wrong_task_kinds_list_the_tasks_that_fit(model):
+    with pytest.raises(ValueError, match=r"similarity task 'sentiment' is a classification task.*fit: \['similar-questions'\]"):
+        SupportPipeline(model, FAQ, similarity_task="sentiment")
+    with pytest.raises(KeyError, match="known tasks"):
+        SupportPipeline(model, FAQ, qa_task="nope")
+    with pytest.raises(ValueError, match="message is empty"):
+        SupportPipeline(model, FAQ).answer("  ")
+
+
+def test_match_score_for_labels_and_regression():
+    pair = TaskSpec(name="p", type="pair-classification", labels=["no", "yes"], text_pair_column="b")
+    assert match_score(LabelPrediction("p", "yes", 0.8, {"no": 0.2, "yes": 0.8}), pair) == 0.8
+    sts = TaskSpec(name="s", type="regression", text_pair_column="b", label_range=[0, 5])
+    assert match_score(ScorePrediction("s", 4.0), sts) == pytest.approx(0.8)
+    assert match_score(ScorePrediction("s", 7.0), sts) == 1.0
+
+
+def test_one_call_answer_builds_the_index_once(model, tmp_path):
+    path = tmp_path / "faq.jsonl"
+    path.write_text("".join(json.dumps({"id": e.id, "question": e.question, "context": e.context}) + "\n" for e in FAQ))
+    first = answer(model, "refund time?", faq=path, top_k=2)
+    second = answer(model, "refund time?", faq=path, top_k=2)
+    assert len(first.similar) == 2 and first.to_dict() == second.to_dict()
+    from mtpeft.support import _PIPELINES
+    assert len(_PIPELINES[model]) == 1
