@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--seed", type=int)
     recipe.add_argument("--max-train-examples", type=int, help="train on the first N examples only")
     recipe.add_argument("--max-eval-examples", type=int, help="evaluate on the first N examples only")
-    recipe.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    recipe.add_argument("--r", type=int, help="LoRA rank (default: the preset's, else 8)")
     recipe.add_argument("--alpha", type=float, help="LoRA alpha (default 2*r)")
     recipe.add_argument("--lora-dropout", type=float, default=0.0)
     recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
@@ -207,8 +207,15 @@ def _train(args) -> int:
                 "checkpoint_every"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
-    lora = None if args.head_only else LoraSettings(
-        r=args.r, alpha=args.alpha or 2.0 * args.r, dropout=args.lora_dropout, target_modules=args.target_modules)
+    preset_lora = recipe.pop("lora", None)
+    if args.head_only:
+        lora = None
+    elif preset_lora is not None and args.r is None and args.alpha is None and args.target_modules is None:
+        lora = preset_lora
+    else:
+        r = args.r or 8
+        lora = LoraSettings(r=r, alpha=args.alpha or 2.0 * r, dropout=args.lora_dropout,
+                            target_modules=args.target_modules)
     config = TrainConfig(**recipe, lora=lora, bf16=False if args.fp32 else None)
 
     data = load_task_data(spec, args.data, args.eval_data, preset.layout if preset else None, args.skip_bad_rows)

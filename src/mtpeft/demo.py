@@ -2,13 +2,12 @@
 
 Trains a LoRA adapter per skill (sentiment, similar-question detection, FAQ answer
 extraction), evaluates each on held-out rows, saves the bundle, loads it back and
-answers example customer messages with all three skills.
+answers example customer messages with the support pipeline, which uses all three.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -28,24 +27,6 @@ EXAMPLE_MESSAGES = [
     "Can I change the delivery address after I placed the order?",
     "I forgot my password and can't log into the app.",
 ]
-
-
-def load_faq(path: Path | None = None) -> list[dict]:
-    path = path or support_data_dir() / "faq.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def answer_message(model: MultiTaskModel, message: str, faq: list[dict]) -> dict:
-    """Sentiment, the closest FAQ question and the answer span from its entry."""
-    # One mixed-task batch: the sentiment row plus a (message, FAQ question) row per entry.
-    inputs = [message] + [(message, entry["question"]) for entry in faq]
-    tasks = ["sentiment"] + ["similar-questions"] * len(faq)
-    sentiment, *matches = model.predict(inputs, task=tasks)
-    scores = [m.probabilities["duplicate"] for m in matches]
-    best = max(range(len(faq)), key=scores.__getitem__)
-    answer = model.predict({"question": message, "context": faq[best]["context"]}, task="faq-answer")
-    return {"sentiment": sentiment, "faq": faq[best], "faq_score": scores[best], "answer": answer}
 
 
 def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_scale: float = 1.0) -> dict:
@@ -76,12 +57,14 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
     reloaded = MultiTaskModel.load(out, backbone=backbone)  # a fresh backbone: only the files carry the tasks
     print(f"saved the bundle to {out} and loaded it back: tasks {reloaded.task_names}\n")
 
-    faq = load_faq()
     for message in EXAMPLE_MESSAGES:
-        reply = answer_message(reloaded, message, faq)
+        reply = reloaded.support(message)  # the packaged FAQ
+        best = reply.similar[0]
+        answer = reply.answer
         print(f"message: {message}")
-        print(f"  sentiment          -> {reply['sentiment'].label} (score {reply['sentiment'].score:.2f})")
-        print(f"  similar-questions  -> {reply['faq']['question']!r} (score {reply['faq_score']:.2f})")
-        print(f"  faq-answer         -> {reply['answer'].answer!r} (score {reply['answer'].score:.2f})")
+        print(f"  sentiment          -> {reply.sentiment.label} (score {reply.sentiment.score:.2f})")
+        print(f"  similar-questions  -> {best.question!r} (score {best.score:.2f})")
+        shown = "no answer" if answer.no_answer else repr(answer.text)
+        print(f"  faq-answer         -> {shown} from {answer.faq_id} (score {answer.score:.2f})")
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return {skill: dataclasses.asdict(r) for skill, r in results.items()}

@@ -65,11 +65,16 @@ class CosineHead(nn.Module):
         self.pooling = pooling
         self.out = nn.Linear(1, num_outputs)
         with torch.no_grad():
-            # Start as "similarity = cosine": regression predicts the cosine, and for classes
-            # the last class (e.g. "duplicate") grows with the cosine, the first shrinks.
-            steps = torch.linspace(-1.0, 1.0, num_outputs) if num_outputs > 1 else torch.ones(1)
-            self.out.weight.copy_(steps.unsqueeze(1) * (5.0 if num_outputs > 1 else 1.0))
-            self.out.bias.zero_()
+            # Start as "similarity = cosine": regression predicts the cosine; for classes the
+            # last class (e.g. "duplicate") grows with the cosine and the first shrinks, with
+            # the boundary at cosine 0.5, where sentence-embedding models put paraphrases apart.
+            if num_outputs > 1:
+                steps = torch.linspace(-1.0, 1.0, num_outputs)
+                self.out.weight.copy_(10.0 * steps.unsqueeze(1))
+                self.out.bias.copy_(-10.0 * steps * 0.5)
+            else:
+                self.out.weight.fill_(1.0)
+                self.out.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         first, second = pool(hidden, attention_mask, self.pooling).float().chunk(2)

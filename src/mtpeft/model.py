@@ -218,6 +218,16 @@ class MultiTaskModel(nn.Module):
             return next(iter(self.specs))
         raise ValueError(f"this model holds several tasks; pass task= one of {sorted(self.specs)}")
 
+    def support(self, message: str, faq: str | os.PathLike | None = None, **settings):
+        """The customer-support reply to ``message``: sentiment, similar FAQ questions, answer.
+
+        ``faq`` is a CSV/JSONL file of question/context rows (default: the packaged demo FAQ);
+        see ``mtpeft.support.SupportPipeline`` for the task names and thresholds.
+        """
+        from mtpeft.support import answer
+
+        return answer(self, message, faq, **settings)
+
     # ----------------------------------------------------------------- storage
 
     def save(self, path: str | os.PathLike, tasks: Sequence[str] | None = None) -> None:

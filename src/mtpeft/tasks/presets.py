@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from mtpeft.config import LoraSettings
 from mtpeft.tasks.spec import TaskSpec, UnknownTaskError
 
 SQUAD_TRAIN_ARTICLES = slice(0, 38)
@@ -89,7 +90,9 @@ _PRESETS: dict[str, Preset] = {
         TaskSpec(name="faq-answer", type="extractive-qa", text_column="question", text_pair_column="context",
                  label_column="answers", max_length=192, doc_stride=64, max_answer_length=24,
                  description="The answer span to a customer question in an FAQ entry."),
-        DataLayout("qa.jsonl", "qa.jsonl", holdout_every=6), {"epochs": 15.0, "lr": 2e-3, "batch_size": 16}),
+        DataLayout("qa.jsonl", "qa.jsonl", holdout_every=6),
+        {"epochs": 15.0, "lr": 2e-3, "batch_size": 16,
+         "lora": LoraSettings(r=16, alpha=32, target_modules=["all-linear"])}),
 }
 
 
