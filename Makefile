@@ -23,6 +23,8 @@ demo: install
 	$(VENV)/bin/mtpeft demo
 
 test: install
+	# Headless Chromium for the web-page test (skipped with a reason when it cannot be installed).
+	command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the web-page test will skip"; }
 	$(PY) -m pytest
 
 clean:
