@@ -129,3 +129,15 @@ def test_real_imdb_loads():
     data = load_task_data(preset.spec, folder, layout=preset.layout)
     assert (len(data.train), len(data.eval)) == (25000, 25000)
     assert {e.label for e in data.eval} == {0, 1}
+
+
+def test_datasets_object_is_validated_like_a_file():
+    import datasets
+
+    from mtpeft.sources import examples_from_dataset
+
+    rows = datasets.Dataset.from_list([{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0},
+                                       {"sentence": "", "label": 0}])
+    report = examples_from_dataset(rows, SENTIMENT, skip_bad_rows=True, name="my-dataset")
+    assert [e.label for e in report.examples] == [1, 0]
+    assert str(report.skipped[0]) == "my-dataset row 2: field 'sentence': empty text"
