@@ -203,3 +203,32 @@ def test_load_server_and_serve_cli(tokenizer, tmp_path, monkeypatch):
     model.save(tmp_path / "one", tasks=["sentiment"])
     with pytest.raises(ValueError, match="--faq needs the support tasks"):
         load_server(tmp_path / "one", faq=faq)
+
+
+def test_overload_and_timeout_are_503_with_retry_after(model, monkeypatch):
+    import time
+
+    run = model.run
+
+    def slow(items, batch_size=64):
+        time.sleep(0.3)
+        return run(items, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "run", slow)
+    app = create_app(model, settings=ServeSettings(max_wait_ms=0, max_queued=1, request_timeout_s=5))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.post("/v1/predict", json={"input": "hi", "task": "sentiment"})
+                                          for _ in range(4)))
+
+    statuses = sorted(r.status_code for r in asyncio.run(burst()))
+    assert 200 in statuses and 503 in statuses
+    busy = next(r for r in asyncio.run(burst()) if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "max_queued=1" in busy.json()["detail"]
+
+    slow_app = create_app(model, settings=ServeSettings(max_wait_ms=0, request_timeout_s=0.05))
+    with TestClient(slow_app) as c:
+        response = c.post("/v1/predict", json={"input": "hi", "task": "sentiment"})
+    assert response.status_code == 503 and "request_timeout_s" in response.json()["detail"]

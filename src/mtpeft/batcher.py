@@ -20,6 +20,10 @@ from typing import Any
 Item = tuple[str, Any]  # (task, Example)
 
 
+class Overloaded(RuntimeError):
+    """More requests are waiting than the server accepts; the client should retry later."""
+
+
 @dataclass
 class _Request:
     items: Sequence[Item]
@@ -36,14 +40,18 @@ class MicroBatcher:
         max_wait_ms: longest a request waits for others to join its batch.
         max_items: rows per ``run`` call; a request is never split.
         on_batch: called with ``(rows, requests)`` after each run (metrics).
+        max_queued: requests that may wait; one more raises ``Overloaded`` at once, so an
+            overloaded server sheds load instead of letting latency grow without bound.
     """
 
     def __init__(self, run: Callable[[list[Item]], list], executor: Executor, max_wait_ms: float = 2.0,
-                 max_items: int = 256, on_batch: Callable[[int, int], None] | None = None) -> None:
+                 max_items: int = 256, on_batch: Callable[[int, int], None] | None = None,
+                 max_queued: int = 1024) -> None:
         if max_wait_ms < 0 or max_items < 1:
             raise ValueError(f"max_wait_ms must be >= 0 and max_items >= 1, got {max_wait_ms}, {max_items}")
         self.run, self.executor = run, executor
         self.max_wait, self.max_items, self.on_batch = max_wait_ms / 1000.0, max_items, on_batch
+        self.max_queued = max_queued
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
@@ -53,6 +61,8 @@ class MicroBatcher:
         if not items:
             return []
         self._start()
+        if self._queue.qsize() >= self.max_queued:
+            raise Overloaded(f"{self._queue.qsize()} requests are already waiting (max_queued={self.max_queued})")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(list(items), future))
         return await future

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from mtpeft.batcher import MicroBatcher
+from mtpeft.batcher import MicroBatcher, Overloaded
 from mtpeft.embeddings import embed_texts
 from mtpeft.model import MultiTaskModel, to_example
 from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
@@ -44,6 +44,8 @@ class ServeSettings:
         max_text_chars: characters per text, pair member, question or support message.
         max_context_chars: characters per QA context (longer: contexts are split into windows).
         max_body_bytes: request body size.
+        max_queued: requests waiting for the model; beyond it: 503 with Retry-After.
+        request_timeout_s: longest a prediction may take; beyond it: 503.
     """
 
     max_wait_ms: float = 2.0
@@ -53,6 +55,8 @@ class ServeSettings:
     max_text_chars: int = 2000
     max_context_chars: int = 20000
     max_body_bytes: int = 1_000_000
+    max_queued: int = 1024
+    request_timeout_s: float = 30.0
 
 
 class Metrics:
@@ -156,7 +160,17 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         metrics.batch_requests.observe(requests)
 
     batcher = MicroBatcher(lambda items: model.run(items, batch_size=settings.batch_size), executor,
-                           settings.max_wait_ms, settings.max_batch_items, on_batch)
+                           settings.max_wait_ms, settings.max_batch_items, on_batch, settings.max_queued)
+
+    async def predict_rows(items):
+        """The batcher's predictions, or a 503 (with Retry-After) when overloaded or too slow."""
+        try:
+            return await asyncio.wait_for(batcher.submit(items), settings.request_timeout_s)
+        except Overloaded as err:
+            raise HTTPException(503, f"server busy: {err}", headers={"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"prediction took over request_timeout_s={settings.request_timeout_s}",
+                                headers={"Retry-After": "1"}) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -231,7 +245,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                 continue
             items.append((decision.task, example))
             where.append(i)
-        for i, prediction in zip(where, await batcher.submit(items)):
+        for i, prediction in zip(where, await predict_rows(items)):
             results[i]["prediction"] = prediction.to_dict()
             metrics.predictions.labels(prediction.task).inc()
         return {"results": results}
