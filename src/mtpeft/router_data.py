@@ -100,7 +100,7 @@ def router_examples(model: MultiTaskModel, data: dict[str, str | os.PathLike] | 
     for task, source in (data or {}).items():
         rows = task_inputs(model, task, source, limit)
         examples.extend(rows)
-        summary["tasks"][task] = {"source": str(source), "examples": len(rows)}
+        summary["tasks"][task] = {"source": _describe(source), "examples": len(rows)}
     sources = ([packaged_phrasings_dir()] if packaged else []) + list(phrasings or [])
     for source in sources:
         for task, text in read_phrasings(source):
@@ -111,3 +111,13 @@ def router_examples(model: MultiTaskModel, data: dict[str, str | os.PathLike] | 
             key = task or "(none)"
             summary["phrasings"][key] = summary["phrasings"].get(key, 0) + 1
     return examples, summary
+
+
+def _describe(source) -> str:
+    """A data source for the record: packaged data by its place in the package, not this machine's path."""
+    from pathlib import Path
+
+    from mtpeft.tasks.presets import support_data_dir
+
+    path = Path(str(source))
+    return "mtpeft/resources/support (packaged)" if path.resolve() == support_data_dir().resolve() else str(source)
