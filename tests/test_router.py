@@ -142,3 +142,5 @@ def test_train_router_cli_writes_router_into_the_bundle(tokenizer, tmp_path, cap
     assert out["tasks"]["sentiment"]["examples"] == 3 and out["phrasings"]["faq-answer"] > 50
     record = json.loads((tmp_path / "bundle" / "router" / "router.json").read_text())
     assert record["threshold"] == 0.4 and NO_TASK in record["classes"]
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert {"router/router.json", "router/router.safetensors"} <= set(manifest["files"])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mtpeft.embeddings import embed_texts
-from mtpeft.storage import read_json, read_safetensors, write_json, write_safetensors
+from mtpeft.storage import read_json, read_safetensors, record_in_manifest, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -247,6 +247,7 @@ class LearnedRouter:
                                           "threshold": self.threshold, "lexical_dims": self.lexical_dims,
                                           "features": "mean-pooled backbone embedding, crc32-hashed words and word pairs, "
                                           f"shape one-hot {list(SHAPES)}", "backbone": self.model.identity.to_dict(), "info": self.info})
+        record_in_manifest(folder)  # in a bundle, its sha256 list covers the router too
         return folder
 
     @classmethod

@@ -224,6 +224,20 @@ def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) ->
     return folder
 
 
+def record_in_manifest(folder: str | os.PathLike) -> None:
+    """Add the files of ``folder`` (inside a bundle, e.g. its ``router/``) to the bundle's sha256 list."""
+    folder = Path(folder)
+    bundle = folder.parent
+    if not (bundle / BUNDLE_FILE).is_file():
+        return
+    manifest = read_json(bundle / BUNDLE_FILE)
+    files = manifest.setdefault("files", {})
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and not file.name.startswith("."):
+            files[f"{folder.name}/{file.name}"] = _sha256(file)
+    write_json(bundle / BUNDLE_FILE, manifest)
+
+
 def _inside(root: Path, relative: str, manifest: Path) -> Path:
     path = (root / relative).resolve()
     if root.resolve() not in path.parents:  # a manifest may never point outside its bundle
