@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
 
 from mtpeft import MultiTaskModel, TaskSpec
-from mtpeft.batching import pad_sequences
 from mtpeft.export import export_task
 
 

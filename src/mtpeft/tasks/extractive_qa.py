@@ -67,10 +67,9 @@ class ExtractiveQA:
     def summarize(self, spec: TaskSpec, outputs: torch.Tensor, features) -> list:
         logits = outputs.float()
         batch, length = logits.shape[:2]
-        context = torch.zeros(batch, length, dtype=torch.bool)
-        for row, feature in enumerate(features):
-            for t, span in enumerate(feature["offsets"]):
-                context[row, t] = span is not None
+        # Which tokens belong to the context: one row per feature, padded with False.
+        context = torch.tensor([[span is not None for span in f["offsets"]] + [False] * (length - len(f["offsets"]))
+                                for f in features], dtype=torch.bool)
         start, end = logits[..., 0].cpu(), logits[..., 1].cpu()
         spans = start.unsqueeze(2) + end.unsqueeze(1)  # (B, T_start, T_end)
         allowed = torch.triu(torch.ones(length, length, dtype=torch.bool))
