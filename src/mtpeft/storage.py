@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -160,36 +161,84 @@ def _peft_base_name(model: MultiTaskModel) -> str:
     return DEFAULT_BACKBONE_HUB_NAME if model.identity.name == "default" else model.identity.name
 
 
+@dataclass
+class SavedTask:
+    """One saved task read into CPU memory, not yet part of any model.
+
+    Reading apart from adding lets a server read a task's files while its model keeps
+    serving other tasks, then add it in a moment (``install_task``).
+    """
+
+    spec: TaskSpec
+    lora: LoraSettings | None
+    adapter: dict[str, torch.Tensor]  # PEFT keys; empty for a head-only task
+    head: dict[str, torch.Tensor]
+    record: dict  # task.json
+    source: str  # where it was read from, for messages
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.adapter.values(), *self.head.values()))
+
+
+def _read_checked(path: Path, digest: str | None) -> bytes:
+    """The bytes of ``path``, checked against the sha256 its bundle manifest recorded."""
+    data = path.read_bytes()
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise BundleIntegrityError(f"{path}: changed since the bundle was saved (sha256 differs from its manifest)")
+    return data
+
+
+def read_task_record(folder: str | os.PathLike, digests: dict[str, str] | None = None) -> dict:
+    """``task.json`` of a task folder; ``digests`` ({file name: sha256}) come from a bundle manifest."""
+    path = Path(folder) / TASK_FILE
+    record = json.loads(_read_checked(path, (digests or {}).get(TASK_FILE)))
+    if record.get("format") != TASK_FORMAT:
+        raise ValueError(f"{path}: not an mtpeft task file (format {record.get('format')!r})")
+    return record
+
+
+def read_task(folder: str | os.PathLike, digests: dict[str, str] | None = None, record: dict | None = None) -> SavedTask:
+    """Read a task folder (adapter, head, ``task.json``) into CPU tensors, checking ``digests`` when given."""
+    folder, digests = Path(folder), digests or {}
+    record = record if record is not None else read_task_record(folder, digests)
+    adapter = record.get("adapter")
+    lora = None if adapter is None else LoraSettings(r=adapter["r"], alpha=adapter["alpha"], dropout=adapter["dropout"],
+                                                     target_modules=adapter["target_modules"])
+    weights = {}
+    if lora is not None:
+        weights = load_safetensors_bytes(_read_checked(folder / ADAPTER_WEIGHTS, digests.get(ADAPTER_WEIGHTS)))
+    head = load_safetensors_bytes(_read_checked(folder / HEAD_WEIGHTS, digests.get(HEAD_WEIGHTS)))
+    return SavedTask(TaskSpec.from_dict(record["spec"]), lora, weights, head, record, str(folder))
+
+
+def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
+    """Add a task read by ``read_task`` to ``model``; returns its name. On a mismatch the model is left as it was."""
+    spec = saved.spec
+    model.identity.check_matches(saved.record["backbone"], f"task {spec.name!r} in {saved.source}")
+    model.add_task(spec, saved.lora, head_only=saved.lora is None)
+    try:
+        if saved.lora is not None:
+            layers = model.lora_layers(spec.name)
+            expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight" for p in layers for ab in "AB"}
+            if set(saved.adapter) != expected:
+                missing, extra = sorted(expected - set(saved.adapter)), sorted(set(saved.adapter) - expected)
+                raise ValueError(f"{Path(saved.source) / ADAPTER_WEIGHTS} does not fit the backbone: "
+                                 f"missing {missing[:3]}, unexpected {extra[:3]}")
+            with torch.no_grad():
+                for path, layer in layers.items():
+                    layer.lora_A[spec.name].weight.copy_(saved.adapter[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+                    layer.lora_B[spec.name].weight.copy_(saved.adapter[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+        model.heads[spec.name].load_state_dict(saved.head)
+    except BaseException:
+        model.remove_task(spec.name)
+        raise
+    model.task_metrics[spec.name] = saved.record.get("metrics", {})
+    return spec.name
+
+
 def load_task(model: MultiTaskModel, folder: str | os.PathLike) -> str:
     """Add the task saved in ``folder`` to ``model``; returns its name."""
-    folder = Path(folder)
-    record = read_json(folder / TASK_FILE)
-    if record.get("format") != TASK_FORMAT:
-        raise ValueError(f"{folder / TASK_FILE}: not an mtpeft task file (format {record.get('format')!r})")
-    spec = TaskSpec.from_dict(record["spec"])
-    model.identity.check_matches(record["backbone"], f"task {spec.name!r} in {folder}")
-    adapter = record.get("adapter")
-    lora = None
-    if adapter is not None:
-        lora = LoraSettings(r=adapter["r"], alpha=adapter["alpha"], dropout=adapter["dropout"],
-                            target_modules=adapter["target_modules"])
-    model.add_task(spec, lora, head_only=lora is None)
-    if lora is not None:
-        weights = read_safetensors(folder / ADAPTER_WEIGHTS)
-        layers = model.lora_layers(spec.name)
-        expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight" for p in layers for ab in "AB"}
-        if set(weights) != expected:
-            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            model.remove_task(spec.name)
-            raise ValueError(f"{folder / ADAPTER_WEIGHTS} does not fit the backbone: "
-                             f"missing {missing[:3]}, unexpected {extra[:3]}")
-        with torch.no_grad():
-            for path, layer in layers.items():
-                layer.lora_A[spec.name].weight.copy_(weights[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-                layer.lora_B[spec.name].weight.copy_(weights[f"{PEFT_PREFIX}{path}.lora_B.weight"])
-    model.heads[spec.name].load_state_dict(read_safetensors(folder / HEAD_WEIGHTS))
-    model.task_metrics[spec.name] = record.get("metrics", {})
-    return spec.name
+    return install_task(model, read_task(folder))
 
 
 # ------------------------------------------------------------------ bundles
@@ -245,28 +294,41 @@ def _inside(root: Path, relative: str, manifest: Path) -> Path:
     return path
 
 
+def bundle_entries(path: str | os.PathLike) -> list[tuple[Path, dict[str, str]]]:
+    """The task folders at ``path`` (itself if it is one, else the bundle's tasks), each with
+    the sha256 its bundle manifest records per file name; nothing is hashed here."""
+    path = Path(path)
+    if (path / TASK_FILE).is_file():
+        return [(path, {})]
+    manifest_path = path / BUNDLE_FILE
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        digests: dict[Path, dict[str, str]] = {}
+        for relative, digest in manifest.get("files", {}).items():
+            file = _inside(path, relative, manifest_path)
+            digests.setdefault(file.parent, {})[file.name] = digest
+        folders = [_inside(path, relative, manifest_path) for relative in manifest["tasks"].values()]
+        return [(folder, digests.get(folder, {})) for folder in folders]
+    folders = sorted(p.parent for p in path.glob(f"*/{TASK_FILE}"))
+    if not folders:
+        raise FileNotFoundError(f"{path}: no {TASK_FILE} here or in its sub-folders; is this a saved task or bundle?")
+    return [(folder, {}) for folder in folders]
+
+
 def task_folders(path: str | os.PathLike) -> list[Path]:
     """The task folders at ``path``: itself if it is one, else the bundle's tasks.
 
     A bundle's files are checked against the sha256 recorded in its manifest.
     """
-    path = Path(path)
-    if (path / TASK_FILE).is_file():
-        return [path]
-    manifest_path = path / BUNDLE_FILE
-    if manifest_path.is_file():
-        manifest = read_json(manifest_path)
-        folders = [_inside(path, relative, manifest_path) for relative in manifest["tasks"].values()]
-        for relative, digest in manifest.get("files", {}).items():
-            file = _inside(path, relative, manifest_path)
+    entries = bundle_entries(path)
+    manifest_path = Path(path) / BUNDLE_FILE
+    if manifest_path.is_file() and not (Path(path) / TASK_FILE).is_file():
+        for relative, digest in read_json(manifest_path).get("files", {}).items():
+            file = _inside(Path(path), relative, manifest_path)
             if not file.is_file() or _sha256(file) != digest:
                 raise BundleIntegrityError(f"{file}: missing or changed since the bundle was saved "
                                            f"(sha256 differs from {manifest_path})")
-        return folders
-    folders = sorted(p.parent for p in path.glob(f"*/{TASK_FILE}"))
-    if not folders:
-        raise FileNotFoundError(f"{path}: no {TASK_FILE} here or in its sub-folders; is this a saved task or bundle?")
-    return folders
+    return [folder for folder, _ in entries]
 
 
 def read_backbone_name(path: str | os.PathLike) -> str:
