@@ -11,6 +11,7 @@ from mtpeft.export import export_task
 
 def _model(backbone):
     model = MultiTaskModel(backbone)
+    model.bf16 = False  # compared with the exported model's fp32 outputs
     model.add_task(TaskSpec(name="cls", type="classification", labels=["neg", "pos", "mixed"]))
     model.add_task(TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=64,
                             doc_stride=16, max_question_length=16))

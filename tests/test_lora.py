@@ -35,6 +35,7 @@ def test_zero_initialised_adapter_equals_base_model(backbone, tokenizer):
     with torch.no_grad():
         base = backbone.model(**batch).last_hidden_state
     model = MultiTaskModel(backbone)
+    model.bf16 = False  # the base model above ran in fp32
     model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), LoraSettings(r=4))
     with torch.no_grad():
         adapted = model.encode(batch, "a")
@@ -99,6 +100,7 @@ def test_mixed_predictions_equal_single_task_predictions(backbone):
 
 def test_merge_equals_unmerged_and_unmerge_restores(backbone, tokenizer):
     model = MultiTaskModel(backbone)
+    model.bf16 = False  # exact fp32 comparison; tests/test_precision.py covers bf16
     model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
     _randomise_adapters(model)
     batch = _batch(tokenizer, TEXTS)

@@ -140,6 +140,7 @@ def test_head_only_trains_only_the_head(backbone):
     before = {n: p.clone() for n, p in backbone.model.named_parameters()}
     result = train_task(model, "sent", _sentiment(0, 40), _sentiment(1, 20), TrainConfig(**FAST), progress=False)
     assert result.trainable_parameters == 32 * 2 + 2
+    model.full_precision()  # evaluation may have left the frozen backbone in bf16
     assert all((p == before[n]).all() for n, p in backbone.model.named_parameters())
 
 

@@ -128,14 +128,50 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request (default 64)")
     serve.add_argument("--max-text-chars", type=int, default=2000, help="characters per text (default 2000)")
     serve.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+    compare = sub.add_parser("compare", help="run a method x task grid; one result JSON per run (resumable)")
+    compare.add_argument("--tasks", type=_csv_list, help="comma-separated tasks: built-in ones or --task-file names")
+    compare.add_argument("--methods", type=_csv_list, help="comma-separated methods (see --list-methods)")
+    compare.add_argument("--seeds", type=_int_list, default=[1], help="comma-separated seeds (default 1)")
+    compare.add_argument("--list-methods", action="store_true", help="list the methods and exit")
+    compare.add_argument("--data-root", default="../shared/data",
+                         help="folder with the built-in tasks' data (glue/SST-2, imdb, squad, ...; default ../shared/data)")
+    compare.add_argument("--data", action="append", default=[], metavar="TASK=FOLDER", help="a task's data folder; repeatable")
+    compare.add_argument("--task-file", action="append", default=[], metavar="FILE",
+                         help="your own task: JSON with spec (TaskSpec fields), data, eval_data, recipe; repeatable")
+    compare.add_argument("--results", default="results/compare", help="where run JSONs go (default results/compare)")
+    compare.add_argument("--work", default="runs/compare", help="checkpoints of runs in progress (default runs/compare)")
+    compare.add_argument("--backbone", default="default", help="'default' (packaged MiniLM), a local path or a hub name")
+    compare.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    compare.add_argument("--max-train", type=int, help="a fixed random subset of N training examples per task")
+    compare.add_argument("--max-eval", type=int, help="a fixed random subset of N evaluation examples per task")
+    compare.add_argument("--epochs", type=float, help="override every method's epochs")
+    compare.add_argument("--lr", type=float, help="override the adapter's (full: the backbone's) learning rate")
+    compare.add_argument("--head-lr", type=float, help="override the head's learning rate")
+    compare.add_argument("--batch-size", type=int, help="override the batch size")
+    compare.add_argument("--joint-temperature", type=float, default=2.0, help="T of joint-temperature sampling (default 2)")
+    compare.add_argument("--keep-weights", action="store_true", help="keep each run's trained weights under --work")
+    compare.add_argument("--in-process", action="store_true", help="run every cell in this process (no child processes)")
+    compare.add_argument("--no-progress", action="store_true")
+    compare.add_argument("--grid-command", help=argparse.SUPPRESS)  # set for the child process of a grid
+
+    report = sub.add_parser("report", help="write RESULTS.md's quality section and plots from compare's run JSONs")
+    report.add_argument("--results", default="results/compare", help="folder of run JSONs (default results/compare)")
+    report.add_argument("--out", default="RESULTS.md", help="markdown file whose quality section is rewritten")
+    report.add_argument("--plots", default="results/plots", help="folder for the PNG plots (default results/plots)")
     return parser
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(v) for v in _csv_list(value)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
-                "export": _export, "train-router": _train_router, "support": _support, "serve": _serve}[args.command](args)
+                "export": _export, "train-router": _train_router, "support": _support, "serve": _serve,
+                "compare": _compare, "report": _report}[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mtpeft: error: {err}", file=sys.stderr)
         return 2
@@ -355,6 +391,42 @@ def _serve(args) -> int:
 
     settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars)
     serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings)
+    return 0
+
+
+def _compare(args) -> int:
+    from mtpeft.compare import GridSettings, run_grid
+    from mtpeft.methods import METHODS
+
+    if args.list_methods:
+        for name, method in METHODS.items():
+            print(f"{name:20} {method.kind:11} {method.description}")
+        print(f"{'lora-r<N>[-all]':20} {'lora':11} LoRA of any rank N on query/value (or every linear layer)")
+        return 0
+    if not args.tasks or not args.methods:
+        raise ValueError("compare needs --tasks and --methods (see --list-methods)")
+    data = {}
+    for value in args.data:
+        task, sep, path = value.partition("=")
+        if not sep or not task or not path:
+            raise ValueError(f"--data {value!r}: expected TASK=FOLDER")
+        data[task] = path
+    settings = GridSettings(
+        tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_root=args.data_root, data=data,
+        task_files=args.task_file, results=args.results, work=args.work, backbone=args.backbone, device=args.device,
+        max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
+        batch_size=args.batch_size, joint_temperature=args.joint_temperature, keep_weights=args.keep_weights,
+        in_process=args.in_process, progress=not args.no_progress)
+    grid_command = args.grid_command or "mtpeft " + shlex.join(args.argv)
+    summary = run_grid(settings, grid_command, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 1 if summary.failed else 0
+
+
+def _report(args) -> int:
+    from mtpeft.report import write_report
+
+    out = write_report(args.results, args.out, args.plots)
+    print(f"wrote the quality section of {out} (plots in {args.plots})")
     return 0
 
 

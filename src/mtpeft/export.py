@@ -94,7 +94,8 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     """Write ``task`` as a standalone transformers model folder (LoRA merged)."""
     folder = Path(folder)
     spec = model.spec(task)
-    backbone = copy.deepcopy(model.backbone)
+    model.unmerge_adapters()
+    backbone = copy.deepcopy(model.full_precision().backbone)
     with torch.no_grad():
         for path, layer in [(p, m) for p, m in backbone.named_modules() if isinstance(m, MultiLoraLayer)]:
             if task in layer.lora_A:

@@ -26,8 +26,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     if how == "cls":
         return hidden[:, 0]
     if how == "last":
-        # Right padding: the last real token sits at length - 1.
-        last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,)
+        # The highest position with mask 1: right or left padding alike.
+        positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(1)  # (B,)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling {how!r}; choose one of {POOLINGS}")
 

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -87,6 +88,7 @@ class MultiLoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.merged: str | None = None
+        self._unmerged_weight: torch.Tensor | None = None
 
     def add_adapter(self, task: str, r: int, alpha: float, dropout: float = 0.0) -> None:
         """Create task's A (kaiming-uniform, as PEFT) and B (zeros: the adapter starts as a no-op)."""
@@ -109,7 +111,11 @@ class MultiLoraLayer(nn.Module):
         self.scaling.pop(task, None)
 
     def _delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[task](self.lora_A[task](self.lora_dropout[task](x))) * self.scaling[task]
+        # The adapter's fp32 master weights are cast to the activations' dtype (bf16 when the
+        # backbone computes in bf16); autograd carries the gradient back to the fp32 copy.
+        a = self.lora_A[task].weight.to(x.dtype)
+        b = self.lora_B[task].weight.to(x.dtype)
+        return F.linear(F.linear(self.lora_dropout[task](x), a), b) * self.scaling[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -133,11 +139,16 @@ class MultiLoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, task: str) -> None:
-        """Fold task's delta into the base weight: one plain matmul per layer at inference."""
+        """Fold task's delta into the base weight: one plain matmul per layer at inference.
+
+        The unmerged weight is kept aside, so unmerging restores it exactly even in bf16,
+        where subtracting the delta again would not.
+        """
         if self.merged == task or task not in self.lora_A:
             return
         self.unmerge()
         weight = self.base_layer.weight
+        self._unmerged_weight = weight.detach().clone()
         weight.copy_((weight.float() + self._delta_weight(task)).to(weight.dtype))
         self.merged = task
 
@@ -145,8 +156,8 @@ class MultiLoraLayer(nn.Module):
     def unmerge(self) -> None:
         if self.merged is None:
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self._delta_weight(self.merged)).to(weight.dtype))
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
         self.merged = None
 
 

@@ -46,6 +46,11 @@ class MultiTaskModel(nn.Module):
         self.task_metrics: dict[str, dict] = {}
         self.bf16: bool | None = None  # None: bf16 where the hardware is fast at it
         self.backbone_dropout = False
+        # Parameters a training method gives a task beyond its LoRA adapter and head (a peft
+        # wrapper's, bottleneck adapters, the whole backbone for full fine-tuning); see methods.py.
+        self.extra_parameters: dict[str, dict[str, nn.Parameter]] = {}
+        # task -> the adapter its rows use when it is not the task's own (joint training shares one).
+        self.adapter_alias: dict[str, str] = {}
 
     # ----------------------------------------------------------------- building
 
@@ -90,6 +95,8 @@ class MultiTaskModel(nn.Module):
             layer.remove_adapter(name)
         del self.heads[name], self.specs[name], self.adapters[name]
         self.task_metrics.pop(name, None)
+        self.extra_parameters.pop(name, None)
+        self.adapter_alias.pop(name, None)
 
     def spec(self, name: str) -> TaskSpec:
         try:
@@ -109,6 +116,7 @@ class MultiTaskModel(nn.Module):
         for path, layer in self.lora_layers(name).items():
             params[f"{path}.lora_A"] = layer.lora_A[name].weight
             params[f"{path}.lora_B"] = layer.lora_B[name].weight
+        params.update(self.extra_parameters.get(name, {}))
         return params
 
     def backbone_parameter_count(self) -> int:
@@ -119,6 +127,9 @@ class MultiTaskModel(nn.Module):
     def encode(self, batch: dict[str, torch.Tensor], tasks: str | Sequence[str] | None) -> torch.Tensor:
         """Backbone hidden states (B, T, H); row i uses the adapter of ``tasks[i]``."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        if self.adapter_alias and tasks is not None:
+            alias = self.adapter_alias
+            tasks = alias.get(tasks, tasks) if isinstance(tasks, str) else [alias.get(t, t) for t in tasks]
         with self.routing.use(tasks, device=batch["input_ids"].device):
             return self.backbone(**inputs).last_hidden_state
 

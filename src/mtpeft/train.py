@@ -68,12 +68,15 @@ def _optimizer(model: MultiTaskModel, task: str, config: TrainConfig) -> torch.o
 
 def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Example],
                eval_examples: Sequence[Example] | None = None, config: TrainConfig | None = None,
-               out_dir: str | Path | None = None, progress: bool = True, run_info: dict | None = None) -> TrainResult:
+               out_dir: str | Path | None = None, progress: bool = True, run_info: dict | None = None,
+               save: bool = True) -> TrainResult:
     """Train ``task``'s adapter and head on ``train_examples``; evaluate; save to ``out_dir``.
 
     Only the task's own parameters train: the backbone and other tasks stay frozen. With
     ``out_dir``, a checkpoint is written every ``config.checkpoint_every`` steps and at each
-    epoch end, and a run that finds one there continues from it.
+    epoch end, and a run that finds one there continues from it. ``save=False`` keeps
+    ``out_dir`` to checkpoints, config.json and metrics.json: methods whose weights are not a
+    LoRA adapter (``mtpeft.methods``) write their own.
     """
     config = config or TrainConfig()
     spec = model.spec(task)
@@ -178,7 +181,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                          bf16=use_bf16)
     if out_dir is not None:
         out_dir = Path(out_dir)
-        save_task(model, task, out_dir)
+        if save:
+            save_task(model, task, out_dir)
         write_json(out_dir / "config.json", {"task": spec.to_dict(), "train": config.to_dict(), **(run_info or {})})
         write_json(out_dir / "metrics.json", result.to_dict())
         if checkpoint is not None:

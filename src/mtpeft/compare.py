@@ -1,0 +1,463 @@
+"""Method x task grids: train and score every cell, one JSON per run.
+
+    mtpeft compare --tasks sst2,mrpc --methods lora-r8,tiny,full --seeds 1,2,3
+
+writes ``results/compare/<task>/<method>-seed<k>.json`` for each run: task, method and its
+settings, hyper-parameters, seed, trainable/total parameters and their ratio to the
+backbone, size on disk, metrics, times, peak memory, library versions and the exact
+command that reproduces the run. ``mtpeft report`` turns them into tables and plots.
+
+Re-running a grid skips every run whose JSON exists; a run stopped mid-training continues
+from its checkpoint in ``--work``. Each run gets its own child process (``--in-process``
+turns that off), so its peak RSS is its own and its memory is returned afterwards.
+Deterministic methods (zero-shot) run once, whatever the seeds. Joint methods train one
+model on all ``--tasks`` per seed and write one JSON per task.
+
+Training subsets (``--max-train``/``--max-eval``) are a fixed random sample (seed
+``SUBSET_SEED``, the same for every method and seed) in file order, since some files are
+sorted by label (IMDb).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from mtpeft.examples import Example
+from mtpeft.methods import Method, MethodNotApplicable, get_method, weights_bytes
+from mtpeft.storage import write_json, write_safetensors
+from mtpeft.tasks import TaskSpec
+
+RESULT_FORMAT = "mtpeft-compare-run/1"
+SUBSET_SEED = 0
+# Where each built-in task's files sit under --data-root (the layout of ../shared/data).
+DATA_DIRS = {"sst2": "glue/SST-2", "stsb": "glue/STS-B", "mrpc": "glue/MRPC", "qqp": "glue/QQP",
+             "imdb": "imdb", "squad": "squad"}
+_runs_in_this_process = 0
+
+
+@dataclass
+class GridSettings:
+    """One ``mtpeft compare`` invocation: which cells, where the data is, what to override.
+
+    Attributes:
+        tasks: built-in task names, or names defined by ``task_files``.
+        methods: method names (``mtpeft compare --list-methods``).
+        seeds: seeds of the seeded methods.
+        data_root: folder holding the built-in tasks' data in ``DATA_DIRS`` layout.
+        data: task -> its data folder, instead of ``data_root``'s.
+        task_files: JSON files defining your own tasks: ``{"spec": {TaskSpec fields},
+            "data": train file, "eval_data": eval file (optional), "recipe": {TrainConfig fields}}``;
+            relative paths are relative to the JSON file.
+        results: where the run JSONs go (``<task>/<method>-seed<k>.json``).
+        work: checkpoints and weights of runs in progress.
+        max_train, max_eval: fixed random subsets of the training / evaluation examples.
+        epochs, lr, head_lr, batch_size: override every method's recipe.
+        joint_temperature: T of ``joint-temperature`` sampling.
+        keep_weights: keep each finished run's weights under ``work`` (default: deleted).
+        in_process: run cells in this process instead of one child process each.
+    """
+
+    tasks: list[str]
+    methods: list[str]
+    seeds: list[int] = field(default_factory=lambda: [1])
+    data_root: str = "../shared/data"
+    data: dict[str, str] = field(default_factory=dict)
+    task_files: list[str] = field(default_factory=list)
+    results: str = "results/compare"
+    work: str = "runs/compare"
+    backbone: str = "default"
+    device: str = "auto"
+    max_train: int | None = None
+    max_eval: int | None = None
+    epochs: float | None = None
+    lr: float | None = None
+    head_lr: float | None = None
+    batch_size: int | None = None
+    joint_temperature: float = 2.0
+    keep_weights: bool = False
+    in_process: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("--tasks: name at least one task")
+        if not self.methods:
+            raise ValueError("--methods: name at least one method")
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        for name in self.methods:
+            get_method(name)  # unknown names fail here, listing the known ones
+        for value, flag in ((self.max_train, "--max-train"), (self.max_eval, "--max-eval")):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.joint_temperature <= 0:
+            raise ValueError(f"--joint-temperature must be > 0, got {self.joint_temperature}")
+
+    def overrides(self) -> dict:
+        return {"epochs": self.epochs, "lr": self.lr, "head_lr": self.head_lr, "batch_size": self.batch_size}
+
+    def cell_argv(self, tasks: list[str], method: str, seed: int) -> list[str]:
+        """``mtpeft`` arguments that run exactly this cell (recorded as the run's command)."""
+        argv = ["compare", "--tasks", ",".join(tasks), "--methods", method, "--seeds", str(seed),
+                "--data-root", self.data_root, "--results", self.results, "--work", self.work,
+                "--backbone", self.backbone, "--device", self.device]
+        for flag, value in (("--max-train", self.max_train), ("--max-eval", self.max_eval), ("--epochs", self.epochs),
+                            ("--lr", self.lr), ("--head-lr", self.head_lr), ("--batch-size", self.batch_size)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if get_method(method).kind == "joint":
+            argv += ["--joint-temperature", str(self.joint_temperature)]
+        for task in tasks:
+            if task in self.data:
+                argv += ["--data", f"{task}={self.data[task]}"]
+        for path in self.task_files:
+            argv += ["--task-file", path]
+        if self.keep_weights:
+            argv.append("--keep-weights")
+        return argv
+
+
+@dataclass
+class Cell:
+    tasks: tuple[str, ...]
+    method: Method
+    seed: int
+
+    def result_paths(self, results: str | Path) -> list[Path]:
+        return [Path(results) / task / f"{self.method.name}-seed{self.seed}.json" for task in self.tasks]
+
+    def label(self) -> str:
+        return f"{'+'.join(self.tasks)} / {self.method.name} / seed {self.seed}"
+
+
+def grid_cells(settings: GridSettings) -> list[Cell]:
+    """Every run of the grid: per task, each method and seed; joint methods once per seed for all tasks."""
+    methods = [get_method(m) for m in settings.methods]
+    cells = []
+    for task in settings.tasks:
+        for method in methods:
+            if method.kind == "joint":
+                continue
+            for seed in settings.seeds if method.trains else settings.seeds[:1]:
+                cells.append(Cell((task,), method, seed))
+    for method in methods:
+        if method.kind == "joint":
+            if len(settings.tasks) < 2:
+                raise ValueError(f"method {method.name!r} trains several tasks together: pass two or more --tasks")
+            cells.extend(Cell(tuple(settings.tasks), method, seed) for seed in settings.seeds)
+    return cells
+
+
+# ---------------------------------------------------------------------- data
+
+
+@dataclass
+class TaskSource:
+    spec: TaskSpec
+    data: Path
+    eval_data: Path | None
+    layout: object | None  # tasks.presets.DataLayout for built-in tasks
+    recipe: dict
+
+
+def resolve_task(name: str, settings: GridSettings) -> TaskSource:
+    """The spec, data files and recipe of a built-in task or of one of ``settings.task_files``."""
+    from mtpeft.tasks.presets import get_preset
+
+    for file in settings.task_files:
+        record = json.loads(Path(file).read_text())
+        if record.get("spec", {}).get("name") != name:
+            continue
+        missing = [k for k in ("spec", "data") if k not in record]
+        if missing:
+            raise ValueError(f"{file}: missing {missing}; a task file holds spec, data, eval_data (optional), recipe")
+        here = Path(file).parent
+        eval_data = here / record["eval_data"] if record.get("eval_data") else None
+        return TaskSource(TaskSpec.from_dict(record["spec"]), here / record["data"], eval_data, None,
+                          dict(record.get("recipe", {})))
+    preset = get_preset(name)
+    folder = Path(settings.data.get(name) or Path(settings.data_root) / DATA_DIRS.get(name, name))
+    if not folder.exists():
+        raise FileNotFoundError(f"task {name!r}: data folder {folder} does not exist "
+                                f"(set --data-root, or --data {name}=FOLDER)")
+    return TaskSource(preset.spec, folder, None, preset.layout, dict(preset.recipe))
+
+
+def fixed_subset(examples: list[Example], n: int | None, seed: int = SUBSET_SEED) -> tuple[list[Example], str]:
+    """A seeded random ``n`` of ``examples`` in their original order, and a description of it."""
+    if n is None or n >= len(examples):
+        return list(examples), f"all {len(examples)}"
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep], f"random {n} of {len(examples)} (seed {seed}), file order"
+
+
+def load_cell_data(source: TaskSource, settings: GridSettings) -> tuple[list[Example], list[Example], dict]:
+    from mtpeft.sources import load_task_data
+
+    loaded = load_task_data(source.spec, source.data, source.eval_data, source.layout)
+    train, train_subset = fixed_subset(loaded.train, settings.max_train)
+    evaluation, eval_subset = fixed_subset(loaded.eval, settings.max_eval)
+    info = {**loaded.description, "train_subset": train_subset, "eval_subset": eval_subset,
+            "train_examples": len(train), "eval_examples": len(evaluation)}
+    return train, evaluation, info
+
+
+# ---------------------------------------------------------------------- records
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("mtpeft", "torch", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "platform": platform.platform(terse=True)}
+
+
+def peak_rss() -> tuple[int, str]:
+    """This process's peak resident memory in bytes, and whether it covers this run alone."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak, "run" if _runs_in_this_process <= 1 else "process (several runs)"
+
+
+def _parameter_counts(trainable: int, total: int, backbone: int) -> dict:
+    return {"trainable": trainable, "total": total, "backbone": backbone,
+            "backbone_to_trainable": round(backbone / trainable, 2) if trainable else None,
+            "trainable_percent_of_backbone": round(100.0 * trainable / backbone, 5)}
+
+
+# ---------------------------------------------------------------------- running
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_cell(cell: Cell, settings: GridSettings, grid_command: str | None = None) -> list[Path]:
+    """Train and score one cell in this process; write its JSON(s); return their paths."""
+    from mtpeft.backbone import load_backbone
+
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+    started = time.perf_counter()
+    sources = {task: resolve_task(task, settings) for task in cell.tasks}
+    data = {task: load_cell_data(source, settings) for task, source in sources.items()}
+    backbone = load_backbone(settings.backbone)
+    backbone_count = sum(p.numel() for p in backbone.model.parameters())
+    device = _device(settings.device)
+    work = Path(settings.work) / "+".join(cell.tasks) / f"{cell.method.name}-seed{cell.seed}"
+    if cell.method.kind == "joint":
+        records = _run_joint(cell, settings, sources, data, backbone, device, work)
+    else:
+        records = [_run_single(cell, settings, sources[cell.tasks[0]], data[cell.tasks[0]], backbone, device, work)]
+    command = "mtpeft " + shlex.join(settings.cell_argv(list(cell.tasks), cell.method.name, cell.seed))
+    peak, scope = peak_rss()
+    paths = []
+    for task, record in zip(cell.tasks, records):
+        record.update({
+            "format": RESULT_FORMAT, "task": task, "method": cell.method.name, "seed": cell.seed,
+            "backbone": {"name": settings.backbone, "parameters": backbone_count,
+                         "model_type": backbone.identity.model_type},
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_bytes": peak, "peak_rss_scope": scope, "device": device,
+            "versions": library_versions(), "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "grid_command": grid_command or command,
+        })
+        path = cell.result_paths(settings.results)[cell.tasks.index(task)]
+        write_json(path, dict(sorted(record.items())))
+        paths.append(path)
+    if not settings.keep_weights and work.exists():
+        shutil.rmtree(work)
+    return paths
+
+
+def _run_single(cell: Cell, settings: GridSettings, source: TaskSource, data: tuple, backbone, device: str,
+                work: Path) -> dict:
+    from mtpeft.evaluate import evaluate_task
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.train import train_task
+
+    train, evaluation, info = data
+    spec, method = source.spec, cell.method
+    backbone_count = sum(p.numel() for p in backbone.model.parameters())
+    record = {"method_settings": method.to_dict(), "data": info, "primary_metric": spec.metric}
+    if not method.trains:
+        from mtpeft.zero_shot import zero_shot_scores
+
+        model = MultiTaskModel(backbone).to(device)
+        t0 = time.perf_counter()
+        metrics, details = zero_shot_scores(model, spec, evaluation, train)
+        total = sum(p.numel() for p in model.parameters())
+        record.update({"metrics": metrics, "hyperparameters": {"zero_shot": details},
+                       "parameters": _parameter_counts(0, total, backbone_count), "adapter_bytes": 0,
+                       "train": None, "eval_seconds": round(time.perf_counter() - t0, 3)})
+        return record
+    config = method.train_config(source.recipe, {**settings.overrides(), "seed": cell.seed})
+    model = method.build(backbone, spec, cell.seed).to(device)
+    result = train_task(model, spec.name, train, None, config, out_dir=work, progress=settings.progress, save=False,
+                        run_info={"method": method.to_dict(), "data": info})
+    t0 = time.perf_counter()
+    metrics = evaluate_task(model, spec.name, evaluation, config.eval_batch_size)
+    eval_seconds = time.perf_counter() - t0
+    model.task_metrics[spec.name] = metrics
+    method.save(model, spec.name, work / "weights")
+    record.update({
+        "metrics": metrics, "hyperparameters": config.to_dict(),
+        "parameters": _parameter_counts(result.trainable_parameters, sum(p.numel() for p in model.parameters()),
+                                        backbone_count),
+        "adapter_bytes": weights_bytes(work / "weights"),
+        "train": {"examples": result.train_examples, "steps": result.steps, "seconds": result.train_seconds,
+                  "examples_per_second": result.examples_per_second, "final_loss": result.final_loss,
+                  "bf16": result.bf16},
+        "eval_seconds": round(eval_seconds, 3),
+    })
+    return record
+
+
+def _run_joint(cell: Cell, settings: GridSettings, sources: dict, data: dict, backbone, device: str,
+               work: Path) -> list[dict]:
+    from mtpeft.joint import build_joint_model, shared_parameters, train_joint
+
+    method = cell.method
+    config = method.train_config({}, {**settings.overrides(), "seed": cell.seed})
+    task_epochs = {t: settings.epochs or s.recipe.get("epochs", config.epochs) for t, s in sources.items()}
+    backbone_count = sum(p.numel() for p in backbone.model.parameters())
+    model = build_joint_model(backbone, [s.spec for s in sources.values()], method.lora_settings(), cell.seed).to(device)
+    sampling = method.settings["sampling"]
+    temperature = settings.joint_temperature if sampling == "temperature" else 1.0
+    result = train_joint(model, {t: (d[0], d[1]) for t, d in data.items()}, config, sampling, temperature,
+                         task_epochs=task_epochs, progress=settings.progress)
+    write_safetensors(work / "weights" / "shared_adapter.safetensors",
+                      {n: p.detach() for n, p in shared_parameters(model).items()})
+    shared_bytes = weights_bytes(work / "weights")
+    total = sum(p.numel() for p in model.parameters())
+    records = []
+    for task in cell.tasks:
+        write_safetensors(work / "weights" / task / "head.safetensors", dict(model.heads[task].state_dict()))
+        share = result.steps[task] / result.total_steps
+        records.append({
+            "method_settings": method.to_dict(), "data": data[task][2], "primary_metric": sources[task].spec.metric,
+            "metrics": result.metrics[task], "hyperparameters": {**config.to_dict(), "sampling": sampling,
+                                                                 "temperature": temperature, "task_epochs": task_epochs},
+            # A task's own share of the model: the shared adapter plus its head.
+            "parameters": _parameter_counts(result.shared_parameters + result.head_parameters[task], total,
+                                            backbone_count),
+            "adapter_bytes": shared_bytes + weights_bytes(work / "weights" / task),
+            "train": {"steps": result.steps[task], "seconds": round(result.train_seconds * share, 3),
+                      "examples": data[task][2]["train_examples"], "bf16": result.bf16,
+                      "final_loss": result.final_loss},
+            "joint": {"tasks": list(cell.tasks), "probabilities": result.probabilities, "steps": result.steps,
+                      "total_steps": result.total_steps, "train_seconds_total": result.train_seconds,
+                      "shared_parameters": result.shared_parameters, "head_parameters": result.head_parameters,
+                      "trainable_total": result.shared_parameters + sum(result.head_parameters.values()),
+                      "examples_per_second": result.examples_per_second},
+            "eval_seconds": None,
+        })
+    return records
+
+
+@dataclass
+class GridSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    not_applicable: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{len(self.done)} run, {len(self.skipped)} already done, "
+                f"{len(self.not_applicable)} not applicable, {len(self.failed)} failed")
+
+
+def not_applicable(cell: Cell, settings: GridSettings) -> str | None:
+    """Why a cell cannot run (decided before any data is read), or None."""
+    if cell.method.kind != "zero-shot":
+        return None
+    spec = resolve_task(cell.tasks[0], settings).spec
+    if spec.type == "extractive-qa":
+        return "extractive QA has no zero-shot form"
+    if spec.type == "regression" and not spec.is_pair:
+        return "zero-shot regression needs text pairs"
+    if spec.type == "classification":
+        from mtpeft.zero_shot import label_descriptions
+
+        try:
+            label_descriptions(spec)
+        except MethodNotApplicable as err:
+            return str(err)
+    return None
+
+
+def run_grid(settings: GridSettings, grid_command: str | None = None, log=print) -> GridSummary:
+    """Run every cell of the grid that has no result yet; one child process per cell unless ``in_process``."""
+    summary = GridSummary()
+    cells = grid_cells(settings)
+    for number, cell in enumerate(cells, 1):
+        label = f"[{number}/{len(cells)}] {cell.label()}"
+        if all(p.exists() for p in cell.result_paths(settings.results)):
+            summary.skipped.append(cell.label())
+            log(f"{label}: done before, skipped")
+            continue
+        reason = not_applicable(cell, settings)
+        if reason:
+            summary.not_applicable.append(cell.label())
+            log(f"{label}: not applicable ({reason})")
+            continue
+        log(f"{label}: running")
+        if settings.in_process:
+            try:
+                paths = run_cell(cell, settings, grid_command)
+            except MethodNotApplicable as err:
+                summary.not_applicable.append(cell.label())
+                log(f"{label}: not applicable ({err})")
+                continue
+            except Exception:  # noqa: BLE001 - one failed run must not stop the grid; it is reported at the end
+                traceback.print_exc()
+                summary.failed.append(cell.label())
+                continue
+            log(f"{label}: wrote {', '.join(str(p) for p in paths)}")
+        else:
+            argv = settings.cell_argv(list(cell.tasks), cell.method.name, cell.seed) + ["--in-process"]
+            if not settings.progress:
+                argv.append("--no-progress")
+            if grid_command:
+                argv += ["--grid-command", grid_command]
+            code = subprocess.call([sys.executable, "-m", "mtpeft", *argv], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if code != 0 or not all(p.exists() for p in cell.result_paths(settings.results)):
+                summary.failed.append(cell.label())
+                log(f"{label}: failed (exit code {code})")
+                continue
+        summary.done.append(cell.label())
+    log(summary.line())
+    return summary

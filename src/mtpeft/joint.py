@@ -1,0 +1,197 @@
+"""Joint multi-task training: one shared LoRA adapter, one head per task.
+
+Each step draws a task, takes that task's next batch and updates the shared adapter and
+the task's head. Tasks are drawn with probability
+
+    p_t ~ n_t ** (1 / T)
+
+where ``n_t`` is the task's number of training features: ``T = 1`` is proportional
+sampling (big tasks dominate), larger ``T`` flattens towards uniform so small tasks are
+not drowned (temperature-scaled sampling, as in multilingual/multi-task NMT and MT-DNN
+follow-ups). The shared adapter and the heads have separate learning rates
+(``TrainConfig.lr`` and ``TrainConfig.head_lr``).
+
+The tasks' rows are routed to the shared adapter through ``MultiTaskModel.adapter_alias``,
+so prediction and evaluation are the ordinary ``MultiTaskModel.run``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from mtpeft.backbone import Backbone
+from mtpeft.batching import bucketed_batches, collate
+from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.evaluate import evaluate_task
+from mtpeft.examples import Example
+from mtpeft.lora import inject_lora_layers
+from mtpeft.model import MultiTaskModel
+from mtpeft.precision import autocast, resolve_bf16
+from mtpeft.tasks import TaskSpec, task_type
+
+SHARED_ADAPTER = "_shared"  # not a valid task name, so it can never clash with one
+SAMPLINGS = ("proportional", "temperature")
+
+
+def sampling_probabilities(sizes: dict[str, int], sampling: str = "temperature",
+                           temperature: float = 2.0) -> dict[str, float]:
+    """Probability of drawing each task: proportional to ``size ** (1 / T)`` (``T = 1`` for proportional)."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown task sampling {sampling!r}; choose one of {SAMPLINGS}")
+    if sampling == "temperature" and temperature <= 0:
+        raise ValueError(f"sampling temperature must be > 0, got {temperature}")
+    if not sizes or any(n <= 0 for n in sizes.values()):
+        raise ValueError(f"every task needs training examples; sizes: {sizes}")
+    power = 1.0 if sampling == "proportional" else 1.0 / temperature
+    weights = {task: n ** power for task, n in sizes.items()}
+    total = sum(weights.values())
+    return {task: w / total for task, w in weights.items()}
+
+
+class TaskSampler:
+    """Seeded draws of task names with given probabilities."""
+
+    def __init__(self, probabilities: dict[str, float], seed: int = 0) -> None:
+        self.tasks = list(probabilities)
+        self.weights = [probabilities[t] for t in self.tasks]
+        self.rng = random.Random(seed)
+
+    def draw(self, n: int) -> list[str]:
+        return self.rng.choices(self.tasks, weights=self.weights, k=n)
+
+
+def build_joint_model(backbone: Backbone, specs: Sequence[TaskSpec], lora: LoraSettings | None = None,
+                      seed: int = 0) -> MultiTaskModel:
+    """``specs`` as tasks of one model: a head each, and one LoRA adapter they all use."""
+    lora = lora or LoraSettings()
+    torch.manual_seed(seed)
+    model = MultiTaskModel(backbone)
+    for spec in specs:
+        model.add_task(spec, head_only=True)
+        model.adapter_alias[spec.name] = SHARED_ADAPTER
+    for layer in inject_lora_layers(model.backbone, model._targets(lora)).values():
+        layer.add_adapter(SHARED_ADAPTER, lora.r, lora.alpha, lora.dropout)
+    return model
+
+
+def shared_parameters(model: MultiTaskModel) -> dict[str, torch.nn.Parameter]:
+    """The shared adapter's parameters by name."""
+    params = {}
+    for path, layer in model.lora_layers(SHARED_ADAPTER).items():
+        params[f"{path}.lora_A"] = layer.lora_A[SHARED_ADAPTER].weight
+        params[f"{path}.lora_B"] = layer.lora_B[SHARED_ADAPTER].weight
+    return params
+
+
+def joint_optimizer(model: MultiTaskModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the shared adapter at ``config.lr`` and every head at ``config.head_lr``."""
+    heads = [p for head in model.heads.values() for p in head.parameters()]
+    groups = [{"params": list(shared_parameters(model).values()), "weight_decay": config.weight_decay, "lr": config.lr},
+              {"params": heads, "weight_decay": 0.0, "lr": config.head_lr or config.lr}]
+    return torch.optim.AdamW(groups, lr=config.lr, foreach=True)
+
+
+@dataclass
+class JointResult:
+    metrics: dict[str, dict[str, float]]
+    steps: dict[str, int]  # optimizer steps spent on each task
+    probabilities: dict[str, float]
+    total_steps: int
+    train_seconds: float
+    examples_per_second: float
+    final_loss: float
+    shared_parameters: int
+    head_parameters: dict[str, int]
+    bf16: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _batch_stream(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Length-bucketed batches of one task, reshuffled at each pass over its data."""
+    for epoch in range(sys.maxsize):
+        yield from bucketed_batches(lengths, batch_size, shuffle=True, seed=seed + epoch)
+
+
+def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], Sequence[Example] | None]],
+                config: TrainConfig | None = None, sampling: str = "temperature", temperature: float = 2.0,
+                task_epochs: dict[str, float] | None = None, total_steps: int | None = None,
+                progress: bool = True) -> JointResult:
+    """Train the shared adapter and the heads of ``data``'s tasks together; evaluate each task.
+
+    ``data`` maps task name -> (train examples, eval examples or None). The run takes
+    ``total_steps`` steps; by default as many as separate runs of every task would take
+    together: ``task_epochs[t]`` (else ``config.epochs``) times task t's batches, summed.
+    """
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    features, lengths = {}, {}
+    for task, (train, _) in data.items():
+        spec = model.spec(task)
+        features[task] = task_type(spec).encode(spec, model.tokenizer, train)
+        lengths[task] = [len(f["input_ids"]) for f in features[task]]
+    probabilities = sampling_probabilities({t: len(f) for t, f in features.items()}, sampling, temperature)
+    if total_steps is None:
+        epochs = task_epochs or {}
+        total_steps = max(1, sum(math.ceil(epochs.get(t, config.epochs) * math.ceil(len(f) / config.batch_size))
+                                 for t, f in features.items()))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable = [*shared_parameters(model).values(), *(p for h in model.heads.values() for p in h.parameters())]
+    for param in trainable:
+        param.requires_grad_(True)
+    optimizer = joint_optimizer(model, config)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    device = model.device
+    use_bf16 = resolve_bf16(config.bf16, device)
+    pad_id = model.tokenizer.pad_token_id
+    streams = {task: _batch_stream(lengths[task], config.batch_size, config.seed + 1000 * i)
+               for i, task in enumerate(features)}
+    schedule = TaskSampler(probabilities, config.seed).draw(total_steps)
+    steps = dict.fromkeys(features, 0)
+    seen, loss_value = 0, float("nan")
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(schedule, desc="train joint", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    for task in bar:
+        spec = model.spec(task)
+        kind = task_type(spec)
+        indices = next(streams[task])
+        batch = {k: v.to(device) for k, v in collate([features[task][i] for i in indices], pad_id, kind.targets).items()}
+        with autocast(device, use_bf16):
+            outputs = model(batch, task)  # rows routed to the shared adapter, then this task's head
+        loss = kind.loss(spec, outputs, batch)
+        loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps[task] += 1
+        seen += len(indices)
+        loss_value = float(loss.detach())
+    bar.close()
+    elapsed = time.perf_counter() - started
+    model.eval()
+    for param in trainable:
+        param.requires_grad_(False)
+    metrics = {}
+    for task, (_, evaluation) in data.items():
+        metrics[task] = evaluate_task(model, task, evaluation, config.eval_batch_size) if evaluation else {}
+        model.task_metrics[task] = metrics[task]
+    return JointResult(
+        metrics=metrics, steps=steps, probabilities=probabilities, total_steps=total_steps,
+        train_seconds=round(elapsed, 3), examples_per_second=round(seen / elapsed, 2), final_loss=loss_value,
+        shared_parameters=sum(p.numel() for p in shared_parameters(model).values()),
+        head_parameters={t: sum(p.numel() for p in model.heads[t].parameters()) for t in data}, bf16=use_bf16)

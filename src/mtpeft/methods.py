@@ -1,0 +1,289 @@
+"""Training methods: which parameters a task trains and how its backbone is wrapped.
+
+The method is a setting, not a new script: every method here builds a ``MultiTaskModel``
+holding one task, and the one training loop (``train.train_task``) trains whatever
+``model.task_parameters(task)`` returns. Kinds:
+
+- ``zero-shot``: no training (``mtpeft.zero_shot``);
+- ``head-only``: a linear probe on the frozen backbone;
+- ``lora``: our activation-path LoRA (``mtpeft.lora``) with a rank and target layers;
+- ``full``: backbone and head both train, at separate learning rates;
+- ``peft``: IA3, prompt tuning, prefix tuning, DoRA, VeRA from the ``peft`` library, wrapped
+  by ``PeftEncoder`` so our heads, metrics and loop are unchanged;
+- ``bottleneck``: Houlsby or Pfeiffer adapters (``mtpeft.bottleneck``);
+- ``joint``: one shared LoRA for several tasks (``mtpeft.joint``; built there, not here).
+
+Learning rates: a method's ``recipe`` overrides the task preset's ``TrainConfig`` fields;
+when it sets ``lr`` (the adapter's or backbone's) the head keeps the preset's rate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from mtpeft.backbone import Backbone
+from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.model import MultiTaskModel
+from mtpeft.storage import save_task, write_json, write_safetensors
+from mtpeft.tasks import TaskSpec
+
+KINDS = ("zero-shot", "head-only", "lora", "full", "peft", "bottleneck", "joint")
+PEFT_TYPES = ("ia3", "prompt-tuning", "prefix-tuning", "dora", "vera")
+
+
+class MethodNotApplicable(ValueError):
+    """The method has no meaning for this task (zero-shot extractive QA, say)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to adapt a backbone to a task.
+
+    Attributes:
+        name: what ``--methods`` takes and result files are named after.
+        kind: one of ``KINDS``.
+        settings: the kind's own settings (LoRA rank/alpha/targets, peft type and config,
+            bottleneck style and reduction factor, joint sampling).
+        recipe: ``TrainConfig`` fields that differ from the task preset's recipe.
+        description: one line for tables and ``--list-methods``.
+    """
+
+    name: str
+    kind: str
+    settings: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: unknown kind {self.kind!r}; choose one of {KINDS}")
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != "zero-shot"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "settings": dict(self.settings),
+                "recipe": dict(self.recipe), "description": self.description}
+
+    def lora_settings(self) -> LoraSettings | None:
+        if self.kind not in ("lora", "joint"):
+            return None
+        targets = self.settings.get("targets")
+        return LoraSettings(r=self.settings["r"], alpha=self.settings["alpha"],
+                            target_modules=None if targets is None else list(targets))
+
+    def train_config(self, preset_recipe: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+        """The preset's recipe, then this method's, then the user's ``overrides`` (None values ignored)."""
+        recipe = {k: v for k, v in (preset_recipe or {}).items() if k != "lora"}
+        task_lr = recipe.get("lr", TrainConfig.lr)
+        recipe.update(self.recipe)
+        if "lr" in self.recipe and "head_lr" not in self.recipe:
+            recipe["head_lr"] = task_lr  # the adapter/backbone rate is the method's; the head keeps the task's
+        recipe.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return TrainConfig(**recipe, lora=self.lora_settings())
+
+    def build(self, backbone: Backbone, spec: TaskSpec, seed: int = 0) -> MultiTaskModel:
+        """A model holding ``spec`` as its one task, ready for ``train_task``.
+
+        ``backbone`` is changed in place by ``full`` (it trains) and by the peft methods (peft
+        injects its layers): give each run a freshly loaded one.
+        """
+        if self.kind == "joint":
+            raise ValueError(f"method {self.name!r} trains several tasks together: use mtpeft.joint")
+        torch.manual_seed(seed)  # the adapter's and head's initial weights
+        if self.kind == "peft":
+            encoder = PeftEncoder.wrap(backbone.model, peft_config(self.settings, backbone))
+            model = MultiTaskModel(Backbone(encoder, backbone.tokenizer, backbone.identity))
+            model.add_task(spec, head_only=True)
+            model.extra_parameters[spec.name] = {f"peft.{n}": p for n, p in encoder.peft.named_parameters()
+                                                 if p.requires_grad}
+            return model
+        model = MultiTaskModel(backbone)
+        if self.kind == "lora":
+            model.add_task(spec, self.lora_settings())
+            return model
+        model.add_task(spec, head_only=True)
+        if self.kind == "full":
+            model.extra_parameters[spec.name] = {f"backbone.{n}": p for n, p in model.backbone.named_parameters()}
+            model.backbone_dropout = True  # the backbone trains, so its dropout regularises again
+        elif self.kind == "bottleneck":
+            from mtpeft.bottleneck import add_bottleneck_adapter
+
+            model.extra_parameters[spec.name] = add_bottleneck_adapter(
+                model.backbone, backbone.identity.model_type, spec.name, self.settings["style"],
+                self.settings["reduction"], self.settings["activation"])
+        return model
+
+    def save(self, model: MultiTaskModel, task: str, folder: str | Path) -> Path:
+        """Write what this method trained for ``task`` (adapter or backbone, and head) into ``folder``.
+
+        LoRA and head-only tasks are ordinary task folders (PEFT layout, loadable with
+        ``MultiTaskModel.load``); the others hold their weights as safetensors plus ``method.json``.
+        """
+        folder = Path(folder)
+        if self.kind in ("lora", "head-only"):
+            return save_task(model, task, folder)
+        write_safetensors(folder / "head.safetensors", dict(model.heads[task].state_dict()))
+        if self.kind == "peft":
+            model.backbone.peft.save_pretrained(folder / "peft")
+        elif self.kind == "full":
+            write_safetensors(folder / "backbone.safetensors",
+                              {n: p.detach().contiguous() for n, p in model.backbone.state_dict().items()})
+        elif self.kind == "bottleneck":
+            write_safetensors(folder / "bottleneck.safetensors",
+                              {n: p.detach() for n, p in model.extra_parameters[task].items()})
+        write_json(folder / "method.json", {"method": self.to_dict(), "spec": model.spec(task).to_dict(),
+                                            "backbone": model.identity.to_dict()})
+        return folder
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of the safetensors files under ``folder``: a trained task's size on disk."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------- peft
+
+
+class PeftEncoder(nn.Module):
+    """A peft-wrapped backbone called like the bare one: (B, T, H) states aligned with the input.
+
+    peft's own forward for prompt learning drops ``token_type_ids`` (BERT's sentence A/B
+    marks, which pair tasks need) and, for prompt tuning, returns the virtual tokens' states
+    too, which would shift every position the heads pool or point at. Here the prompt or
+    prefix comes from peft's prompt encoder, segment ids are kept (virtual tokens get 0),
+    the attention mask covers the virtual tokens, and prompt tuning's virtual positions are
+    cut from the output, so the caller's attention mask is again the right one to pool with.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft = peft_model
+
+    @classmethod
+    def wrap(cls, model: nn.Module, config) -> PeftEncoder:
+        from peft import get_peft_model
+
+        return cls(get_peft_model(model, config))
+
+    @property
+    def config(self):
+        return self.peft.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> BaseModelOutput:
+        from peft import PeftType
+
+        config = self.peft.active_peft_config
+        if not config.is_prompt_learning:  # IA3, DoRA, VeRA: layers inside the backbone
+            return self.peft(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        batch, virtual = input_ids.size(0), config.num_virtual_tokens
+        mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], dim=1)  # (B, V + T)
+        base = self.peft.base_model  # for prompt learning: the transformer itself
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            # Virtual keys/values in every layer; the queries are still the T real tokens.
+            return base(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids,
+                        past_key_values=self.peft.get_prompt(batch_size=batch))
+        embeds = self.peft.word_embeddings(input_ids)  # (B, T, H)
+        prompts = self.peft.get_prompt(batch_size=batch).to(embeds.dtype)  # (B, V, H)
+        types = None if token_type_ids is None else torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
+        out = base(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, token_type_ids=types)
+        return BaseModelOutput(last_hidden_state=out.last_hidden_state[:, virtual:])
+
+
+def peft_config(settings: dict, backbone: Backbone):
+    """The peft config of a ``peft`` method's settings, for ``backbone``'s architecture."""
+    from peft import (
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        TaskType,
+        VeraConfig,
+    )
+
+    kind = settings["type"]
+    task_type = TaskType.FEATURE_EXTRACTION
+    targets = backbone.default_targets()
+    if kind == "ia3":  # peft's per-architecture defaults: key, value and the feed-forward output
+        return IA3Config(task_type=task_type)
+    if kind == "prompt-tuning":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"])
+    if kind == "prefix-tuning":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"],
+                                  prefix_projection=False)
+    if kind == "dora":
+        return LoraConfig(task_type=task_type, r=settings["r"], lora_alpha=settings["alpha"], target_modules=targets,
+                          use_dora=True)
+    if kind == "vera":
+        return VeraConfig(task_type=task_type, r=settings["r"], target_modules=targets)
+    raise ValueError(f"unknown peft method type {kind!r}; choose one of {PEFT_TYPES}")
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def _lora(r: int, all_linear: bool = False) -> Method:
+    name = f"lora-r{r}" + ("-all" if all_linear else "")
+    where = "every linear layer" if all_linear else "query/value"
+    return Method(name, "lora", {"r": r, "alpha": 2.0 * r, "targets": ["all-linear"] if all_linear else None},
+                  description=f"LoRA r={r}, alpha={2 * r} on {where}, linear head")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("zero-shot", "zero-shot",
+           description="no training: cosine of mean-pooled backbone embeddings (pairs; a cosine threshold for "
+                       "pair classes is fit on the training set), nearest label-description embedding (classes)"),
+    Method("head-only", "head-only", recipe={"head_lr": 3e-3},
+           description="linear probe: frozen backbone, trained head (lr 3e-3)"),
+    Method("tiny", "lora", {"r": 1, "alpha": 2.0, "targets": None},
+           description="LoRA r=1 on query/value with a linear head: >= 2000x fewer trainable parameters than MiniLM"),
+    *[_lora(r) for r in (1, 2, 4, 8, 16)],
+    _lora(8, all_linear=True),
+    Method("dora", "peft", {"type": "dora", "r": 8, "alpha": 16.0},
+           description="DoRA (peft) r=8 on query/value: LoRA plus a learned magnitude per output"),
+    Method("vera", "peft", {"type": "vera", "r": 256}, recipe={"lr": 5e-3},
+           description="VeRA (peft) r=256 on query/value: frozen shared random A/B, trained scaling vectors (lr 5e-3)"),
+    Method("ia3", "peft", {"type": "ia3"}, recipe={"lr": 3e-3},
+           description="IA3 (peft): learned scaling of keys, values and feed-forward activations (lr 3e-3)"),
+    Method("prompt-tuning", "peft", {"type": "prompt-tuning", "virtual_tokens": 20}, recipe={"lr": 3e-2},
+           description="prompt tuning (peft): 20 trained input embeddings before the text (lr 3e-2)"),
+    Method("prefix-tuning", "peft", {"type": "prefix-tuning", "virtual_tokens": 20}, recipe={"lr": 1e-2},
+           description="prefix tuning (peft): 20 trained key/value pairs in every layer (lr 1e-2)"),
+    Method("houlsby", "bottleneck", {"style": "houlsby", "reduction": 16, "activation": "swish"},
+           description="Houlsby bottleneck adapters (reduction 16) after attention and feed-forward outputs"),
+    Method("pfeiffer", "bottleneck", {"style": "pfeiffer", "reduction": 16, "activation": "relu"},
+           description="Pfeiffer bottleneck adapter (reduction 16) after the feed-forward output"),
+    Method("full", "full", recipe={"lr": 5e-5, "warmup_ratio": 0.1},
+           description="full fine-tuning: backbone (lr 5e-5, dropout on) and head (the task's lr)"),
+    Method("joint-proportional", "joint", {"r": 8, "alpha": 16.0, "targets": None, "sampling": "proportional"},
+           recipe={"lr": 5e-4, "head_lr": 1e-3},
+           description="one LoRA r=8 (query/value) shared by all tasks + a head per task; tasks drawn "
+                       "in proportion to their size (shared lr 5e-4, heads 1e-3)"),
+    Method("joint-temperature", "joint", {"r": 8, "alpha": 16.0, "targets": None, "sampling": "temperature"},
+           recipe={"lr": 5e-4, "head_lr": 1e-3},
+           description="as joint-proportional, tasks drawn with probability ~ size^(1/T) (default T=2)"),
+]}
+
+_LORA_NAME = re.compile(r"^lora-r(\d+)(-all)?$")
+
+
+def get_method(name: str) -> Method:
+    """A registered method, or ``lora-r<N>`` / ``lora-r<N>-all`` for any rank N."""
+    if name in METHODS:
+        return METHODS[name]
+    match = _LORA_NAME.match(name)
+    if match and int(match.group(1)) >= 1:
+        return _lora(int(match.group(1)), all_linear=bool(match.group(2)))
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or lora-r<N>, lora-r<N>-all)")
+
+
+def method_names() -> list[str]:
+    return list(METHODS)

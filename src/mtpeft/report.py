@@ -1,0 +1,260 @@
+"""RESULTS.md tables and plots from the run JSONs that ``mtpeft compare`` writes.
+
+    mtpeft report --results results/compare --out RESULTS.md --plots results/plots
+
+Only the text between ``<!-- quality:start -->`` and ``<!-- quality:end -->`` in the
+output file is replaced (the markers are appended when missing), so other sections of
+RESULTS.md stay as their authors wrote them. Per task: a table of every method (trainable
+parameters, ratio to the backbone, metrics as mean ± sample std over seeds), and a plot of
+the task's metric against trainable parameters (log x); one plot of training time per
+method. Plots are matplotlib PNGs (the ``plots`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtpeft.compare import RESULT_FORMAT
+from mtpeft.methods import method_names
+from mtpeft.storage import atomic_write
+
+START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+# Metrics shown per built-in task (others: the task's primary metric), in points.
+SHOWN_METRICS = {"sst2": ["accuracy"], "stsb": ["pearson", "spearman"], "mrpc": ["f1", "accuracy"],
+                 "qqp": ["f1", "accuracy"], "imdb": ["accuracy"], "squad": ["exact_match", "f1"]}
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "pearson": "Pearson", "spearman": "Spearman",
+                "exact_match": "EM"}
+
+
+class ReportError(ValueError):
+    """Result files that cannot be reported (none found, or not mtpeft compare runs)."""
+
+
+def load_runs(folder: str | Path) -> list[dict]:
+    """Every run JSON under ``folder`` (``<task>/<method>-seed<k>.json``)."""
+    folder = Path(folder)
+    runs = []
+    for path in sorted(folder.glob("*/*.json")):
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}: not valid JSON ({err})") from None
+        if run.get("format") != RESULT_FORMAT:
+            raise ReportError(f"{path}: not an mtpeft compare run (format {run.get('format')!r})")
+        runs.append(run)
+    if not runs:
+        raise ReportError(f"no run results under {folder} (expected {folder}/<task>/<method>-seed<k>.json)")
+    return runs
+
+
+@dataclass
+class Row:
+    """One method on one task, over its seeds."""
+
+    method: str
+    description: str
+    trainable: int
+    backbone: int
+    adapter_bytes: int
+    seeds: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    train_seconds: list[float] = field(default_factory=list)
+    train_examples: int | None = None
+    epochs: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.backbone / self.trainable if self.trainable else None
+
+    def mean(self, metric: str) -> float | None:
+        values = self.metrics.get(metric)
+        return statistics.fmean(values) if values else None
+
+    def std(self, metric: str) -> float | None:
+        values = self.metrics.get(metric, [])
+        return statistics.stdev(values) if len(values) >= 2 else None
+
+
+def shown_metrics(task: str, runs: list[dict]) -> list[str]:
+    return SHOWN_METRICS.get(task) or [runs[0]["primary_metric"]]
+
+
+def summarise(runs: list[dict]) -> dict[str, list[Row]]:
+    """Rows per task, methods in registry order (others after, by name)."""
+    order = {name: i for i, name in enumerate(method_names())}
+    by_task: dict[str, dict[str, Row]] = {}
+    for run in runs:
+        rows = by_task.setdefault(run["task"], {})
+        row = rows.get(run["method"])
+        if row is None:
+            hyper = run.get("hyperparameters") or {}
+            epochs = (hyper.get("task_epochs") or {}).get(run["task"], hyper.get("epochs"))
+            row = rows[run["method"]] = Row(
+                method=run["method"], description=run["method_settings"].get("description", ""),
+                trainable=run["parameters"]["trainable"], backbone=run["parameters"]["backbone"],
+                adapter_bytes=run["adapter_bytes"], train_examples=run["data"].get("train_examples"), epochs=epochs)
+        row.seeds.append(run["seed"])
+        for metric, value in run["metrics"].items():
+            if metric != "examples" and isinstance(value, (int, float)):
+                row.metrics.setdefault(metric, []).append(float(value))
+        if run.get("train"):
+            row.train_seconds.append(run["train"]["seconds"])
+    return {task: sorted(rows.values(), key=lambda r: (order.get(r.method, len(order)), r.method))
+            for task, rows in sorted(by_task.items())}
+
+
+def _metric_cell(row: Row, metric: str) -> str:
+    mean, std = row.mean(metric), row.std(metric)
+    if mean is None:
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _size(nbytes: int) -> str:
+    if not nbytes:
+        return "–"
+    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:,.0f} KiB"
+
+
+def task_table(task: str, rows: list[Row], metrics: list[str]) -> str:
+    header = ["method", "trainable params", "x fewer than backbone",
+              *[METRIC_NAMES.get(m, m) for m in metrics], "seeds", "train examples", "epochs", "train time",
+              "size on disk"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for row in rows:
+        seconds = statistics.fmean(row.train_seconds) if row.train_seconds else None
+        cells = [row.method, f"{row.trainable:,}", f"{row.ratio:,.0f}" if row.ratio else "–",
+                 *[_metric_cell(row, m) for m in metrics], str(len(row.seeds)),
+                 f"{row.train_examples:,}" if row.train_examples and row.trainable else "–",
+                 f"{row.epochs:g}" if row.epochs and row.trainable else "–",
+                 f"{seconds:,.0f} s" if seconds is not None else "–", _size(row.adapter_bytes)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("plots need matplotlib: pip install 'mtpeft[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_task(task: str, rows: list[Row], metric: str, path: Path) -> Path:
+    """The task's metric (mean ± std over seeds) against trainable parameters, log x."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    trained = [r for r in rows if r.trainable and r.mean(metric) is not None]
+    for row in trained:
+        ax.errorbar(row.trainable, row.mean(metric), yerr=row.std(metric) or 0.0, fmt="o", capsize=3)
+        ax.annotate(row.method, (row.trainable, row.mean(metric)), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    for row in rows:
+        if not row.trainable and row.mean(metric) is not None:
+            ax.axhline(row.mean(metric), linestyle="--", color="grey", linewidth=1)
+            ax.annotate(f"{row.method} (no training)", (0.01, row.mean(metric)), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 3), fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (points)")
+    ax.set_title(f"{task}: {METRIC_NAMES.get(metric, metric)} vs trainable parameters")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_times(summary: dict[str, list[Row]], path: Path) -> Path:
+    """Mean training time of every method, one bar per task, log x."""
+    plt = _pyplot()
+    methods = []
+    for rows in summary.values():
+        methods.extend(r.method for r in rows if r.train_seconds and r.method not in methods)
+    tasks = list(summary)
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * max(4, len(methods) * max(1, len(tasks)) / 2) + 1.5))
+    height = 0.8 / max(1, len(tasks))
+    for t, task in enumerate(tasks):
+        times = {r.method: statistics.fmean(r.train_seconds) for r in summary[task] if r.train_seconds}
+        ys = [i + t * height for i, m in enumerate(methods) if m in times]
+        ax.barh(ys, [times[m] for m in methods if m in times], height=height, label=task)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(methods))], methods, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("training time, seconds (log scale; mean over seeds)")
+    ax.set_title("Training time per method")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_section(runs: list[dict], out: Path, plots: Path, results: Path) -> str:
+    """The quality section's markdown; writes the plots under ``plots``."""
+    summary = summarise(runs)
+
+    def link(path: Path) -> str:  # links relative to the report file
+        return Path(os.path.relpath(path, out.parent)).as_posix()
+
+    backbone = runs[0]["backbone"]
+    dates = sorted(r["date"][:10] for r in runs)
+    versions = runs[0]["versions"]
+    parts = [
+        START,
+        "## Quality: adapters against full fine-tuning",
+        "",
+        (f"Generated by `mtpeft report` from {len(runs)} run files under `{link(results)}/` "
+         "(written by `mtpeft compare`; each holds its exact command); do not edit this section by hand."),
+        (f"Backbone `{backbone['name']}` ({backbone['model_type']}), {backbone['parameters']:,} parameters. "
+         f"Runs dated {dates[0]} to {dates[-1]}; {runs[0]['machine']['cpu']}, "
+         f"{runs[0]['machine']['torch_threads']} threads; torch {versions.get('torch')}, "
+         f"transformers {versions.get('transformers')}, peft {versions.get('peft')}."),
+        ("Metrics are in points on each task's evaluation split; with several seeds, mean ± sample std. "
+         "\"train examples\" below the full training set means a fixed random subset (see each run's `data`)."),
+    ]
+    described: dict[str, str] = {}
+    for task, rows in summary.items():
+        task_runs = [r for r in runs if r["task"] == task]
+        metrics = shown_metrics(task, task_runs)
+        parts += ["", f"### {task}", "", task_table(task, rows, metrics), ""]
+        plot = plot_task(task, rows, task_runs[0]["primary_metric"], plots / f"quality_{task}.png")
+        parts.append(f"![{task}: metric vs trainable parameters]({link(plot)})")
+        described.update({r.method: r.description for r in rows})
+    if any(r.train_seconds for rows in summary.values() for r in rows):
+        plot = plot_times(summary, plots / "quality_train_time.png")
+        parts += ["", "### Training time", "", f"![training time per method]({link(plot)})"]
+    parts += ["", "### Methods", ""]
+    parts += [f"- `{name}`: {text}" for name, text in described.items()]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with its quality section replaced by ``section`` (appended when it has none)."""
+    start, end = text.find(START), text.find(END)
+    if start == -1 and end == -1:
+        return (text.rstrip("\n") + "\n\n" if text.strip() else "# Results\n\n") + section + "\n"
+    if start == -1 or end < start:
+        raise ReportError(f"the file has a broken quality section: expected {START} before {END}")
+    return text[:start] + section + text[end + len(END):]
+
+
+def write_report(results: str | Path = "results/compare", out: str | Path = "RESULTS.md",
+                 plots: str | Path = "results/plots") -> Path:
+    """Rewrite the quality section of ``out`` from the runs under ``results``."""
+    results, out, plots = Path(results), Path(out), Path(plots)
+    section = render_section(load_runs(results), out, plots, results)
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    atomic_write(out, replace_section(text, section).encode("utf-8"))
+    return out

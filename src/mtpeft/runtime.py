@@ -1,0 +1,49 @@
+"""Process settings that make CPU inference and training fast.
+
+glibc returns freed blocks above its mmap threshold to the kernel at once and trims the
+heap top eagerly. A transformer forward pass frees and reallocates activation tensors of a
+few MB every layer, so each one costs fresh page faults: measured on the packaged MiniLM
+(batch 64 x 64 tokens, bf16, 2-core Sapphire Rapids) the forward pass ran at ~510
+examples/s with glibc's defaults and ~690 examples/s with freed memory kept for reuse,
+GELU's share of the time falling from a third to an eighth. A caching allocator (jemalloc,
+tcmalloc) would do the same but needs a preload; ``mallopt`` does it from inside the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+
+# mallopt parameter numbers from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+ALLOCATOR_ENV = "MTPEFT_ALLOCATOR"  # "default" leaves glibc's settings alone
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Keep freed tensor memory in the heap for reuse (glibc only; once per process).
+
+    Returns whether the settings were applied. Resident memory grows to the working set's
+    high-water mark and stays there instead of going back and forth.
+    """
+    if os.environ.get(ALLOCATOR_ENV, "").lower() == "default":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all((
+        mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1,  # glibc's maximum: blocks below it come from the heap
+        mallopt(_M_TRIM_THRESHOLD, 1 * 2**30) == 1,  # do not give the heap top back below 1 GiB free
+        mallopt(_M_TOP_PAD, 64 * 2**20) == 1,  # grow the heap in 64 MiB steps
+    ))

@@ -1,0 +1,184 @@
+"""Every training method trains exactly its own parameters, counts them right, and saves them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_bert
+from mtpeft.bottleneck import add_bottleneck_adapter, bottleneck_sites
+from mtpeft.config import TrainConfig
+from mtpeft.examples import Example
+from mtpeft.methods import METHODS, MethodNotApplicable, get_method, weights_bytes
+from mtpeft.model import MultiTaskModel
+from mtpeft.tasks import TaskSpec
+from mtpeft.train import train_task
+from mtpeft.zero_shot import best_threshold, label_descriptions, zero_shot_scores
+
+PAIR = TaskSpec(name="p", type="pair-classification", labels=["no", "yes"], text_pair_column="b")
+HEAD = 32 * 2 + 2  # linear head of the tiny BERT (hidden 32) for two labels
+# Trainable parameters of each method on the tiny BERT (2 layers, hidden 32, FFN 64) besides the head.
+EXPECTED = {
+    "head-only": 0,
+    "tiny": 2 * 2 * 1 * (32 + 32),  # layers x {query, value} x r x (in + out)
+    "lora-r2": 2 * 2 * 2 * (32 + 32),
+    "lora-r8": 2 * 2 * 8 * (32 + 32),
+    # query, key, value, attention output 32->32; FFN in 32->64 and out 64->32
+    "lora-r8-all": 2 * 8 * (4 * (32 + 32) + 2 * (32 + 64)),
+    "dora": 2 * 2 * 8 * (32 + 32) + 2 * 2 * 32,  # LoRA + one magnitude per output
+    "vera": 2 * 2 * (256 + 32),  # lambda_d (r) + lambda_b (out) per layer
+    "ia3": 2 * (32 + 32 + 32 + 64),  # keys, values, attention-output input, FFN-output input
+    "prompt-tuning": 20 * 32,
+    "prefix-tuning": 20 * 2 * 2 * 32,  # tokens x layers x (key, value) x hidden
+    "houlsby": 2 * 2 * (32 * 2 + 2 + 2 * 32 + 32),  # 2 sites per layer, bottleneck 32 / 16 = 2
+    "pfeiffer": 2 * 1 * (32 * 2 + 2 + 2 * 32 + 32),
+}
+TRAINED = [*EXPECTED, "full"]
+
+
+def _pairs(n: int) -> list[Example]:
+    return [Example(text=f"the order {i} came", text_pair=("great thing" if i % 2 else "awful thing"), label=i % 2)
+            for i in range(n)]
+
+
+def test_registry_names_and_errors():
+    assert get_method("lora-r8").settings == {"r": 8, "alpha": 16.0, "targets": None}
+    assert get_method("lora-r32-all").settings["targets"] == ["all-linear"]
+    assert {"zero-shot", "head-only", "tiny", "full", "ia3", "prompt-tuning", "prefix-tuning", "dora", "vera",
+            "houlsby", "pfeiffer", "joint-proportional", "joint-temperature"} <= set(METHODS)
+    with pytest.raises(ValueError, match="unknown method 'lora-x'.*lora-r8"):
+        get_method("lora-x")
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("lora-r0")
+
+
+def test_train_config_layers_preset_method_and_user_settings():
+    preset = {"epochs": 4.0, "lr": 1e-3}
+    full = get_method("full").train_config(preset)
+    assert (full.lr, full.head_lr, full.epochs, full.lora) == (5e-5, 1e-3, 4.0, None)  # backbone 5e-5, head the task's
+    lora = get_method("lora-r4").train_config(preset, {"epochs": 1.0, "lr": None})
+    assert (lora.lr, lora.head_lr, lora.epochs, lora.lora.r, lora.lora.alpha) == (1e-3, None, 1.0, 4, 8.0)
+    assert get_method("head-only").train_config(preset).head_lr == 3e-3
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_method_trains_only_its_parameters(name, tokenizer, tmp_path):
+    method = get_method(name)
+    backbone = tiny_bert(tokenizer)
+    backbone_count = sum(p.numel() for p in backbone.model.parameters())
+    model = method.build(backbone, PAIR, seed=0)
+    model.bf16 = False  # fp32 throughout: a backbone held in bf16 would read as "changed"
+    trainable = model.task_parameters("p")
+    count = sum(p.numel() for p in trainable.values())
+    assert count == (backbone_count + HEAD if name == "full" else EXPECTED[name] + HEAD)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = method.train_config({}, {"epochs": 2, "batch_size": 8, "bf16": False, "lr": 1e-2, "head_lr": 1e-2})
+    result = train_task(model, "p", _pairs(16), None, config, progress=False)
+    assert result.trainable_parameters == count
+    ids = {id(p) for p in trainable.values()}
+    frozen_changed = [n for n, p in model.named_parameters() if id(p) not in ids and not torch.equal(p, before[n])]
+    assert frozen_changed == []
+    changed = {n for n, p in model.named_parameters() if id(p) in ids and not torch.equal(p, before[n])}
+    assert any(n.startswith("heads.") for n in changed)
+    if name != "head-only":
+        assert any(not n.startswith("heads.") for n in changed), "the method's own parameters never moved"
+    folder = method.save(model, "p", tmp_path / name)
+    assert weights_bytes(folder) >= 4 * count * (0 if name == "vera" else 1)  # fp32 weights on disk
+    assert (folder / ("task.json" if method.kind in ("lora", "head-only") else "method.json")).is_file()
+
+
+def test_tiny_is_over_2000x_smaller_than_minilm():
+    from mtpeft.backbone import load_backbone
+
+    backbone = load_backbone()  # the packaged all-MiniLM-L6-v2: 6 layers, hidden 384
+    backbone_count = sum(p.numel() for p in backbone.model.parameters())
+    assert backbone_count == 22_713_216
+    model = get_method("tiny").build(backbone, TaskSpec(name="sst2", type="classification", labels=["n", "p"]))
+    # 6 layers x {query, value} x r=1 x (384 + 384), plus a 384 x 2 + 2 head
+    count = sum(p.numel() for p in model.task_parameters("sst2").values())
+    assert count == 6 * 2 * (384 + 384) + 384 * 2 + 2 == 9_986
+    assert backbone_count / count >= 2000
+
+
+def test_prompt_methods_keep_positions_padding_and_segments(tokenizer):
+    for name in ("prompt-tuning", "prefix-tuning"):
+        model = get_method(name).build(tiny_bert(tokenizer), PAIR)
+        model.bf16 = False
+        peft = model.backbone.peft
+        with torch.no_grad():
+            peft.prompt_encoder.default.embedding.weight.normal_(std=1.0)
+        short = tokenizer(["a b"], ["c"], return_tensors="pt")
+        batch = tokenizer(["a b", "a much longer first text here"], ["c", "d e f"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            alone = model.encode(dict(short), "p")
+            padded = model.encode(dict(batch), "p")
+            bare = MultiTaskModel(tiny_bert(tokenizer)).encode(dict(short), None)
+        assert padded.shape[:2] == batch["input_ids"].shape  # states line up with the input tokens
+        torch.testing.assert_close(padded[0, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(alone, bare, atol=1e-3)  # the prompt/prefix does reach the states
+        flipped = dict(short, token_type_ids=1 - short["token_type_ids"])
+        with torch.no_grad():
+            assert not torch.allclose(model.encode(flipped, "p"), alone)  # segment ids are not dropped
+
+
+def test_bottleneck_starts_as_the_base_model_and_routes_rows(tokenizer):
+    backbone = tiny_bert(tokenizer)
+    model = MultiTaskModel(backbone)
+    model.bf16 = False
+    batch = dict(tokenizer(["one two", "three four five", "six"], return_tensors="pt", padding=True))
+    with torch.no_grad():
+        base = model.encode(batch, None)
+    assert len(bottleneck_sites(model.backbone, "bert", "houlsby")) == 4
+    assert len(bottleneck_sites(model.backbone, "bert", "pfeiffer")) == 2
+    for task, style in (("a", "houlsby"), ("b", "pfeiffer")):
+        model.add_task(TaskSpec(name=task, type="classification", labels=["x", "y"]), head_only=True)
+        model.extra_parameters[task] = add_bottleneck_adapter(model.backbone, "bert", task, style, reduction=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(batch, "a"), base)  # zero-initialised up-projection
+        for params in model.extra_parameters.values():
+            for param in params.values():
+                param.normal_(std=0.5)
+        single = {t: model.encode(batch, t) for t in ("a", "b")}
+        mixed = model.encode(batch, ["b", "a", "b"])
+    assert not torch.allclose(single["a"], base, atol=1e-3)
+    for row, task in enumerate(["b", "a", "b"]):
+        torch.testing.assert_close(mixed[row], single[task][row], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown bottleneck style"):
+        bottleneck_sites(model.backbone, "bert", "parallel")
+    with pytest.raises(ValueError, match="no bottleneck adapter sites known"):
+        bottleneck_sites(model.backbone, "t5", "houlsby")
+
+
+def test_best_threshold_maximises_accuracy():
+    cosines = torch.tensor([0.1, 0.2, 0.35, 0.6, 0.7, 0.9])
+    assert best_threshold(cosines, [0, 0, 0, 1, 1, 1]) == pytest.approx(0.475)
+    assert best_threshold(cosines, [1, 1, 1, 1, 1, 1]) < 0.1  # everything positive
+
+
+def test_zero_shot_rules(tokenizer):
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.bf16 = False
+    labels = {"neg": "an awful broken thing", "pos": "a great wonderful gift"}
+    spec = TaskSpec(name="mood", type="classification", labels=["neg", "pos"], extra={"label_descriptions": labels})
+    texts = [Example(text=labels["pos"], label=1), Example(text=labels["neg"], label=0)]
+    metrics, details = zero_shot_scores(model, spec, texts)
+    assert metrics["accuracy"] == 100.0  # each text is its label's own description
+    assert details["rule"] == "nearest label-description embedding"
+
+    sts = TaskSpec(name="sts", type="regression", text_pair_column="b", label_range=[0, 5])
+    pairs = [Example(text="a b c", text_pair="a b c", label=5.0), Example(text="a b c", text_pair="x y", label=1.0),
+             Example(text="d e", text_pair="d e f", label=3.0)]
+    metrics, _ = zero_shot_scores(model, sts, pairs)
+    assert metrics["spearman"] == pytest.approx(100.0)  # identical texts: cosine 1, the top score
+
+    mrpc = TaskSpec(name="para", type="pair-classification", labels=["no", "yes"], text_pair_column="b")
+    para = [Example(text=f"w{i} same", text_pair=f"w{i} same" if i % 2 else f"other {i} words here", label=i % 2)
+            for i in range(10)]
+    metrics, details = zero_shot_scores(model, mrpc, para, train_examples=para)
+    assert metrics["accuracy"] == 100.0 and "uses their labels" in details["threshold_fit_on"]
+
+    with pytest.raises(MethodNotApplicable, match="extractive QA"):
+        zero_shot_scores(model, TaskSpec(name="qa", type="extractive-qa", text_pair_column="c", max_length=384), [])
+    with pytest.raises(MethodNotApplicable, match="label_descriptions"):
+        label_descriptions(TaskSpec(name="topic", type="classification", labels=["a", "b"]))
+    assert label_descriptions(TaskSpec(name="sst2", type="classification", labels=["negative", "positive"]))

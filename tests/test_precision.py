@@ -1,0 +1,98 @@
+"""bf16 compute on a frozen backbone: bf16 weights while computing, exact fp32 originals kept."""
+
+from __future__ import annotations
+
+import torch
+
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.batching import collate
+from mtpeft.config import LoraSettings
+
+TEXTS = ["the first sentence", "a second, longer sentence with more words", "three", "and the fourth one"]
+
+
+def _batch(tokenizer):
+    encoded = tokenizer(TEXTS, truncation=True, max_length=32)
+    return collate([{"input_ids": i, "token_type_ids": t} for i, t in zip(encoded["input_ids"], encoded["token_type_ids"])],
+                   tokenizer.pad_token_id)
+
+
+def _model(backbone) -> MultiTaskModel:
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), LoraSettings(r=4))
+    torch.manual_seed(3)
+    for layer in model.lora_layers().values():
+        torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.5)
+    return model
+
+
+def test_bf16_round_trip_restores_the_exact_fp32_weights(backbone, tokenizer):
+    model = _model(backbone)
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    model.bf16 = True
+    with torch.no_grad():
+        hidden = model.encode(_batch(tokenizer), "a")
+    assert hidden.dtype == torch.float32  # heads always see fp32
+    frozen = [p for n, p in model.backbone.named_parameters() if ".lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for n, p in model.backbone.named_parameters() if ".lora_" in n)
+    model.full_precision()
+    for name, param in model.backbone.named_parameters():
+        assert param.dtype == torch.float32
+        assert torch.equal(param, before[name]), name
+
+
+def test_bf16_hidden_states_agree_with_fp32(backbone, tokenizer):
+    model = _model(backbone)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        model.bf16 = False
+        exact = model.encode(batch, "a")
+        model.bf16 = True
+        approx = model.encode(batch, "a")
+    # bf16 keeps 8 bits of mantissa; two layers of unit-scale states stay within a few 1e-2.
+    torch.testing.assert_close(approx, exact, rtol=0, atol=6e-2)
+
+
+def test_merging_in_bf16_then_unmerging_restores_the_weights(backbone, tokenizer):
+    model = _model(backbone)
+    model.bf16 = True
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        unmerged = model.encode(batch, "a")
+        weights = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+        model.merge_adapter("a")
+        merged = model.encode(batch, "a")
+        model.unmerge_adapters()
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=6e-2)
+    for name, param in model.backbone.named_parameters():
+        assert torch.equal(param, weights[name]), name
+
+
+def test_a_merged_adapter_never_leaks_into_other_rows(backbone, tokenizer):
+    model = _model(backbone)
+    model.add_task(TaskSpec(name="b", type="classification", labels=["x", "y"]), LoraSettings(r=4))
+    model.bf16 = False
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        alone_b = model.encode(batch, "b")
+        bare = model.encode(batch, None)
+        model.merge_adapter("a")
+        assert torch.equal(model.encode(batch, "b"), alone_b)
+        model.merge_adapter("a")
+        assert torch.equal(model.encode(batch, None), bare)
+
+
+def test_single_task_inference_merges_and_matches_the_unmerged_path(backbone):
+    model = _model(backbone)
+    model.bf16 = False
+    texts = [f"sentence number {i} with some words" for i in range(12)]
+    model.merge_min_rows = 0
+    unmerged = model.predict(texts, task="a")
+    model.merge_min_rows = 8
+    merged = model.predict(texts, task="a")
+    assert model._merged_task() == "a"
+    for x, y in zip(merged, unmerged):
+        assert x.label == y.label
+        for label, probability in x.probabilities.items():
+            assert abs(probability - y.probabilities[label]) < 1e-5
