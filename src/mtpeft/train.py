@@ -1,8 +1,9 @@
 """The one training loop, for every task type.
 
 The task type supplies features, loss and metrics; the model supplies which parameters
-belong to the task. Compute runs in bf16 autocast where the hardware is fast at it, while
-the trainable parameters and optimizer state stay fp32 (AdamW on fp32 master weights).
+belong to the task. Compute runs in bf16 where the hardware is fast at it (a frozen
+backbone holds bf16 weights, see ``MultiTaskModel.encode``), while the trainable parameters
+and optimizer state stay fp32 (AdamW on fp32 master weights).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     device = model.device
     use_bf16 = resolve_bf16(config.bf16, device)
+    model_bf16, model.bf16 = model.bf16, use_bf16  # encode() computes in the run's precision
     pad_id = model.tokenizer.pad_token_id
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
@@ -165,6 +167,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             save_position(0, epoch)
     bar.close()
     elapsed = time.perf_counter() - started
+    model.bf16 = model_bf16
     model.eval()
     for param in trainable.values():
         param.requires_grad_(False)
