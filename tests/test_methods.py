@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_bert
+
 from mtpeft.bottleneck import add_bottleneck_adapter, bottleneck_sites
-from mtpeft.config import TrainConfig
 from mtpeft.examples import Example
 from mtpeft.methods import METHODS, MethodNotApplicable, get_method, weights_bytes
 from mtpeft.model import MultiTaskModel

@@ -128,6 +128,7 @@ class Method:
         ``MultiTaskModel.load``); the others hold their weights as safetensors plus ``method.json``.
         """
         folder = Path(folder)
+        model.full_precision()  # a frozen backbone may be held in bf16 for inference; write fp32 weights
         if self.kind in ("lora", "head-only"):
             return save_task(model, task, folder)
         write_safetensors(folder / "head.safetensors", dict(model.heads[task].state_dict()))

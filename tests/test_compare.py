@@ -1,0 +1,184 @@
+"""The compare grid writes one complete, portable JSON per run and resumes; the report builds from them."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from mtpeft.cli import build_parser, main
+from mtpeft.compare import GridSettings, fixed_subset, grid_cells, run_grid
+from mtpeft.examples import Example
+from mtpeft.report import (
+    END,
+    START,
+    ReportError,
+    load_runs,
+    replace_section,
+    summarise,
+    write_report,
+)
+
+RUN_FIELDS = {"format", "task", "method", "method_settings", "hyperparameters", "seed", "parameters", "adapter_bytes",
+              "metrics", "primary_metric", "train", "wall_seconds", "eval_seconds", "peak_rss_bytes", "peak_rss_scope",
+              "versions", "machine", "date", "command", "grid_command", "data", "backbone", "device"}
+
+
+def write_task_files(folder: Path) -> list[str]:
+    """Two small tasks of your own (CSV data + task JSON), as a user would define them."""
+    (folder / "data").mkdir(exist_ok=True)
+    words = {1: ["great", "lovely", "superb"], 0: ["awful", "broken", "poor"]}
+    rows = ["text,label"] + [f"the {words[i % 2][i % 3]} item number {i},{['bad', 'good'][i % 2]}" for i in range(40)]
+    (folder / "data" / "mood.csv").write_text("\n".join(rows) + "\n")
+    pairs = ["a,b,label"] + [f"order {i} came,{f'order {i} came' if i % 2 else 'the sky is blue'},{i % 2}"
+                             for i in range(40)]
+    (folder / "data" / "same.csv").write_text("\n".join(pairs) + "\n")
+    mood = {"spec": {"name": "mood", "type": "classification", "labels": ["bad", "good"], "max_length": 32,
+                     "extra": {"label_descriptions": {"bad": "an awful broken item", "good": "a great lovely item"}}},
+            "data": "data/mood.csv", "recipe": {"epochs": 1, "batch_size": 8, "lr": 1e-3}}
+    same = {"spec": {"name": "same", "type": "pair-classification", "labels": ["0", "1"], "text_column": "a",
+                     "text_pair_column": "b", "max_length": 32},
+            "data": "data/same.csv", "recipe": {"epochs": 1, "batch_size": 8}}
+    for name, record in (("mood", mood), ("same", same)):
+        (folder / f"{name}.json").write_text(json.dumps(record))
+    return ["mood.json", "same.json"]
+
+
+@pytest.fixture
+def workspace(tokenizer, tmp_path, monkeypatch):
+    from tiny_bundle import saved_backbone
+
+    monkeypatch.chdir(tmp_path)  # relative paths everywhere, as a user runs it from the repository
+    saved_backbone(tmp_path / "tiny", tokenizer)
+    return tmp_path, write_task_files(tmp_path)
+
+
+def test_grid_writes_complete_portable_runs_and_resumes(workspace):
+    root, files = workspace
+    settings = GridSettings(tasks=["mood", "same"], methods=["zero-shot", "lora-r2", "head-only"], seeds=[1, 2],
+                            task_files=files, backbone="tiny", in_process=True, progress=False, max_train=24)
+    lines = []
+    summary = run_grid(settings, grid_command="mtpeft compare ...", log=lines.append)
+    assert summary.failed == [] and len(summary.done) == 2 * (1 + 2 + 2)  # zero-shot runs once
+    mood = root / "results" / "compare" / "mood"
+    assert sorted(p.name for p in mood.iterdir()) == [
+        "head-only-seed1.json", "head-only-seed2.json", "lora-r2-seed1.json", "lora-r2-seed2.json",
+        "zero-shot-seed1.json"]
+    run = json.loads((mood / "lora-r2-seed2.json").read_text())
+    assert RUN_FIELDS <= set(run)
+    assert (run["task"], run["method"], run["seed"]) == ("mood", "lora-r2", 2)
+    params = run["parameters"]
+    assert params["trainable"] == 2 * 2 * 2 * (32 + 32) + 66 and params["total"] > params["backbone"]
+    assert params["backbone_to_trainable"] == pytest.approx(params["backbone"] / params["trainable"], rel=1e-3)
+    assert run["hyperparameters"]["seed"] == 2 and run["hyperparameters"]["lora"]["r"] == 2
+    assert run["data"]["train_examples"] == 24 and run["data"]["train_subset"].startswith("random 24 of 36")
+    assert run["adapter_bytes"] >= 4 * params["trainable"] and run["peak_rss_bytes"] > 0
+    assert {"torch", "transformers", "peft", "mtpeft", "python"} <= set(run["versions"])
+    assert 0 <= run["metrics"]["accuracy"] <= 100 and run["train"]["steps"] == 3
+    assert run["grid_command"] == "mtpeft compare ..."
+    args = build_parser().parse_args(shlex.split(run["command"])[1:])  # the command reproduces this cell
+    assert (args.tasks, args.methods, args.seeds, args.max_train) == (["mood"], ["lora-r2"], [2], 24)
+    text = "".join(p.read_text() for p in (root / "results").rglob("*.json"))
+    assert str(root) not in text  # no absolute paths
+    zero = json.loads((mood / "zero-shot-seed1.json").read_text())
+    assert zero["parameters"]["trainable"] == 0 and zero["train"] is None
+    assert zero["hyperparameters"]["zero_shot"]["rule"] == "nearest label-description embedding"
+    assert not (root / "runs" / "compare").exists() or not any((root / "runs" / "compare").rglob("*.safetensors"))
+
+    again = run_grid(settings, log=lines.append)
+    assert again.done == [] and len(again.skipped) == 10
+
+
+def test_cli_runs_a_cell_in_a_child_process(workspace, capsys):
+    root, files = workspace
+    code = main(["compare", "--tasks", "same", "--methods", "zero-shot", "--task-file", files[1], "--backbone", "tiny",
+                 "--no-progress"])
+    assert code == 0
+    run = json.loads((root / "results" / "compare" / "same" / "zero-shot-seed1.json").read_text())
+    assert run["peak_rss_scope"] == "run" and "threshold" in run["hyperparameters"]["zero_shot"]
+    assert run["grid_command"].startswith("mtpeft compare --tasks same")
+    assert main(["compare", "--list-methods"]) == 0 and "prefix-tuning" in capsys.readouterr().out
+
+
+def test_grid_settings_and_cells_fail_clearly():
+    with pytest.raises(ValueError, match="unknown method 'lora-big'"):
+        GridSettings(tasks=["sst2"], methods=["lora-big"])
+    with pytest.raises(ValueError, match="--max-train must be >= 1"):
+        GridSettings(tasks=["sst2"], methods=["tiny"], max_train=0)
+    with pytest.raises(ValueError, match="two or more --tasks"):
+        grid_cells(GridSettings(tasks=["sst2"], methods=["joint-proportional"]))
+    cells = grid_cells(GridSettings(tasks=["sst2", "mrpc"], methods=["zero-shot", "full", "joint-temperature"],
+                                    seeds=[1, 2, 3]))
+    assert [c.label() for c in cells][:4] == ["sst2 / zero-shot / seed 1", "sst2 / full / seed 1",
+                                              "sst2 / full / seed 2", "sst2 / full / seed 3"]
+    assert len(cells) == 2 * (1 + 3) + 3
+    settings = GridSettings(tasks=["squad"], methods=["zero-shot"], data_root="nowhere")
+    with pytest.raises(FileNotFoundError, match="data folder nowhere/squad does not exist"):
+        run_grid(settings, log=lambda line: None)
+
+
+def test_fixed_subset_is_seeded_ordered_and_described():
+    examples = [Example(text=str(i), label=i % 2) for i in range(100)]
+    subset, described = fixed_subset(examples, 10)
+    assert subset == fixed_subset(examples, 10)[0] and len(subset) == 10
+    assert [int(e.text) for e in subset] == sorted(int(e.text) for e in subset)
+    assert described == "random 10 of 100 (seed 0), file order"
+    assert fixed_subset(examples, None) == (examples, "all 100")
+
+
+def _fixture_run(task: str, method: str, seed: int, metric: float, trainable: int) -> dict:
+    return {
+        "format": "mtpeft-compare-run/1", "task": task, "method": method, "seed": seed,
+        "method_settings": {"description": f"{method} described"}, "primary_metric": "accuracy",
+        "parameters": {"trainable": trainable, "total": 1000 + trainable, "backbone": 1_000_000},
+        "adapter_bytes": 4 * trainable, "metrics": {"accuracy": metric, "f1": metric - 1, "examples": 50},
+        "train": {"seconds": 10.0 + seed} if trainable else None, "hyperparameters": {"epochs": 2.0},
+        "data": {"train_examples": 500}, "backbone": {"name": "default", "model_type": "bert", "parameters": 1_000_000},
+        "versions": {"torch": "2", "transformers": "5", "peft": "0.21"},
+        "machine": {"cpu": "test cpu", "torch_threads": 2}, "date": f"2026-11-2{seed}T10:00:00+00:00",
+    }
+
+
+def test_report_tables_plots_and_section(tmp_path):
+    results = tmp_path / "results" / "compare"
+    runs = [_fixture_run("sst2", "lora-r8", s, 90.0 + s, 74_498) for s in (1, 2, 3)]
+    runs += [_fixture_run("sst2", "full", s, 91.0, 1_000_770) for s in (1, 2, 3)]
+    runs += [_fixture_run("sst2", "zero-shot", 1, 70.0, 0), _fixture_run("mrpc", "tiny", 1, 80.0, 9_986)]
+    for run in runs:
+        path = results / run["task"] / f"{run['method']}-seed{run['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run))
+    rows = summarise(load_runs(results))
+    assert [r.method for r in rows["sst2"]] == ["zero-shot", "lora-r8", "full"]  # registry order
+    lora = rows["sst2"][1]
+    assert lora.mean("accuracy") == pytest.approx(92.0) and lora.std("accuracy") == pytest.approx(1.0)
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Results\n\nSomeone else's section.\n")
+    write_report(results, out, tmp_path / "results" / "plots")
+    text = out.read_text()
+    assert "Someone else's section." in text and text.count(START) == 1 and text.count(END) == 1
+    assert "| lora-r8 | 74,498 | 13 | 92.00 ± 1.00 | 3 | 500 | 2 | 12 s | 291 KiB |" in text
+    assert "| zero-shot | 0 | – | 70.00 | 1 |" in text
+    assert "| tiny | 9,986 | 100 | 79.00 | 80.00 |" in text  # mrpc shows F1, then accuracy
+    assert "](results/plots/quality_sst2.png)" in text
+    for name in ("quality_sst2.png", "quality_mrpc.png", "quality_train_time.png"):
+        assert (tmp_path / "results" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out.write_text(out.read_text() + "\n## Later section\n")
+    write_report(results, out, tmp_path / "results" / "plots")  # rewrites only between the markers
+    again = out.read_text()
+    assert again.count(START) == 1 and "## Later section" in again and "Someone else's section." in again
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ReportError, match="no run results"):
+        load_runs(tmp_path)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "x.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ReportError, match="not an mtpeft compare run"):
+        load_runs(tmp_path)
+    with pytest.raises(ReportError, match="broken quality section"):
+        replace_section(f"{END}\n{START}\n", "x")
+    assert replace_section("", f"{START}\nnew\n{END}").startswith("# Results")

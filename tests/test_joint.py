@@ -1,0 +1,112 @@
+"""Joint multi-task training: task sampling, one shared adapter, separate learning rates."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import tiny_bert
+
+from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.examples import Example
+from mtpeft.joint import (
+    SHARED_ADAPTER,
+    TaskSampler,
+    build_joint_model,
+    joint_optimizer,
+    sampling_probabilities,
+    shared_parameters,
+    train_joint,
+)
+from mtpeft.tasks import TaskSpec
+
+SIZES = {"big": 900, "mid": 90, "small": 10}
+SENT = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+SIM = TaskSpec(name="sim", type="regression", text_pair_column="b", label_range=[0, 5])
+
+
+def test_sampling_probabilities():
+    proportional = sampling_probabilities(SIZES, "proportional")
+    assert proportional == pytest.approx({"big": 0.9, "mid": 0.09, "small": 0.01})
+    tempered = sampling_probabilities(SIZES, "temperature", temperature=2.0)
+    roots = {t: n ** 0.5 for t, n in SIZES.items()}
+    assert tempered == pytest.approx({t: r / sum(roots.values()) for t, r in roots.items()})
+    assert sampling_probabilities(SIZES, "temperature", 1.0) == pytest.approx(proportional)
+    flat = sampling_probabilities(SIZES, "temperature", 1e6)
+    assert max(flat.values()) - min(flat.values()) < 1e-4  # T -> infinity: uniform
+    with pytest.raises(ValueError, match="unknown task sampling"):
+        sampling_probabilities(SIZES, "round-robin")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sampling_probabilities(SIZES, "temperature", 0.0)
+    with pytest.raises(ValueError, match="every task needs training examples"):
+        sampling_probabilities({"a": 3, "b": 0})
+
+
+@pytest.mark.parametrize("sampling", ["proportional", "temperature"])
+def test_sampler_draws_match_the_probabilities(sampling):
+    probabilities = sampling_probabilities(SIZES, sampling, temperature=3.0)
+    draws = Counter(TaskSampler(probabilities, seed=7).draw(40_000))
+    for task, p in probabilities.items():
+        assert draws[task] / 40_000 == pytest.approx(p, abs=0.01)
+    assert TaskSampler(probabilities, seed=7).draw(50) == TaskSampler(probabilities, seed=7).draw(50)
+
+
+def _data():
+    sentences = [Example(text=f"{w} item {i}", label=int(w == "great")) for i, w in
+                 enumerate(["great", "awful"] * 12)]
+    pairs = [Example(text=f"a{i} b", text_pair=f"a{i} b" if i % 2 else "zz", label=5.0 * (i % 2)) for i in range(8)]
+    return {"sent": (sentences, sentences[:6]), "sim": (pairs, pairs)}
+
+
+def test_joint_training_shares_one_adapter_and_keeps_the_backbone(tokenizer):
+    backbone = tiny_bert(tokenizer)
+    model = build_joint_model(backbone, [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    model.bf16 = False
+    assert model.lora_layers("sent") == {} and len(model.lora_layers(SHARED_ADAPTER)) == 4
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, head_lr=5e-3, bf16=False, seed=0)
+    optimizer = joint_optimizer(model, config)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 5e-3]  # shared adapter, heads
+    result = train_joint(model, _data(), config, "temperature", 2.0, task_epochs={"sent": 1, "sim": 2},
+                         progress=False)
+    assert result.total_steps == 6 + 4  # 1 epoch x 6 batches of sent + 2 epochs x 2 batches of sim
+    assert sum(result.steps.values()) == result.total_steps and min(result.steps.values()) > 0
+    assert set(result.metrics) == {"sent", "sim"} and "accuracy" in result.metrics["sent"]
+    assert result.shared_parameters == 2 * 2 * 4 * (32 + 32)
+    assert result.head_parameters == {"sent": 66, "sim": 33}
+    model.unmerge_adapters()  # evaluation may have folded the shared adapter into the weights
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    shared = {id(p) for p in shared_parameters(model).values()}
+    names = {n for n, p in model.named_parameters() if id(p) in shared}
+    assert changed & names and any(n.startswith("heads.sent") for n in changed) and any(
+        n.startswith("heads.sim") for n in changed)
+    assert all(n in names or n.startswith("heads.") for n in changed)  # the backbone never moved
+    batch = dict(tokenizer(["great item", "awful"], return_tensors="pt", padding=True))
+    with torch.no_grad():
+        both = model.encode(batch, ["sent", "sim"])
+        torch.testing.assert_close(model.encode(batch, "sent"), both)  # both tasks' rows use the shared adapter
+        assert not torch.allclose(model.encode(batch, None), both)
+
+
+def test_compare_runs_a_joint_cell(tokenizer, tmp_path, monkeypatch):
+    import json
+
+    from test_compare import write_task_files
+    from tiny_bundle import saved_backbone
+
+    from mtpeft.compare import GridSettings, run_grid
+
+    monkeypatch.chdir(tmp_path)
+    saved_backbone(tmp_path / "tiny", tokenizer)
+    files = write_task_files(tmp_path)
+    settings = GridSettings(tasks=["mood", "same"], methods=["joint-temperature"], seeds=[3], task_files=files,
+                            backbone="tiny", in_process=True, progress=False, epochs=1, batch_size=4)
+    summary = run_grid(settings, log=lambda line: None)
+    assert summary.failed == [] and len(summary.done) == 1
+    for task in ("mood", "same"):
+        run = json.loads((tmp_path / "results" / "compare" / task / "joint-temperature-seed3.json").read_text())
+        assert run["joint"]["tasks"] == ["mood", "same"] and run["hyperparameters"]["temperature"] == 2.0
+        assert run["parameters"]["trainable"] == run["joint"]["shared_parameters"] + run["joint"]["head_parameters"][task]
+        assert run["adapter_bytes"] > 4 * run["joint"]["shared_parameters"]
+    assert run_grid(settings, log=lambda line: None).skipped  # resumable: nothing left to run
