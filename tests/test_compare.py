@@ -89,6 +89,11 @@ def test_grid_writes_complete_portable_runs_and_resumes(workspace):
 
     again = run_grid(settings, log=lines.append)
     assert again.done == [] and len(again.skipped) == 10
+    other = GridSettings(tasks=["mood"], methods=["head-only"], seeds=[1], task_files=files, backbone="tiny",
+                         in_process=True, max_train=30)
+    lines.clear()
+    assert run_grid(other, log=lines.append).failed == ["mood / head-only / seed 1"]
+    assert "made with other settings (max_train=24 there, 30 here)" in "\n".join(lines)
 
 
 def test_cli_runs_a_cell_in_a_child_process(workspace, capsys):

@@ -109,6 +109,14 @@ class GridSettings:
         if self.joint_temperature <= 0:
             raise ValueError(f"--joint-temperature must be > 0, got {self.joint_temperature}")
 
+    def run_settings(self, method: Method) -> dict:
+        """What a finished run must share with this grid to count as done (not the seed or the paths)."""
+        settings = {"backbone": self.backbone, "max_train": self.max_train, "max_eval": self.max_eval,
+                    **self.overrides()}
+        if method.kind == "joint":
+            settings.update(joint_temperature=self.joint_temperature, joint_tasks=list(self.tasks))
+        return settings
+
     def overrides(self) -> dict:
         return {"epochs": self.epochs, "lr": self.lr, "head_lr": self.head_lr, "batch_size": self.batch_size}
 
@@ -294,6 +302,7 @@ def run_cell(cell: Cell, settings: GridSettings, grid_command: str | None = None
             "versions": library_versions(), "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "grid_command": grid_command or command,
+            "grid_settings": settings.run_settings(cell.method),
         })
         path = cell.result_paths(settings.results)[cell.tasks.index(task)]
         write_json(path, dict(sorted(record.items())))
@@ -419,6 +428,18 @@ def not_applicable(cell: Cell, settings: GridSettings) -> str | None:
     return None
 
 
+def _conflict(cell: Cell, settings: GridSettings) -> str | None:
+    """Why an existing result cannot stand for this grid's run (other subsets, epochs, ...), or None."""
+    wanted = settings.run_settings(cell.method)
+    for path in cell.result_paths(settings.results):
+        found = json.loads(path.read_text()).get("grid_settings", {})
+        differing = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        if differing:
+            detail = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in differing.items())
+            return (f"{path} was made with other settings ({detail}); delete it or pass another --results")
+    return None
+
+
 def run_grid(settings: GridSettings, grid_command: str | None = None, log=print) -> GridSummary:
     """Run every cell of the grid that has no result yet; one child process per cell unless ``in_process``."""
     summary = GridSummary()
@@ -426,6 +447,11 @@ def run_grid(settings: GridSettings, grid_command: str | None = None, log=print)
     for number, cell in enumerate(cells, 1):
         label = f"[{number}/{len(cells)}] {cell.label()}"
         if all(p.exists() for p in cell.result_paths(settings.results)):
+            conflict = _conflict(cell, settings)
+            if conflict:
+                summary.failed.append(cell.label())
+                log(f"{label}: {conflict}")
+                continue
             summary.skipped.append(cell.label())
             log(f"{label}: done before, skipped")
             continue
