@@ -153,3 +153,25 @@ def test_mixed_batch_in_bf16_stays_within_tolerance(backbone, tokenizer):
             single = model.encode({k: v[row:row + 1] for k, v in batch.items()}, task).float()
             length = int(batch["attention_mask"][row].sum())
             torch.testing.assert_close(mixed[row, :length], single[0, :length], rtol=5e-2, atol=5e-2)
+
+
+def test_stacked_inference_path_equals_grouped_training_path(backbone, tokenizer):
+    model = MultiTaskModel(backbone)
+    model.bf16 = False
+    for name, r in (("a", 4), ("b", 8), ("c", 2)):
+        model.add_task(TaskSpec(name=name, type="classification", labels=["x", "y"]), LoraSettings(r=r))
+    model.add_task(TaskSpec(name="plain", type="classification", labels=["x", "y"]), head_only=True)
+    _randomise_adapters(model)
+    batch = _batch(tokenizer, TEXTS)
+    rows = ["a", "b", "plain", "c", "a", "b"]
+    with torch.no_grad():
+        stacked = model.encode(batch, rows)  # no grad: one stacked matmul pair per layer
+    with torch.enable_grad():
+        grouped = model.encode(batch, rows)  # grad: rows gathered per task
+    torch.testing.assert_close(stacked, grouped.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for layer in model.lora_layers().values():  # a changed adapter is never served from the cache
+            layer.lora_B["b"].weight.mul_(2)
+        changed = model.encode(batch, rows)
+    assert (changed[1] - stacked[1]).abs().max() > 1e-4
+    torch.testing.assert_close(changed[0], stacked[0], rtol=1e-5, atol=1e-5)

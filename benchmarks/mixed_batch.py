@@ -1,0 +1,167 @@
+"""Mixed-task batch throughput, side by side in one process:
+
+1. mtpeft: one forward pass in which each row uses its own task's LoRA adapter
+   (``MultiTaskModel.encode`` with one task name per row), then each row's own head;
+2. peft: the same four adapters, mixed batch through ``adapter_names=`` (inference only);
+3. peft, one adapter merged into the backbone (``merge_and_unload``): a plain forward pass,
+   the fastest a single-task batch can be in peft.
+
+Four tasks with different heads (classification, regression, pair classification, extractive
+QA), LoRA r=8 on query/value, batch 64 x 64 tokens (16 rows per task, shuffled), packaged
+MiniLM, fp32 and bf16. peft in bf16 is measured both ways users run it: under
+``torch.autocast`` with fp32 weights, and with the model cast to bf16. Every configuration is
+timed in turn (round robin) and the median of the repeats is reported.
+
+    .venv/bin/python benchmarks/mixed_batch.py   # -> results/mixed_batch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+
+import torch
+from peft import LoraConfig, get_peft_model
+from speedkit import matmul_peak_tflops, round_robin, write_result
+from transformers import AutoModel
+
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.backbone import load_backbone, resolve_backbone_path
+from mtpeft.config import LoraSettings
+
+TASKS = [
+    TaskSpec(name="sentiment", type="classification", labels=["negative", "positive"]),
+    TaskSpec(name="similarity", type="regression", text_pair_column="sentence2", label_range=[0.0, 5.0]),
+    TaskSpec(name="paraphrase", type="pair-classification", text_pair_column="sentence2", labels=["no", "yes"]),
+    TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=384, doc_stride=128),
+]
+RANK = 8
+
+
+def build_models(seed: int = 0):
+    torch.manual_seed(seed)
+    backbone = load_backbone("default")
+    ours = MultiTaskModel(backbone).eval()
+    for spec in TASKS:
+        ours.add_task(spec, LoraSettings(r=RANK, alpha=2 * RANK))
+    for layer in ours.lora_layers().values():
+        for task in layer.lora_B:
+            torch.nn.init.normal_(layer.lora_B[task].weight, std=0.02)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["query", "value"], lora_dropout=0.0)
+    theirs = get_peft_model(AutoModel.from_pretrained(resolve_backbone_path("default")), config, adapter_name=TASKS[0].name)
+    for spec in TASKS[1:]:
+        theirs.add_adapter(spec.name, config)
+    # The same adapter weights in both libraries.
+    ours_state = {}
+    for path, layer in ours.lora_layers().items():
+        for task in layer.lora_A:
+            ours_state[f"{path}.lora_A.{task}.weight"] = layer.lora_A[task].weight
+            ours_state[f"{path}.lora_B.{task}.weight"] = layer.lora_B[task].weight
+    with torch.no_grad():
+        copied = 0
+        for name, param in theirs.named_parameters():
+            key = name.removeprefix("base_model.model.")
+            if key in ours_state:
+                param.copy_(ours_state[key])
+                copied += 1
+    assert copied == len(ours_state), (copied, len(ours_state))
+    theirs.eval()
+    merged_source = copy.deepcopy(theirs)
+    merged_source.set_adapter(TASKS[0].name)
+    merged = merged_source.merge_and_unload(adapter_names=[TASKS[0].name]).eval()
+    return ours, theirs, merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ours, theirs, merged = build_models()
+    vocab = ours.tokenizer.vocab_size
+    batch = {"input_ids": torch.randint(1000, vocab, (args.batch, args.tokens)),
+             "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long),
+             "token_type_ids": torch.zeros(args.batch, args.tokens, dtype=torch.long)}
+    row_tasks = [TASKS[i % len(TASKS)].name for i in range(args.batch)]
+    random.Random(0).shuffle(row_tasks)
+    groups = {spec.name: torch.tensor([i for i, t in enumerate(row_tasks) if t == spec.name]) for spec in TASKS}
+    plain = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    n = args.batch
+
+    def ours_backbone():
+        ours.encode(batch, row_tasks)
+        return n
+
+    def ours_with_heads():
+        hidden = ours.encode(batch, row_tasks)
+        for task, rows in groups.items():
+            ours.heads[task](hidden[rows], batch["attention_mask"][rows])
+        return n
+
+    def peft_mixed(model, autocast):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model(**plain, adapter_names=row_tasks)
+            return n
+        return run
+
+    def plain_forward(model, autocast):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model(**plain)
+            return n
+        return run
+
+    # Equivalence check before timing: our mixed rows equal peft's mixed rows (fp32).
+    ours.bf16 = False
+    with torch.inference_mode():
+        difference = (ours.encode(batch, row_tasks) - theirs(**plain, adapter_names=row_tasks).last_hidden_state).abs().max()
+    assert difference < 1e-4, f"mtpeft and peft disagree by {difference}"
+
+    peak = matmul_peak_tflops()
+    results = {}
+    with torch.inference_mode():
+        ours.bf16 = False
+        results["fp32"] = round_robin({
+            "mtpeft_mixed": ours_backbone,
+            "mtpeft_mixed_with_heads": ours_with_heads,
+            "peft_mixed": peft_mixed(theirs, False),
+            "peft_merged_single": plain_forward(merged, False),
+        }, args.repeats)
+        ours.bf16 = True
+        theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
+        merged_bf16 = copy.deepcopy(merged).to(torch.bfloat16)
+        results["bf16"] = round_robin({
+            "mtpeft_mixed": ours_backbone,
+            "mtpeft_mixed_with_heads": ours_with_heads,
+            "peft_mixed_autocast": peft_mixed(theirs, True),
+            "peft_mixed_bf16_weights": peft_mixed(theirs_bf16, False),
+            "peft_merged_single_autocast": plain_forward(merged, True),
+            "peft_merged_single_bf16_weights": plain_forward(merged_bf16, False),
+        }, args.repeats)
+    flops_per_example = 2 * ours.backbone_parameter_count() * args.tokens  # matmul FLOPs, excluding attention scores
+    ratios = {}
+    for precision, rows in results.items():
+        ours_rate = rows["mtpeft_mixed"]["examples_per_s"]
+        for name, row in rows.items():
+            if name.startswith("peft"):
+                ratios[f"{precision}: mtpeft_mixed / {name}"] = round(ours_rate / row["examples_per_s"], 2)
+        for row in rows.values():
+            row["fraction_of_bf16_peak"] = round(row["examples_per_s"] * flops_per_example / (peak["tflops"] * 1e12), 3)
+    write_result("mixed_batch", {
+        "setup": {"tasks": [s.name for s in TASKS], "rank": RANK, "targets": ["query", "value"], "batch": args.batch,
+                  "tokens": args.tokens, "repeats": args.repeats, "rows_per_task": args.batch // len(TASKS),
+                  "check_fp32_max_abs_difference_vs_peft": float(difference)},
+        "bf16_matmul_peak": peak,
+        "results": results,
+        "ratios": ratios,
+        "targets": {"vs_peft_mixed": 2.0, "vs_peft_merged_single": 1.3},
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()

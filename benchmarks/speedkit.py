@@ -1,0 +1,100 @@
+"""Shared measuring tools for the speed benchmarks: the machine's bf16 matmul peak, round-robin
+timing (every configuration measured in turn, so drifts in the machine's speed hit all alike),
+per-phase peak resident memory, and the JSON record every benchmark writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, repeats: int = 7) -> dict:
+    """Measured matmul throughput on shapes of a MiniLM layer (4096 tokens x 384 x 1536), best shape's median."""
+    shapes = [(4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384)]
+    best = {}
+    for n, k, m in shapes:
+        a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
+        for _ in range(10):  # the first calls pay for kernel selection and warm-up
+            a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            times.append((time.perf_counter() - start) / 10)
+        best[f"{n}x{k}x{m}"] = round(2 * n * k * m / statistics.median(times) / 1e12, 3)
+    return {"dtype": str(dtype).removeprefix("torch."), "tflops_by_shape": best, "tflops": max(best.values())}
+
+
+def round_robin(configs: dict[str, Callable[[], int]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Run each configuration ``repeats`` times in turn; each call returns the examples it processed.
+
+    Returns per configuration the median examples/s and every repeat's figure.
+    """
+    for fn in configs.values():
+        for _ in range(warmup):
+            fn()
+    rates: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, fn in configs.items():
+            start = time.perf_counter()
+            examples = fn()
+            rates[name].append(examples / (time.perf_counter() - start))
+    return {name: {"examples_per_s": round(statistics.median(r), 1), "repeats": [round(x, 1) for x in r]}
+            for name, r in rates.items()}
+
+
+def reset_peak_rss() -> None:
+    """Start a new resident-memory high-water mark (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import peft
+    import transformers
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def write_result(name: str, payload: dict, out: str | None = None) -> Path:
+    """Write ``results/<name>.json`` with the command, date and machine, atomically."""
+    from mtpeft.storage import write_json
+
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), RESULTS.parent)
+    record = {"benchmark": name, "command": " ".join(["python", script, *sys.argv[1:]]),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    print(json.dumps(record, indent=2))
+    return path
