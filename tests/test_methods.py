@@ -181,3 +181,11 @@ def test_zero_shot_rules(tokenizer):
     with pytest.raises(MethodNotApplicable, match="label_descriptions"):
         label_descriptions(TaskSpec(name="topic", type="classification", labels=["a", "b"]))
     assert label_descriptions(TaskSpec(name="sst2", type="classification", labels=["negative", "positive"]))
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_method_predicts_with_a_bf16_held_backbone(name, tokenizer):
+    model = get_method(name).build(tiny_bert(tokenizer), PAIR)
+    model.bf16 = True  # inference holds a frozen backbone's weights in bf16; peft buffers stay fp32
+    predictions = model.predict([("a b", "c d e")] * 9, task="p")  # 9 rows: the merged single-task path too
+    assert len(predictions) == 9 and all(0 <= p.score <= 1 for p in predictions)

@@ -180,6 +180,14 @@ class PeftEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> BaseModelOutput:
+        # MultiTaskModel may hold a frozen backbone's parameters in bf16 for inference while
+        # peft's own buffers (VeRA's shared A/B) stay fp32: autocast makes their matmuls agree.
+        held_bf16 = self.peft.get_input_embeddings().weight.dtype == torch.bfloat16
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=held_bf16):
+            return self._forward(input_ids, attention_mask, token_type_ids)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None) -> BaseModelOutput:
         from peft import PeftType
 
         config = self.peft.active_peft_config
