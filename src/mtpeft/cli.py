@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request (default 64)")
     serve.add_argument("--max-text-chars", type=int, default=2000, help="characters per text (default 2000)")
     serve.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+    serve.add_argument("--max-active-adapters", type=int, metavar="N",
+                       help="at most N tasks active in the model; others load from the bundle on demand (default: all active)")
     compare = sub.add_parser("compare", help="run a method x task grid; one result JSON per run (resumable)")
     compare.add_argument("--tasks", type=_csv_list, help="comma-separated tasks: built-in ones or --task-file names")
     compare.add_argument("--methods", type=_csv_list, help="comma-separated methods (see --list-methods)")
@@ -390,7 +392,8 @@ def _serve(args) -> int:
     from mtpeft.serve import ServeSettings, serve
 
     settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars)
-    serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings)
+    serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings,
+          max_active_adapters=args.max_active_adapters)
     return 0
 
 

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from mtpeft.adapter_cache import AdapterStore, serving_store
 from mtpeft.batcher import MicroBatcher, Overloaded
 from mtpeft.embeddings import embed_texts
 from mtpeft.model import MultiTaskModel, to_example
@@ -148,10 +149,14 @@ def page_html() -> str:
 
 
 def create_app(model: MultiTaskModel, router: Router | None = None, support: SupportPipeline | None = None,
-               settings: ServeSettings | None = None) -> FastAPI:
-    """An app serving ``model``'s tasks; ``router`` defaults to the shape rule, ``support`` enables ``/v1/support``."""
+               settings: ServeSettings | None = None, store: AdapterStore | None = None) -> FastAPI:
+    """An app serving ``model``'s tasks; ``router`` defaults to the shape rule, ``support`` enables ``/v1/support``.
+
+    With ``store``, the app serves every task registered there, keeping the hot ones active in ``model``.
+    """
     settings = settings or ServeSettings()
-    router = router or ShapeRouter(model.specs)
+    tasks_of = model if store is None else store  # specs, spec(), task_metrics and run() of the tasks served
+    router = router or ShapeRouter(tasks_of.specs)
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtpeft-model")  # the model thread
 
@@ -159,7 +164,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         metrics.batch_rows.observe(rows)
         metrics.batch_requests.observe(requests)
 
-    batcher = MicroBatcher(lambda items: model.run(items, batch_size=settings.batch_size), executor,
+    batcher = MicroBatcher(lambda items: tasks_of.run(items, batch_size=settings.batch_size), executor,
                            settings.max_wait_ms, settings.max_batch_items, on_batch, settings.max_queued)
 
     async def predict_rows(items):
@@ -182,6 +187,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                   description="Many task adapters on one frozen backbone: predictions, routing and customer support.")
     app.state.model, app.state.router, app.state.support = model, router, support
     app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
+    app.state.store = store
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -193,14 +199,14 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
         kind = "learned" if isinstance(router, LearnedRouter) else "shape"
-        return Health(status="ok", tasks=len(model.specs), router=kind, support=support is not None)
+        return Health(status="ok", tasks=len(tasks_of.specs), router=kind, support=support is not None)
 
     @app.get("/v1/tasks", response_model=TasksResponse)
     async def tasks() -> dict:
         learned = isinstance(router, LearnedRouter)
         return {"tasks": [{"name": name, "type": spec.type, "input": task_shape(spec), "labels": spec.labels,
-                           "description": spec.description, "metrics": model.task_metrics.get(name, {})}
-                          for name, spec in model.specs.items()],
+                           "description": spec.description, "metrics": tasks_of.task_metrics.get(name, {})}
+                          for name, spec in tasks_of.specs.items()],
                 "router": {"kind": "learned" if learned else "shape", "threshold": getattr(router, "threshold", None),
                            "classes": getattr(router, "classes", [])},
                 "support": support is not None}
@@ -220,8 +226,8 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         if isinstance(tasks, list) and len(tasks) != len(values):
             raise HTTPException(422, f"{len(tasks)} task names for {len(values)} inputs")
         for name in [tasks] if isinstance(tasks, str) else tasks or []:
-            if name is not None and name not in model.specs:
-                raise HTTPException(422, f"unknown task {name!r}; known tasks: {sorted(model.specs)}")
+            if name is not None and name not in tasks_of.specs:
+                raise HTTPException(422, f"unknown task {name!r}; known tasks: {sorted(tasks_of.specs)}")
         needs_router = tasks is None or (isinstance(tasks, list) and None in tasks)
         if needs_router and not isinstance(router, ShapeRouter):  # the learned router runs the backbone
             loop = asyncio.get_running_loop()
@@ -237,7 +243,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                 result["error"] = f"no task matched: {decision.reason}"
                 continue
             try:
-                example = to_example(value, model.spec(decision.task))
+                example = to_example(value, tasks_of.spec(decision.task))
             except ValueError as err:
                 if decision.source == "explicit":
                     raise HTTPException(422, f"inputs[{i}]: {err}") from None
@@ -245,6 +251,8 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                 continue
             items.append((decision.task, example))
             where.append(i)
+        if store is not None:  # read cold tasks' files here, off the model thread
+            await run_in_threadpool(store.prefetch, [task for task, _ in items])
         for i, prediction in zip(where, await predict_rows(items)):
             results[i]["prediction"] = prediction.to_dict()
             metrics.predictions.labels(prediction.task).inc()
@@ -285,20 +293,31 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
 
 
 def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None, backbone: str | None = None,
-                settings: ServeSettings | None = None, support_tasks: tuple[str, str, str] | None = None) -> FastAPI:
+                settings: ServeSettings | None = None, support_tasks: tuple[str, str, str] | None = None,
+                max_active_adapters: int | None = None) -> FastAPI:
     """An app for a saved bundle: its router (else the shape rule), and the support pipeline
-    when the bundle holds the support tasks (the packaged FAQ unless ``faq`` names one)."""
+    when the bundle holds the support tasks (the packaged FAQ unless ``faq`` names one).
+
+    ``max_active_adapters`` registers every task but keeps at most that many in the model
+    (``AdapterStore``); the router's and support pipeline's tasks stay active.
+    """
     from mtpeft.router import load_router
 
-    model = MultiTaskModel.load(bundle, backbone=backbone)
-    router = load_router(bundle, model)
+    if max_active_adapters is None:
+        model = MultiTaskModel.load(bundle, backbone=backbone)
+        store, router = None, load_router(bundle, model)
+    else:
+        store, router = serving_store(bundle, max_active_adapters, backbone)
+        model = store.model
     names = support_tasks or ("sentiment", "similar-questions", "faq-answer")
+    if store is not None and all(name in store.specs for name in names):
+        store.pin(names)
     support = None
     if all(name in model.specs for name in names):
         support = SupportPipeline(model, faq, *names)
     elif faq is not None:
         raise ValueError(f"--faq needs the support tasks {list(names)} in the bundle; it holds {model.task_names}")
-    return create_app(model, router, support, settings)
+    return create_app(model, router, support, settings, store)
 
 
 def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
