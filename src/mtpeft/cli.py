@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "A run that finds a checkpoint in --out continues from it")
     train.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (and report them) instead of stopping")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--report-to", type=_csv_list, default=["tensorboard"],
+                       help="experiment trackers, comma-separated: tensorboard (default; events in --out/tensorboard), "
+                            "wandb, mlflow, ... (accelerate's integrations, when installed)")
+    train.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
 
     evaluate = sub.add_parser("evaluate", help="score a trained task on labelled data")
     evaluate.add_argument("path", help="a trained task folder or a bundle")
@@ -266,7 +270,8 @@ def _train(args) -> int:
     run_info = {"data": data.description, "skipped_rows": len(data.skipped), "backbone": args.backbone,
                 "command": "mtpeft " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     result = train_task(model, spec.name, data.train, data.eval, config, out_dir=args.out,
-                        progress=not args.no_progress, run_info=run_info)
+                        progress=not args.no_progress, run_info=run_info,
+                        report_to=[t for t in args.report_to if not (args.no_tensorboard and t == "tensorboard")])
     print(f"{spec.name}: {format_metrics(result.metrics)} ({result.train_seconds:.0f} s, "
           f"{result.trainable_parameters:,} trainable parameters) -> {args.out}")
     return 0

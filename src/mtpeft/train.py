@@ -30,6 +30,7 @@ from mtpeft.model import MultiTaskModel
 from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.storage import remove_stale_temporaries, save_task, write_json
 from mtpeft.tasks import task_type
+from mtpeft.tracking import RunTracker
 
 
 @dataclass
@@ -70,14 +71,15 @@ def _optimizer(model: MultiTaskModel, task: str, config: TrainConfig) -> torch.o
 def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Example],
                eval_examples: Sequence[Example] | None = None, config: TrainConfig | None = None,
                out_dir: str | Path | None = None, progress: bool = True, run_info: dict | None = None,
-               save: bool = True) -> TrainResult:
+               save: bool = True, report_to: Sequence[str] | None = ("tensorboard",)) -> TrainResult:
     """Train ``task``'s adapter and head on ``train_examples``; evaluate; save to ``out_dir``.
 
     Only the task's own parameters train: the backbone and other tasks stay frozen. With
     ``out_dir``, a checkpoint is written every ``config.checkpoint_every`` steps and at each
     epoch end, and a run that finds one there continues from it. ``save=False`` keeps
     ``out_dir`` to checkpoints, config.json and metrics.json: methods whose weights are not a
-    LoRA adapter (``mtpeft.methods``) write their own.
+    LoRA adapter (``mtpeft.methods``) write their own. ``report_to`` names the trackers
+    (``mtpeft.tracking``) that record the run in ``out_dir``; empty: none.
     """
     config = config or TrainConfig()
     spec = model.spec(task)
@@ -119,6 +121,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     parallel = DataParallel()
     checkpoint = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
     step_model = parallel.wrap(model)
+    tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
     model.train()
     step, seen, epoch, loss_value = position.step, position.seen, position.epoch, float("nan")
     saves = 0
@@ -157,6 +160,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             seen += len(batches[index])
             loss_value = float(loss.detach())
             bar.update(1)
+            tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
             if step % 10 == 0 or step == total_steps:
                 bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
             fault_point("step", step)
@@ -178,6 +182,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                            loss_value, sum(p.numel() for p in trainable.values()), use_bf16)
     metrics = evaluate_task(model, task, eval_examples, config.eval_batch_size) if eval_examples else {}
     model.task_metrics[task] = metrics
+    tracker.finish(step, metrics)
     result = TrainResult(task=task, metrics=metrics, steps=step, train_examples=len(train_examples),
                          train_seconds=round(elapsed, 3), examples_per_second=round(seen / elapsed, 2),
                          final_loss=loss_value, trainable_parameters=sum(p.numel() for p in trainable.values()),
