@@ -17,7 +17,7 @@ from conftest import tiny_bert  # noqa: E402
 from mtpeft.router import LearnedRouter  # noqa: E402
 from mtpeft.serve import ServeSettings, create_app, load_server  # noqa: E402
 from mtpeft.support import SupportPipeline  # noqa: E402
-from tiny_bundle import FAQ, QA, ROUTER_EXAMPLES, path_backbone, saved_backbone, support_model  # noqa: E402
+from tiny_bundle import FAQ, QA, ROUTER_EXAMPLES, path_backbone, saved_backbone, slowed, support_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +198,9 @@ def test_load_server_and_serve_cli(tokenizer, tmp_path, monkeypatch):
     faq.write_text("".join(json.dumps({"question": e.question, "context": e.context}) + "\n" for e in FAQ))
     assert main(["serve", str(tmp_path / "bundle"), "--port", "8123", "--faq", str(faq), "--max-inputs", "7"]) == 0
     assert started["port"] == 8123 and started["app"].state.settings.max_inputs == 7
+    assert started["app"].state.manager.root == (tmp_path / "bundle").resolve()  # task management loads from the bundle
+    assert main(["serve", str(tmp_path / "bundle"), "--admin-root", str(tmp_path)]) == 0
+    assert started["app"].state.manager.root == tmp_path.resolve()
     with TestClient(started["app"]) as c:
         assert c.get("/healthz").json() == {"status": "ok", "tasks": 3, "router": "learned", "support": True}
     model.save(tmp_path / "one", tasks=["sentiment"])
@@ -206,15 +209,7 @@ def test_load_server_and_serve_cli(tokenizer, tmp_path, monkeypatch):
 
 
 def test_overload_and_timeout_are_503_with_retry_after(model, monkeypatch):
-    import time
-
-    run = model.run
-
-    def slow(items, batch_size=64):
-        time.sleep(0.3)
-        return run(items, batch_size=batch_size)
-
-    monkeypatch.setattr(model, "run", slow)
+    slowed(model, monkeypatch, 0.3)
     app = create_app(model, settings=ServeSettings(max_wait_ms=0, max_queued=1, request_timeout_s=5))
 
     async def burst():
@@ -232,3 +227,52 @@ def test_overload_and_timeout_are_503_with_retry_after(model, monkeypatch):
     with TestClient(slow_app) as c:
         response = c.post("/v1/predict", json={"input": "hi", "task": "sentiment"})
     assert response.status_code == 503 and "request_timeout_s" in response.json()["detail"]
+
+
+def test_shutdown_drains_accepted_requests_and_refuses_new_ones(model, monkeypatch):
+    slowed(model, monkeypatch, 0.2)
+    app = create_app(model, settings=ServeSettings(max_wait_ms=0, drain_timeout_s=5))
+
+    async def scenario():
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            accepted = [asyncio.create_task(c.post("/v1/predict", json={"input": f"hi {i}", "task": "sentiment"}))
+                        for i in range(3)]
+            await asyncio.sleep(0.05)  # one batch runs, the others queue behind it
+            shutdown = asyncio.create_task(lifespan.__aexit__(None, None, None))
+            await asyncio.sleep(0.05)
+            late = await c.post("/v1/predict", json={"input": "late", "task": "sentiment"})
+            done = await asyncio.gather(*accepted)
+            await shutdown
+            return done, late, app.state.batcher.waiting
+
+    done, late, waiting = asyncio.run(scenario())
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert late.status_code == 503 and late.headers["retry-after"] == "1" and "shutting down" in late.json()["detail"]
+    assert waiting == 0
+
+
+def test_drain_is_bounded_and_close_answers_what_is_left():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtpeft.batcher import MicroBatcher, Overloaded
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = MicroBatcher(lambda items: (time.sleep(0.3), [task for task, _ in items])[1], executor, max_wait_ms=0)
+
+    async def scenario():
+        jobs = [asyncio.create_task(batcher.submit([("t", i)])) for i in range(3)]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        left = await batcher.drain(0.1)
+        waited = time.perf_counter() - started
+        await batcher.close()
+        return left, waited, await asyncio.gather(*jobs, return_exceptions=True)
+
+    left, waited, results = asyncio.run(scenario())
+    executor.shutdown(wait=True)
+    assert left == 3 and 0.09 < waited < 0.25
+    assert all(isinstance(r, Overloaded) and "shut down" in str(r) for r in results)

@@ -69,3 +69,29 @@ def path_backbone(folder: Path):
     from transformers import AutoModel, AutoTokenizer
 
     return from_model(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), name=str(folder))
+
+
+def support_app(tokenizer, folder: Path, api_key: str | None = None, **settings):
+    """A server app with the three skills, a learned router, the support pipeline and task
+    management (its bundle saved to ``folder``, the admin root): every endpoint has work to do."""
+    from mtpeft.router import LearnedRouter
+    from mtpeft.serve import ServeSettings, create_app
+    from mtpeft.support import SupportPipeline
+
+    model = support_model(tiny_bert(tokenizer))
+    model.save(folder)
+    return create_app(model, LearnedRouter.fit(model, ROUTER_EXAMPLES), SupportPipeline(model, FAQ, top_k=2),
+                      ServeSettings(**settings), admin_root=folder, api_key=api_key)
+
+
+def slowed(model, monkeypatch, seconds: float) -> None:
+    """Make every ``model.run`` take ``seconds`` longer: a model thread that stays busy."""
+    import time
+
+    run = model.run
+
+    def slow(items, batch_size=64):
+        time.sleep(seconds)
+        return run(items, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "run", slow)

@@ -7,6 +7,10 @@ grow on their own and an idle server adds at most ``max_wait_ms`` of latency.
 
 The model thread is the only thread that touches the model: adapter routing is state on
 the backbone, so two concurrent forward passes would see each other's adapters.
+
+Shutting down: ``drain`` waits, within a bound, until every submitted request is
+answered; ``close`` then stops the worker and fails whatever still waits with
+``Overloaded``, so no caller waits forever.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
+        self._waiting = 0  # submit() calls not yet answered
+        self._running: list[_Request] = []  # the batch being gathered or run
+        self._carry: _Request | None = None  # a request that did not fit the last batch starts the next
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet answered (queued or in the running batch)."""
+        return self._waiting
 
     async def submit(self, items: Sequence[Item]) -> list:
         """Predictions for ``items``, run together with whatever else is queued."""
@@ -64,31 +76,49 @@ class MicroBatcher:
         if self._queue.qsize() >= self.max_queued:
             raise Overloaded(f"{self._queue.qsize()} requests are already waiting (max_queued={self.max_queued})")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(list(items), future))
-        return await future
+        self._waiting += 1
+        try:
+            await self._queue.put(_Request(list(items), future))
+            return await future
+        finally:
+            self._waiting -= 1
 
     def _start(self) -> None:
         # Bound to the running loop; a new loop (a test client per request) gets a new worker.
         loop = asyncio.get_running_loop()
         if self._worker is None or self._loop is not loop or self._worker.done():
             self._loop, self._queue = loop, asyncio.Queue()
+            self._running, self._carry = [], None
             self._worker = loop.create_task(self._work())
 
+    async def drain(self, timeout_s: float) -> int:
+        """Wait until every submitted request is answered, at most ``timeout_s``; returns how many still wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._waiting and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        return self._waiting
+
     async def close(self) -> None:
+        """Stop the worker; requests still queued get ``Overloaded`` (the server is going away)."""
         if self._worker is not None and self._loop is asyncio.get_running_loop():
             self._worker.cancel()
             try:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+            left = self._running + ([self._carry] if self._carry is not None else [])
+            left += [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+            self._running, self._carry = [], None
+            for request in left:
+                _settle(request.future, error=Overloaded("the server shut down before this request was answered"))
         self._worker = None
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
-        carry: _Request | None = None  # a request that did not fit the last batch starts the next
         while True:
-            batch = [carry or await self._queue.get()]
-            carry = None
+            batch = self._running = [self._carry or await self._queue.get()]
+            self._carry = None
             rows = len(batch[0].items)
             deadline = loop.time() + self.max_wait
             while rows < self.max_items:
@@ -98,13 +128,16 @@ class MicroBatcher:
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
                 if rows + len(request.items) > self.max_items:
-                    carry = request
+                    self._carry = request
                     break
                 batch.append(request)
                 rows += len(request.items)
             await self._run(batch)
 
     async def _run(self, batch: list[_Request]) -> None:
+        batch = [request for request in batch if not request.future.done()]  # callers that gave up (timeout)
+        if not batch:
+            return
         items = [item for request in batch for item in request.items]
         loop = asyncio.get_running_loop()
         try:

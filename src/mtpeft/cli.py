@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request (default 64)")
     serve.add_argument("--max-text-chars", type=int, default=2000, help="characters per text (default 2000)")
     serve.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+    serve.add_argument("--admin-root", help="folder the task management API loads tasks from (default: the bundle); "
+                                            "the API is on only when MTPEFT_API_KEY is set")
     serve.add_argument("--max-active-adapters", type=int, metavar="N",
                        help="at most N tasks active in the model; others load from the bundle on demand (default: all active)")
     compare = sub.add_parser("compare", help="run a method x task grid; one result JSON per run (resumable)")
@@ -398,7 +400,7 @@ def _serve(args) -> int:
 
     settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars)
     serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings,
-          max_active_adapters=args.max_active_adapters)
+          max_active_adapters=args.max_active_adapters, admin_root=args.admin_root)
     return 0
 
 

@@ -160,3 +160,28 @@ class Health(BaseModel):
     tasks: int
     router: str
     support: bool
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    errors: list[dict] | None = Field(None, description="each field's error, for a malformed request body")
+
+
+class TaskLoadRequest(_Strict):
+    path: StrictStr = Field(min_length=1, max_length=1024,
+                            description="a task folder inside a bundle, or a bundle, relative to the server's admin root")
+    task: StrictStr | None = Field(None, max_length=64, description="which task of a bundle (default: its only one)")
+
+
+class TaskReloadRequest(_Strict):
+    path: StrictStr | None = Field(None, min_length=1, max_length=1024,
+                                   description="where the new version is, relative to the admin root "
+                                               "(default: the admin root itself, a bundle holding the task)")
+
+
+class AdminResult(BaseModel):
+    action: Literal["loaded", "reloaded", "unloaded"]
+    task: str
+    source: str | None = Field(description="the folder read, relative to the admin root")
+    tasks: list[str] = Field(description="the tasks loaded now")
+    seconds: float

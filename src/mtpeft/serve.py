@@ -9,6 +9,7 @@ which joins rows of all concurrent requests into one ``model.run`` on the model 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.concurrency import run_in_threadpool
 
 from mtpeft.adapter_cache import AdapterStore, serving_store
+from mtpeft.admin import API_KEY_ENV, TaskChangedError, TaskManager, TaskView, admin_routes
 from mtpeft.batcher import MicroBatcher, Overloaded
 from mtpeft.embeddings import embed_texts
 from mtpeft.model import MultiTaskModel, to_example
 from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
-from mtpeft.schemas import (Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput, SupportRequest,
-                            SupportResponse, TasksResponse, TextInput)
+from mtpeft.schemas import (ErrorOut, Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput,
+                            SupportRequest, SupportResponse, TasksResponse, TextInput)
 from mtpeft.support import SupportPipeline
+from mtpeft.tasks.spec import UnknownTaskError
+
+log = logging.getLogger("mtpeft.serve")
+# What a prediction request may be refused with, for the OpenAPI schema (the default 422 shape is FastAPI's, not ours).
+ERRORS = {400: {"model": ErrorOut, "description": "a body that cannot be decoded (not UTF-8)"},
+          413: {"model": ErrorOut, "description": "request body over max_body_bytes"},
+          422: {"model": ErrorOut, "description": "malformed input, a limit exceeded, or an unknown task"},
+          503: {"model": ErrorOut, "description": "overloaded, too slow, or shutting down; see Retry-After"}}
 
 
 @dataclass
@@ -47,6 +57,8 @@ class ServeSettings:
         max_body_bytes: request body size.
         max_queued: requests waiting for the model; beyond it: 503 with Retry-After.
         request_timeout_s: longest a prediction may take; beyond it: 503.
+        drain_timeout_s: at shutdown, longest to wait for requests already accepted
+            (new ones get 503 meanwhile).
     """
 
     max_wait_ms: float = 2.0
@@ -58,6 +70,7 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000
     max_queued: int = 1024
     request_timeout_s: float = 30.0
+    drain_timeout_s: float = 10.0
 
 
 class Metrics:
@@ -76,15 +89,45 @@ class Metrics:
         self.routes = Counter("mtpeft_routes", "routing decisions", ["source", "task"], registry=self.registry)
 
 
-class LimitsAndMetrics:
-    """Outermost ASGI layer: 413 for bodies over the limit (chunked ones too), and per-request metrics."""
+class Admission:
+    """Which HTTP requests are being answered, and whether new ones are still taken (not while draining)."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics) -> None:
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests; wait at most ``timeout_s`` for those in flight; returns how many are left."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        return self.in_flight
+
+
+class LimitsAndMetrics:
+    """Outermost ASGI layer: 503 while draining, 413 for bodies over the limit (chunked ones too),
+    and per-request metrics."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, admission: Admission) -> None:
+        self.app, self.max_body_bytes, self.metrics, self.admission = app, max_body_bytes, metrics, admission
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.admission.draining:
+            response = JSONResponse({"detail": "the server is shutting down"}, 503, headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            self.metrics.requests.labels("unmatched", "503").inc()
+            return
+        self.admission.in_flight += 1
+        try:
+            await self._call(scope, receive, send)
+        finally:
+            self.admission.in_flight -= 1
+
+    async def _call(self, scope, receive, send) -> None:
         started, status = time.perf_counter(), [500]
 
         async def send_status(message):
@@ -149,26 +192,41 @@ def page_html() -> str:
 
 
 def create_app(model: MultiTaskModel, router: Router | None = None, support: SupportPipeline | None = None,
-               settings: ServeSettings | None = None, store: AdapterStore | None = None) -> FastAPI:
+               settings: ServeSettings | None = None, store: AdapterStore | None = None,
+               admin_root: str | os.PathLike | None = None, api_key: str | None = None) -> FastAPI:
     """An app serving ``model``'s tasks; ``router`` defaults to the shape rule, ``support`` enables ``/v1/support``.
 
     With ``store``, the app serves every task registered there, keeping the hot ones active in ``model``.
+    The task management endpoints (``mtpeft.admin``) load from ``admin_root`` and need ``api_key``
+    (default: the ``MTPEFT_API_KEY`` environment variable); without a key they are off.
     """
     settings = settings or ServeSettings()
     tasks_of = model if store is None else store  # specs, spec(), task_metrics and run() of the tasks served
-    router = router or ShapeRouter(tasks_of.specs)
+    view = TaskView(tasks_of)  # what the event loop reads about tasks; the model thread changes tasks_of
+    if router is None or isinstance(router, ShapeRouter):
+        router = ShapeRouter(view)
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtpeft-model")  # the model thread
+    pinned = {} if support is None else dict.fromkeys(
+        (support.sentiment_task, support.similarity_task, support.qa_task), "used by /v1/support")
+    manager = TaskManager(model, executor, view, admin_root,
+                          os.environ.get(API_KEY_ENV) if api_key is None else api_key, pinned, store)
+    admission = Admission()
 
     def on_batch(rows: int, requests: int) -> None:
         metrics.batch_rows.observe(rows)
         metrics.batch_requests.observe(requests)
 
-    batcher = MicroBatcher(lambda items: tasks_of.run(items, batch_size=settings.batch_size), executor,
-                           settings.max_wait_ms, settings.max_batch_items, on_batch, settings.max_queued)
+    def run_batch(items):  # on the model thread, where tasks change too
+        manager.check(items)
+        return tasks_of.run(items, batch_size=settings.batch_size)
+
+    batcher = MicroBatcher(run_batch, executor, settings.max_wait_ms, settings.max_batch_items, on_batch,
+                           settings.max_queued)
 
     async def predict_rows(items):
-        """The batcher's predictions, or a 503 (with Retry-After) when overloaded or too slow."""
+        """The batcher's predictions; 503 (with Retry-After) when overloaded or too slow, 422 when
+        a task was unloaded (or replaced by one of another input shape) while the request waited."""
         try:
             return await asyncio.wait_for(batcher.submit(items), settings.request_timeout_s)
         except Overloaded as err:
@@ -176,10 +234,21 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         except asyncio.TimeoutError:
             raise HTTPException(503, f"prediction took over request_timeout_s={settings.request_timeout_s}",
                                 headers={"Retry-After": "1"}) from None
+        except (UnknownTaskError, TaskChangedError) as err:
+            raise HTTPException(422, str(err)) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        admission.draining = False
         yield
+        # Shutdown: answer what was accepted (bounded), refusing new requests with 503 meanwhile.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.drain_timeout_s
+        requests_left = await admission.drain(settings.drain_timeout_s)
+        queued_left = await batcher.drain(max(0.0, deadline - loop.time()))
+        if requests_left or queued_left:
+            log.warning("shutting down with %d requests unanswered after drain_timeout_s=%s (%d queued for the model)",
+                        requests_left, settings.drain_timeout_s, queued_left)
         await batcher.close()
         executor.shutdown(wait=False)
 
@@ -187,7 +256,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                   description="Many task adapters on one frozen backbone: predictions, routing and customer support.")
     app.state.model, app.state.router, app.state.support = model, router, support
     app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
-    app.state.store = store
+    app.state.store, app.state.tasks, app.state.manager, app.state.admission = store, view, manager, admission
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -199,19 +268,19 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
         kind = "learned" if isinstance(router, LearnedRouter) else "shape"
-        return Health(status="ok", tasks=len(tasks_of.specs), router=kind, support=support is not None)
+        return Health(status="ok", tasks=len(view), router=kind, support=support is not None)
 
     @app.get("/v1/tasks", response_model=TasksResponse)
     async def tasks() -> dict:
         learned = isinstance(router, LearnedRouter)
         return {"tasks": [{"name": name, "type": spec.type, "input": task_shape(spec), "labels": spec.labels,
-                           "description": spec.description, "metrics": tasks_of.task_metrics.get(name, {})}
-                          for name, spec in tasks_of.specs.items()],
+                           "description": spec.description, "metrics": view.metrics(name)}
+                          for name, spec in view.items()],
                 "router": {"kind": "learned" if learned else "shape", "threshold": getattr(router, "threshold", None),
                            "classes": getattr(router, "classes", [])},
                 "support": support is not None}
 
-    @app.post("/v1/predict", response_model=PredictResponse)
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(request: PredictRequest) -> dict:
         if (request.input is None) == (request.inputs is None):
             raise HTTPException(422, "pass exactly one of 'input' (one input) or 'inputs' (a list)")
@@ -226,8 +295,8 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         if isinstance(tasks, list) and len(tasks) != len(values):
             raise HTTPException(422, f"{len(tasks)} task names for {len(values)} inputs")
         for name in [tasks] if isinstance(tasks, str) else tasks or []:
-            if name is not None and name not in tasks_of.specs:
-                raise HTTPException(422, f"unknown task {name!r}; known tasks: {sorted(tasks_of.specs)}")
+            if name is not None and name not in view:
+                raise HTTPException(422, f"unknown task {name!r}; known tasks: {sorted(view)}")
         needs_router = tasks is None or (isinstance(tasks, list) and None in tasks)
         if needs_router and not isinstance(router, ShapeRouter):  # the learned router runs the backbone
             loop = asyncio.get_running_loop()
@@ -242,8 +311,11 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             if decision.task is None:
                 result["error"] = f"no task matched: {decision.reason}"
                 continue
+            spec = view.get(decision.task)
+            if spec is None:  # routed (on the model thread) just before an unload reached the view
+                raise HTTPException(422, f"unknown task {decision.task!r}; known tasks: {sorted(view)}")
             try:
-                example = to_example(value, tasks_of.spec(decision.task))
+                example = to_example(value, spec)
             except ValueError as err:
                 if decision.source == "explicit":
                     raise HTTPException(422, f"inputs[{i}]: {err}") from None
@@ -252,13 +324,23 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             items.append((decision.task, example))
             where.append(i)
         if store is not None:  # read cold tasks' files here, off the model thread
-            await run_in_threadpool(store.prefetch, [task for task, _ in items])
+            await prefetch([task for task, _ in items])
         for i, prediction in zip(where, await predict_rows(items)):
             results[i]["prediction"] = prediction.to_dict()
             metrics.predictions.labels(prediction.task).inc()
         return {"results": results}
 
-    @app.post("/v1/support", response_model=SupportResponse)
+    async def prefetch(tasks: list[str]) -> None:
+        """``store.prefetch``; a task found missing in the moment a reload swaps it is asked for again."""
+        for attempt in range(50):
+            try:
+                return await run_in_threadpool(store.prefetch, tasks)
+            except UnknownTaskError as err:
+                if attempt == 49 or not all(task in view for task in tasks):
+                    raise HTTPException(422, str(err)) from None
+                await asyncio.sleep(0.01)
+
+    @app.post("/v1/support", response_model=SupportResponse, responses={404: {"model": ErrorOut}, **ERRORS})
     async def support_reply(request: SupportRequest) -> dict:
         if support is None:
             raise HTTPException(404, "no support pipeline: start the server on a bundle with sentiment, similar-question "
@@ -280,7 +362,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             metrics.predictions.labels(task).inc()
         return reply.to_dict()
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -288,15 +370,17 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     async def page() -> str:
         return page_html()
 
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.include_router(admin_routes(manager))
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics, admission=admission)
     return app
 
 
 def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None, backbone: str | None = None,
                 settings: ServeSettings | None = None, support_tasks: tuple[str, str, str] | None = None,
-                max_active_adapters: int | None = None) -> FastAPI:
+                max_active_adapters: int | None = None, admin_root: str | os.PathLike | None = None) -> FastAPI:
     """An app for a saved bundle: its router (else the shape rule), and the support pipeline
     when the bundle holds the support tasks (the packaged FAQ unless ``faq`` names one).
+    Task management loads from ``admin_root`` (default: the bundle).
 
     ``max_active_adapters`` registers every task but keeps at most that many in the model
     (``AdapterStore``); the router's and support pipeline's tasks stay active.
@@ -317,11 +401,13 @@ def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None,
         support = SupportPipeline(model, faq, *names)
     elif faq is not None:
         raise ValueError(f"--faq needs the support tasks {list(names)} in the bundle; it holds {model.task_names}")
-    return create_app(model, router, support, settings, store)
+    return create_app(model, router, support, settings, store, admin_root=bundle if admin_root is None else admin_root)
 
 
 def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
     import uvicorn
 
     app = load_server(bundle, **kwargs)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # uvicorn stops taking connections and waits for open ones; then the lifespan drains the rest.
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=app.state.settings.drain_timeout_s)
