@@ -42,10 +42,11 @@ def test_two_process_ddp_equals_single_process(tmp_path, tokenizer):
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = str(Path(sys.executable).parent / "accelerate")
-    ddp = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mtpeft", *args,
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp_cpu.yaml"
+    ddp = subprocess.run([launcher, "launch", "--config_file", str(config), "-m", "mtpeft", *args,
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stderr.count(" training and ") == 2  # each of the two processes reported its data
     one = load_file(tmp_path / "one" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert one.keys() == two.keys()

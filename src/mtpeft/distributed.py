@@ -21,10 +21,16 @@ class DataParallel:
         self.accelerator = None
         self.rank, self.world_size = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            # Without a GPU, accelerate makes the processes a group (gloo) only when told to use the CPU.
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
             self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+            kind = self.accelerator.distributed_type.value
+            if kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):  # they need model and optimizer prepared together
+                raise ValueError(f"this training loop runs data-parallel (DDP) processes; accelerate is configured "
+                                 f"for {kind}, which it does not support yet (see docs/distributed.md)")
 
     @property
     def is_main(self) -> bool:

@@ -1,0 +1,74 @@
+"""The accelerate config files under configs/accelerate/: they load with accelerate's own loader,
+name only options ``accelerate launch`` knows, and the training loop refuses the ones it cannot run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+EXPECTED = {"ddp_cpu.yaml": DistributedType.MULTI_GPU, "ddp_gpu.yaml": DistributedType.MULTI_GPU,
+            "fsdp.yaml": DistributedType.FSDP, "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+            "deepspeed_zero3.yaml": DistributedType.DEEPSPEED}
+
+
+def test_every_config_is_listed():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_and_names_only_known_launch_options(name):
+    config = load_config_from_file(str(CONFIGS / name))
+    assert isinstance(config, ClusterConfig) and config.distributed_type == EXPECTED[name]
+    launch_options = {action.dest for action in launch_command_parser()._actions}
+    # accelerate launch copies the nested sections into its own options: a misspelt key would be ignored
+    unknown = sorted((set(config.fsdp_config) | set(config.deepspeed_config)) - launch_options)
+    assert not unknown, unknown
+    args, _, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), "-m", "mtpeft", "train"]))
+    assert args.use_fsdp == (name == "fsdp.yaml") and args.use_deepspeed == name.startswith("deepspeed")
+    if name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-6])
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_training_loop_refuses_sharded_setups_clearly(kind, monkeypatch):
+    import accelerate
+
+    from mtpeft.distributed import DataParallel
+
+    class Configured:
+        def __init__(self, cpu=False):
+            self.distributed_type, self.process_index, self.num_processes = DistributedType(kind), 0, 2
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "Accelerator", Configured)
+    with pytest.raises(ValueError, match=f"configured for {kind}.*docs/distributed.md"):
+        DataParallel()
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                    reason="the accelerate launcher is not installed beside this Python")
+def test_ddp_cpu_config_starts_a_two_process_group(tmp_path):
+    script = tmp_path / "show_ranks.py"
+    script.write_text("import sys\nfrom pathlib import Path\nfrom mtpeft.distributed import DataParallel\n"
+                      "p = DataParallel()\n"  # each process writes its own file: their stdout lines interleave
+                      "Path(sys.argv[1], f'rank{p.rank}').write_text(f'{p.world_size} {p.accelerator.distributed_type.value}')\n"
+                      "p.barrier()\n")
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    run = subprocess.run([launcher, "launch", "--config_file", str(CONFIGS / "ddp_cpu.yaml"), str(script), str(tmp_path)],
+                         check=False, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = {p.name: p.read_text() for p in tmp_path.glob("rank?")}
+    assert ranks == {"rank0": "2 MULTI_CPU", "rank1": "2 MULTI_CPU"}
