@@ -6,7 +6,7 @@ API key) and checks each answer: no 5xx, and a status, content type, headers and
 schema documents. The server runs in-process on a tiny random model with the three
 support skills (``tests/tiny_bundle.py``), so the run measures the API, not the model.
 
-    .venv/bin/python benchmarks/fuzz_api.py --examples 400   # -> results/fuzz_api.json
+    .venv/bin/python benchmarks/fuzz_api.py   # -> results/fuzz_api.json (about 2 minutes)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ KEY = "fuzz-key"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=400, help="generated requests per operation and mode (default 400)")
+    parser.add_argument("--examples", type=int, default=1000, help="generated requests per operation and mode (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE.parent / "results" / "fuzz_api.json"))
     args = parser.parse_args()

@@ -186,6 +186,8 @@ def test_unload_while_requests_wait_is_422_not_500(served, root, monkeypatch):
     ("missing", 404, "no such folder"),
     ("standalone", 422, "not part of a bundle"),
     ("a\x00b", 422, "NUL"),
+    ("a" * 300, 422, "unusable path"),  # longer than a file name may be
+    ("\ud800", 422, "unicode"),  # a lone surrogate: JSON carries it, no file name can
 ])
 def test_paths_stay_inside_the_root_and_tasks_need_a_manifest(served, root, path, status, message):
     outside = root.parent / "outside"
@@ -193,7 +195,8 @@ def test_paths_stay_inside_the_root_and_tasks_need_a_manifest(served, root, path
     (root / "escape").symlink_to(outside, target_is_directory=True)
     save_task(served, "sentiment", root / "standalone")  # a task folder that no bundle.json lists
     with TestClient(create_app(served, admin_root=root, api_key=KEY)) as c:
-        response = c.post("/v1/admin/tasks", json={"path": path, "task": "sentiment"}, headers=AUTH)
+        body = json.dumps({"path": path, "task": "sentiment"})  # ASCII-escaped: a lone surrogate travels too
+        response = c.post("/v1/admin/tasks", content=body, headers={**AUTH, "content-type": "application/json"})
         assert response.status_code == status, response.text
         assert message in response.json()["detail"]
         if status != 422:

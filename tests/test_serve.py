@@ -139,6 +139,20 @@ def test_limits_and_malformed_inputs_are_4xx_with_a_message(client, body, status
     assert message in response.json()["detail"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/predict", '{"input": "\\ud800", "task": "sentiment"}'),
+    ("/v1/predict", '{"inputs": [["a", "\\udfff"]]}'),
+    ("/v1/predict", '{"input": {"question": "q", "context": "\\ud800"}, "task": "faq-answer"}'),
+    ("/v1/predict", '{"input": "hi", "task": "\\ud800"}'),
+    ("/v1/support", '{"message": "\\ud800 where is my parcel?"}'),
+])
+def test_a_lone_surrogate_is_422_not_500(client, path, body):
+    """JSON can escape half a UTF-16 pair; it is no text, and echoing it back must not break the answer."""
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "nicode" in response.text  # the detail, or the field errors of a union
+
+
 def test_invalid_json_is_422(client):
     response = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "invalid request" in response.json()["detail"]

@@ -282,10 +282,13 @@ class TaskManager:
                                        "start it with `mtpeft serve BUNDLE` or pass admin_root")
         if "\x00" in path:
             raise ManagementError(422, "the path holds a NUL character")
-        target = self._inside_root(self.root / path, path)
-        if not target.is_dir():
-            raise ManagementError(404, f"{path!r}: no such folder under the admin root")
-        folder, digests = self._locate(target, path, task)
+        try:
+            target = self._inside_root(self.root / path, path)
+            if not target.is_dir():
+                raise ManagementError(404, f"{path!r}: no such folder under the admin root")
+            folder, digests = self._locate(target, path, task)
+        except (OSError, UnicodeError) as err:  # a name too long, a lone surrogate, an unreadable folder
+            raise ManagementError(422, f"{path!r}: unusable path ({getattr(err, 'strerror', None) or err})") from err
         shown = folder.relative_to(self.root).as_posix()
         try:
             record = read_task_record(folder, digests)

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+
+
+def _unicode(value: str) -> str:
+    """JSON may carry a lone surrogate (``"\\ud800"``), which is no text: no tokenizer or file name takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]  # every string a request carries
 
 
 class _Strict(BaseModel):
@@ -16,23 +28,23 @@ class _Strict(BaseModel):
 
 
 class TextInput(_Strict):
-    text: StrictStr
+    text: Text
 
 
 class PairInput(_Strict):
     """Two texts for a pair task (also accepted as a two-string list ``["a", "b"]``)."""
 
-    text: StrictStr
-    text_pair: StrictStr
+    text: Text
+    text_pair: Text
 
 
 class QAInput(_Strict):
-    question: StrictStr
-    context: StrictStr
+    question: Text
+    context: Text
 
 
-Pair = Annotated[list[StrictStr], Field(min_length=2, max_length=2)]
-InputItem = StrictStr | QAInput | PairInput | TextInput | Pair
+Pair = Annotated[list[Text], Field(min_length=2, max_length=2)]
+InputItem = Text | QAInput | PairInput | TextInput | Pair
 
 
 class PredictRequest(_Strict):
@@ -41,7 +53,7 @@ class PredictRequest(_Strict):
 
     input: InputItem | None = None
     inputs: list[InputItem] | None = None
-    task: StrictStr | list[StrictStr | None] | None = None
+    task: Text | list[Text | None] | None = None
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"input": "My parcel arrived broken!", "task": "sentiment"},
@@ -126,7 +138,7 @@ class TasksResponse(BaseModel):
 
 
 class SupportRequest(_Strict):
-    message: StrictStr = Field(min_length=1, description="the customer's message")
+    message: Text = Field(min_length=1, description="the customer's message")
     top_k: int | None = Field(None, ge=1, le=20, description="FAQ questions to retrieve and re-rank")
 
 
@@ -168,13 +180,13 @@ class ErrorOut(BaseModel):
 
 
 class TaskLoadRequest(_Strict):
-    path: StrictStr = Field(min_length=1, max_length=1024,
+    path: Text = Field(min_length=1, max_length=1024,
                             description="a task folder inside a bundle, or a bundle, relative to the server's admin root")
-    task: StrictStr | None = Field(None, max_length=64, description="which task of a bundle (default: its only one)")
+    task: Text | None = Field(None, max_length=64, description="which task of a bundle (default: its only one)")
 
 
 class TaskReloadRequest(_Strict):
-    path: StrictStr | None = Field(None, min_length=1, max_length=1024,
+    path: Text | None = Field(None, min_length=1, max_length=1024,
                                    description="where the new version is, relative to the admin root "
                                                "(default: the admin root itself, a bundle holding the task)")
 

@@ -9,8 +9,10 @@ which joins rows of all concurrent requests into one ``model.run`` on the model 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtpeft.adapter_cache import AdapterStore, serving_store
 from mtpeft.admin import API_KEY_ENV, TaskChangedError, TaskManager, TaskView, admin_routes
@@ -71,6 +74,15 @@ class ServeSettings:
     max_queued: int = 1024
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 10.0
+
+
+class JSONOut(JSONResponse):
+    """JSON that always encodes: a lone surrogate echoed from a request (JSON can carry one,
+    UTF-8 cannot) goes back as its JSON escape instead of failing the response with a 500."""
+
+    def render(self, content) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")
 
 
 class Metrics:
@@ -187,6 +199,11 @@ def _check_texts(i: int, value, settings: ServeSettings) -> None:
                                      f"over max_text_chars={settings.max_text_chars}")
 
 
+def _where(loc) -> str:
+    """A field's place for a message: ``input.str``, not pydantic's ``input.function-after[_unicode(), str]``."""
+    return ".".join(re.sub(r"function-after\[\w+\(\), ([^\]]+)\]", r"\1", str(part)) for part in loc)
+
+
 def page_html() -> str:
     return (resources.files("mtpeft") / "resources" / "web" / "index.html").read_text(encoding="utf-8")
 
@@ -252,7 +269,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         await batcher.close()
         executor.shutdown(wait=False)
 
-    app = FastAPI(title="mtpeft", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="mtpeft", version="0.1.0", lifespan=lifespan, default_response_class=JSONOut,
                   description="Many task adapters on one frozen backbone: predictions, routing and customer support.")
     app.state.model, app.state.router, app.state.support = model, router, support
     app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
@@ -261,9 +278,13 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
-        first = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:3])
+        first = "; ".join(f"{_where(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:3])
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        return JSONResponse({"detail": f"invalid request: {first}{more}", "errors": jsonable_encoder(errors)}, 422)
+        return JSONOut({"detail": f"invalid request: {first}{more}", "errors": jsonable_encoder(errors)}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONOut({"detail": err.detail}, err.status_code, headers=err.headers)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
