@@ -141,3 +141,46 @@ def test_datasets_object_is_validated_like_a_file():
     report = examples_from_dataset(rows, SENTIMENT, skip_bad_rows=True, name="my-dataset")
     assert [e.label for e in report.examples] == [1, 0]
     assert str(report.skipped[0]) == "my-dataset row 2: field 'sentence': empty text"
+
+
+def _dataset_folder(root):
+    """A dataset folder as it sits in a hub repository: data files, and a README naming a second config."""
+    (root / "small").mkdir(parents=True)
+    rows = [{"sentence": "good", "label": "positive"}, {"sentence": "bad", "label": "negative"}]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3), encoding="utf-8")
+    (root / "test.jsonl").write_text(json.dumps(rows[1]) + "\n", encoding="utf-8")
+    (root / "small" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                    "  - {split: train, path: train.jsonl}\n  - {split: test, path: test.jsonl}\n"
+                                    "- config_name: small\n  data_files:\n  - {split: train, path: small/train.jsonl}\n---\n",
+                                    encoding="utf-8")
+    return root
+
+
+def test_hub_dataset_by_name_loads_through_datasets(tmp_path, monkeypatch):
+    """``load_hub_dataset`` is ``datasets.load_dataset`` by name: a local repository folder stands in for the hub."""
+    import datasets
+
+    from mtpeft.data import load_hub_dataset
+    from mtpeft.sources import examples_from_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = str(_dataset_folder(tmp_path / "reviews"))
+    train = load_hub_dataset(folder, "train")
+    assert len(train) == 6 and train.column_names == ["sentence", "label"]
+    assert [e.label for e in examples_from_dataset(train, SENTIMENT).examples] == [1, 0] * 3
+    assert len(load_hub_dataset(folder, "test")) == 1 and len(load_hub_dataset(folder, "train[:2]")) == 2
+    assert load_hub_dataset(folder, "train", config="small")["sentence"] == ["good"]
+    with pytest.raises(ValueError, match="Unknown split"):
+        load_hub_dataset(folder, "validation")
+
+
+def test_hub_dataset_without_a_hub_fails_naming_it(monkeypatch, tmp_path):
+    import datasets
+
+    from mtpeft.data import load_hub_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="someone/not-a-dataset"):
+        load_hub_dataset("someone/not-a-dataset", "train")
