@@ -25,17 +25,22 @@ def _spec(i: int) -> TaskSpec:
     return TaskSpec(name=f"t{i:02d}", type="classification", labels=["a", "b", "c"][: 2 + i % 2], max_length=16)
 
 
-@pytest.fixture(scope="module")
-def reference(tokenizer, tmp_path_factory):
-    """A model holding all 50 tasks (random non-zero adapters) and their saved bundle."""
-    model = MultiTaskModel(tiny_bert(tokenizer))
-    for i in range(N_TASKS):
+def _tasks_on(model: MultiTaskModel, n: int, seed: int) -> MultiTaskModel:
+    """``model`` with tasks t00.. t{n-1}: random non-zero adapters (so mixing them up would show), fp32."""
+    for i in range(n):
         model.add_task(_spec(i), LoraSettings(r=2, alpha=4))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for layer in model.lora_layers().values():
         for task in layer.lora_B:
             torch.nn.init.normal_(layer.lora_B[task].weight, std=0.5)
     model.bf16 = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer, tmp_path_factory):
+    """A model holding all 50 tasks (random non-zero adapters) and their saved bundle."""
+    model = _tasks_on(MultiTaskModel(tiny_bert(tokenizer)), N_TASKS, seed=1)
     bundle = tmp_path_factory.mktemp("many") / "bundle"
     save_bundle(model, bundle)
     return model, bundle
@@ -220,14 +225,7 @@ def test_server_serves_registered_tasks_with_few_active(tokenizer, tmp_path):
     from mtpeft.serve import ServeSettings, load_server
 
     backbone_dir = saved_backbone(tmp_path / "backbone", tokenizer)
-    on_disk = MultiTaskModel(path_backbone(backbone_dir))  # a backbone the server can load by path
-    for i in range(12):
-        on_disk.add_task(_spec(i), LoraSettings(r=2, alpha=4))
-    torch.manual_seed(2)
-    for layer in on_disk.lora_layers().values():
-        for task in layer.lora_B:
-            torch.nn.init.normal_(layer.lora_B[task].weight, std=0.5)
-    on_disk.bf16 = False
+    on_disk = _tasks_on(MultiTaskModel(path_backbone(backbone_dir)), 12, seed=2)  # a backbone loaded by path
     save_bundle(on_disk, tmp_path / "bundle")
     app = load_server(tmp_path / "bundle", settings=ServeSettings(max_wait_ms=1), max_active_adapters=3)
     app.state.model.bf16 = False
