@@ -290,3 +290,39 @@ def test_drain_is_bounded_and_close_answers_what_is_left():
     executor.shutdown(wait=True)
     assert left == 3 and 0.09 < waited < 0.25
     assert all(isinstance(r, Overloaded) and "shut down" in str(r) for r in results)
+
+
+def test_support_sheds_load_with_503_too(model, support, monkeypatch):
+    slowed(model, monkeypatch, 0.3)
+    app = create_app(model, support=support, settings=ServeSettings(max_wait_ms=0, max_queued=1))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.post("/v1/support", json={"message": f"where is order {i}?"})
+                                          for i in range(4)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses and max(statuses) == 503, statuses
+    assert next(r for r in responses if r.status_code == 503).headers["retry-after"] == "1"
+
+
+def test_routing_and_support_waits_are_bounded_by_the_request_timeout(model, router, support, monkeypatch):
+    """The learned router and the FAQ search use the model thread outside the batcher; a busy one is a 503 too."""
+    slowed(model, monkeypatch, 0.5)
+    app = create_app(model, router, support, ServeSettings(max_wait_ms=0, request_timeout_s=0.2))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            busy = asyncio.create_task(c.post("/v1/predict", json={"input": "hi", "task": "sentiment"}))
+            await asyncio.sleep(0.05)  # the model thread is taken for 0.5 s
+            routed = await c.post("/v1/predict", json={"input": "I love it, great service"})
+            faq = await c.post("/v1/support", json={"message": "How do I return an item?"})
+            return await busy, routed, faq
+
+    busy, routed, faq = asyncio.run(burst())
+    assert busy.status_code == 503  # its own prediction took over 0.2 s
+    for response in (routed, faq):
+        assert response.status_code == 503 and "model thread did not answer" in response.json()["detail"], response.text

@@ -254,6 +254,15 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         except (UnknownTaskError, TaskChangedError) as err:
             raise HTTPException(422, str(err)) from None
 
+    async def on_model_thread(fn, *args):
+        """``fn(*args)`` on the model thread, or a 503 when it does not get there and back in request_timeout_s."""
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(executor, fn, *args),
+                                          settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"the model thread did not answer within request_timeout_s={settings.request_timeout_s}",
+                                headers={"Retry-After": "1"}) from None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         admission.draining = False
@@ -320,8 +329,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                 raise HTTPException(422, f"unknown task {name!r}; known tasks: {sorted(view)}")
         needs_router = tasks is None or (isinstance(tasks, list) and None in tasks)
         if needs_router and not isinstance(router, ShapeRouter):  # the learned router runs the backbone
-            loop = asyncio.get_running_loop()
-            decisions = await loop.run_in_executor(executor, decide, values, tasks, router)
+            decisions = await on_model_thread(decide, values, tasks, router)
         else:
             decisions = decide(values, tasks, router)
         results, items, where = [], [], []
@@ -372,11 +380,11 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             raise HTTPException(422, "the message is empty")
         loop = asyncio.get_running_loop()
 
-        def run(items):  # from the worker thread, through the batcher on the event loop
-            return asyncio.run_coroutine_threadsafe(batcher.submit(items), loop).result()
+        def run(items):  # from the worker thread, through the batcher on the event loop, with its 503s and 422s
+            return asyncio.run_coroutine_threadsafe(predict_rows(items), loop).result()
 
         def embed(texts):
-            return executor.submit(embed_texts, model, texts).result()
+            return asyncio.run_coroutine_threadsafe(on_model_thread(embed_texts, model, texts), loop).result()
 
         reply = await run_in_threadpool(support.answer, request.message, run=run, embed=embed, top_k=request.top_k)
         for task in (support.sentiment_task, support.similarity_task, support.qa_task):
