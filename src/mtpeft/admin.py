@@ -220,7 +220,13 @@ class TaskManager:
             self._busy.release()
 
     async def _on_model_thread(self, job, *args) -> None:
-        state = await asyncio.get_running_loop().run_in_executor(self.executor, job, *args)
+        """Run a change on the model thread and publish the tasks it leaves (also when it fails)."""
+        loop = asyncio.get_running_loop()
+        try:
+            state = await loop.run_in_executor(self.executor, job, *args)
+        except BaseException:
+            self.view.publish(await loop.run_in_executor(self.executor, snapshot, self.served))
+            raise
         self.view.publish(state)
 
     def _swap(self, name: str | None, saved: SavedTask):
