@@ -22,7 +22,7 @@ import copy
 
 import torch
 from peft import LoraConfig, get_peft_model
-from speedkit import matmul_peak_tflops, peak_rss_mib, reset_peak_rss, round_robin, write_result
+from speedkit import matmul_flops_per_example, matmul_peak_tflops, peak_rss_mib, reset_peak_rss, round_robin, write_result
 from train_speed import DATA, fixed_shape_texts
 from transformers import AutoModelForSequenceClassification
 
@@ -133,8 +133,8 @@ def main() -> None:
         timed(runner)()
         memory[name] = peak_rss_mib()
     peak = matmul_peak_tflops()
-    rates = round_robin({name: timed(r) for name, r in runners.items()}, args.repeats, warmup=0)
-    flops = 2 * ours.backbone_parameter_count() * TOKENS
+    rates = round_robin({name: timed(r) for name, r in runners.items()}, args.repeats)
+    flops = matmul_flops_per_example(ours.backbone, TOKENS)
     limit = peak["tflops"] * 1e12 / flops
     for name, row in rates.items():
         row["tokens_per_s"] = round(row["examples_per_s"] * (128 if name == "common_recipe" else TOKENS), 1)
@@ -157,6 +157,7 @@ def main() -> None:
                                                                 / len(reference), 4)}
     write_result("infer_speed", {
         "setup": {"batch": BATCH, "tokens": TOKENS, "texts": len(texts), "repeats": args.repeats,
+                  "forward_flops_per_example": flops,
                   "adapter": "trained SST-2 task" if args.sst2_dir else "random LoRA r=8 (no trained task given)",
                   "head": "mean pooling + linear, identical in all three"},
         "bf16_matmul_peak": peak, "limit_examples_per_s": round(limit, 1), "results": rates,

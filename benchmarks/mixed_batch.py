@@ -23,7 +23,7 @@ import random
 
 import torch
 from peft import LoraConfig, get_peft_model
-from speedkit import matmul_peak_tflops, round_robin, write_result
+from speedkit import matmul_flops_per_example, matmul_peak_tflops, round_robin, write_result
 from transformers import AutoModel
 
 from mtpeft import MultiTaskModel, TaskSpec
@@ -143,7 +143,7 @@ def main() -> None:
             "peft_merged_single_autocast": plain_forward(merged, True),
             "peft_merged_single_bf16_weights": plain_forward(merged_bf16, False),
         }, args.repeats)
-    flops_per_example = 2 * ours.backbone_parameter_count() * args.tokens  # matmul FLOPs, excluding attention scores
+    flops_per_example = matmul_flops_per_example(ours.backbone, args.tokens)
     ratios = {}
     for precision, rows in results.items():
         ours_rate = rows["mtpeft_mixed"]["examples_per_s"]
@@ -155,7 +155,8 @@ def main() -> None:
     write_result("mixed_batch", {
         "setup": {"tasks": [s.name for s in TASKS], "rank": RANK, "targets": ["query", "value"], "batch": args.batch,
                   "tokens": args.tokens, "repeats": args.repeats, "rows_per_task": args.batch // len(TASKS),
-                  "check_fp32_max_abs_difference_vs_peft": float(difference)},
+                  "check_fp32_max_abs_difference_vs_peft": float(difference),
+                  "forward_flops_per_example": flops_per_example},
         "bf16_matmul_peak": peak,
         "results": results,
         "ratios": ratios,

@@ -207,6 +207,21 @@ class MultiLoraLayer(nn.Module):
         self.merged = None
 
 
+def modules_outside_lora(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` that does not descend into LoRA layers: their per-task adapters can
+    number thousands of modules in a server holding many tasks."""
+    yield prefix, module
+    if isinstance(module, MultiLoraLayer):
+        return
+    for name, child in module.named_children():
+        yield from modules_outside_lora(child, f"{prefix}.{name}" if prefix else name)
+
+
+def lora_layers_of(model: nn.Module) -> dict[str, MultiLoraLayer]:
+    """Every LoRA layer of ``model`` by module path, without walking the adapters inside them."""
+    return {path: m for path, m in modules_outside_lora(model) if isinstance(m, MultiLoraLayer)}
+
+
 def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
                        exclude: Sequence[str] = ("pooler",)) -> dict[str, MultiLoraLayer]:
     """Wrap every module whose name ends with a target in a ``MultiLoraLayer``.
@@ -218,10 +233,7 @@ def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
     """
     routing = routing_of(model)
     layers: dict[str, MultiLoraLayer] = {}
-    wrapped_paths: list[str] = []
-    for path, module in list(model.named_modules()):
-        if any(path.startswith(w + ".") for w in wrapped_paths) or ".lora_" in path:
-            continue  # inside a LoRA layer: its base layer and adapters
+    for path, module in list(modules_outside_lora(model)):
         if path.rsplit(".", 1)[-1] not in target_modules or any(part in exclude for part in path.split(".")):
             continue
         if not isinstance(module, MultiLoraLayer):
@@ -230,7 +242,6 @@ def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
             module = MultiLoraLayer(module, routing)
             setattr(parent, child, module)
         layers[path] = module
-        wrapped_paths.append(path)
     if not layers:
         raise ValueError(f"no module of the backbone matches LoRA target_modules={list(target_modules)}")
     return layers

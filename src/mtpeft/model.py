@@ -17,7 +17,7 @@ from mtpeft.backbone import Backbone, load_backbone
 from mtpeft.batching import bucketed_batches, pad_sequences, sequences
 from mtpeft.config import LoraSettings
 from mtpeft.examples import Example
-from mtpeft.lora import MultiLoraLayer, inject_lora_layers, routing_of
+from mtpeft.lora import MultiLoraLayer, inject_lora_layers, lora_layers_of, modules_outside_lora, routing_of
 from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.predictions import Prediction
 from mtpeft.runtime import tune_allocator
@@ -114,8 +114,7 @@ class MultiTaskModel(nn.Module):
 
     def lora_layers(self, task: str | None = None) -> dict[str, MultiLoraLayer]:
         """LoRA layers by module path in the backbone; with ``task``, only those holding its adapter."""
-        return {path: m for path, m in self.backbone.named_modules()
-                if isinstance(m, MultiLoraLayer) and (task is None or task in m.lora_A)}
+        return {path: m for path, m in lora_layers_of(self.backbone).items() if task is None or task in m.lora_A}
 
     def task_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The parameters that belong to one task: its adapter and its head."""
@@ -159,9 +158,19 @@ class MultiTaskModel(nn.Module):
         return hidden.float()
 
     def _frozen_backbone_weights(self) -> dict[str, nn.Parameter]:
-        """The backbone's own floating-point parameters (not the adapters inside it)."""
-        return {n: p for n, p in self.backbone.named_parameters()
-                if ".lora_" not in n and p.is_floating_point()}
+        """The backbone's own floating-point parameters (not the adapters inside it).
+
+        Walks modules, not ``named_parameters``: a model holding many tasks has thousands of
+        adapter tensors, and this runs before every forward pass.
+        """
+        weights = {}
+        for path, module in modules_outside_lora(self.backbone):
+            owner, prefix = (module.base_layer, f"{path}.base_layer") if isinstance(module, MultiLoraLayer) else (module, path)
+            recurse = isinstance(module, MultiLoraLayer)
+            for name, param in owner.named_parameters(recurse=recurse):
+                if param.is_floating_point():
+                    weights[f"{prefix}.{name}" if prefix else name] = param
+        return weights
 
     def _hold_backbone_in(self, dtype: torch.dtype) -> None:
         """Switch the backbone weights between fp32 and bf16, keeping the fp32 originals."""
