@@ -1,9 +1,10 @@
 """A micro-batcher: concurrent requests of any tasks share one mixed-task forward pass.
 
-Requests queue up; the worker takes the first, waits at most ``max_wait_ms`` for more (or
-until ``max_items`` rows), and runs them all in one ``run`` call (``MultiTaskModel.run``)
-on a single model thread. While a batch runs, new requests queue, so under load batches
-grow on their own and an idle server adds at most ``max_wait_ms`` of latency.
+Requests queue up; the worker takes the first and, while other requests are in flight,
+waits at most ``max_wait_ms`` for them (or until ``max_items`` rows), then runs them all in
+one ``run`` call (``MultiTaskModel.run``) on a single model thread. While a batch runs, new
+requests queue, so under load batches grow on their own, and a lone request on a quiet
+server runs at once.
 
 The model thread is the only thread that touches the model: adapter routing is state on
 the backbone, so two concurrent forward passes would see each other's adapters.
@@ -121,7 +122,9 @@ class MicroBatcher:
             self._carry = None
             rows = len(batch[0].items)
             deadline = loop.time() + self.max_wait
-            while rows < self.max_items:
+            # Gather only while other requests are in flight: a lone request (a quiet server)
+            # runs at once instead of paying max_wait for company that is not coming.
+            while rows < self.max_items and self._waiting > len(batch):
                 try:
                     request = self._queue.get_nowait() if loop.time() >= deadline else \
                         await asyncio.wait_for(self._queue.get(), deadline - loop.time())

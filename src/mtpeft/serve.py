@@ -9,6 +9,7 @@ which joins rows of all concurrent requests into one ``model.run`` on the model 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from mtpeft.adapter_cache import AdapterStore, serving_store
 from mtpeft.admin import API_KEY_ENV, TaskChangedError, TaskManager, TaskView, admin_routes
 from mtpeft.batcher import MicroBatcher, Overloaded
 from mtpeft.embeddings import embed_texts
+from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel, to_example
 from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
 from mtpeft.schemas import (ErrorOut, Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput,
@@ -210,7 +212,8 @@ def page_html() -> str:
 
 def create_app(model: MultiTaskModel, router: Router | None = None, support: SupportPipeline | None = None,
                settings: ServeSettings | None = None, store: AdapterStore | None = None,
-               admin_root: str | os.PathLike | None = None, api_key: str | None = None) -> FastAPI:
+               admin_root: str | os.PathLike | None = None, api_key: str | None = None,
+               executor: ThreadPoolExecutor | None = None) -> FastAPI:
     """An app serving ``model``'s tasks; ``router`` defaults to the shape rule, ``support`` enables ``/v1/support``.
 
     With ``store``, the app serves every task registered there, keeping the hot ones active in ``model``.
@@ -223,7 +226,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     if router is None or isinstance(router, ShapeRouter):
         router = ShapeRouter(view)
     metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtpeft-model")  # the model thread
+    executor = executor or model_thread()  # the model thread
     pinned = {} if support is None else dict.fromkeys(
         (support.sentiment_task, support.similarity_task, support.qa_task), "used by /v1/support")
     manager = TaskManager(model, executor, view, admin_root,
@@ -414,6 +417,25 @@ def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None,
     ``max_active_adapters`` registers every task but keeps at most that many in the model
     (``AdapterStore``); the router's and support pipeline's tasks stay active.
     """
+    executor = model_thread()
+    build = functools.partial(_build_server, bundle, faq, backbone, settings, support_tasks, max_active_adapters,
+                              admin_root, executor)
+    return executor.submit(build).result()  # loaded on the thread that will run it
+
+
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread of a serving process that runs torch.
+
+    OpenMP keeps a thread team per thread that calls into it, and two teams on the same cores
+    spin against each other: measured on the 2-core CPU, one short text took 9 ms when only
+    one thread had ever run torch and 18 ms, on either thread, once a second one had. So the
+    model is loaded, warmed up and run on this thread alone.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtpeft-model")
+
+
+def _build_server(bundle, faq, backbone, settings, support_tasks, max_active_adapters, admin_root,
+                  executor: ThreadPoolExecutor) -> FastAPI:
     from mtpeft.router import load_router
 
     if max_active_adapters is None:
@@ -430,7 +452,20 @@ def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None,
         support = SupportPipeline(model, faq, *names)
     elif faq is not None:
         raise ValueError(f"--faq needs the support tasks {list(names)} in the bundle; it holds {model.task_names}")
-    return create_app(model, router, support, settings, store, admin_root=bundle if admin_root is None else admin_root)
+    app = create_app(model, router, support, settings, store, admin_root=bundle if admin_root is None else admin_root,
+                     executor=executor)
+    warm_up(model)
+    return app
+
+
+def warm_up(model: MultiTaskModel) -> None:
+    """One prediction per task and a batch of each common size, so the first requests do not
+    pay for kernel selection and memory growth."""
+    for task in model.task_names:
+        spec = model.spec(task)
+        example = Example(text="warm up", text_pair="warm up" if spec.text_pair_column else None)
+        for rows in (1, 8, 64):
+            model.run([(task, example)] * rows)
 
 
 def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:

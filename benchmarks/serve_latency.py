@@ -1,0 +1,147 @@
+"""Serving latency and throughput on loopback, against offline batch throughput.
+
+Measures, for one task and short texts (customer messages of 6-12 words):
+1. offline: ``MultiTaskModel.run`` over the texts in batches of 64, in this process,
+   before the server starts (the two never share the CPU);
+2. ``mtpeft serve`` on 127.0.0.1 in a child process, one text per ``POST /v1/predict``,
+   from 1, 8 and 64 concurrent clients (httpx, keep-alive): p50/p99 latency and throughput.
+The micro-batcher gathers concurrent requests into one forward pass, so under load the
+server's throughput is compared with the offline figure.
+
+    .venv/bin/python benchmarks/serve_latency.py --bundle runs/serving-demo   # -> results/serve_latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from speedkit import write_result
+
+from mtpeft import MultiTaskModel
+from mtpeft.examples import Example
+
+OPENERS = ["my order", "the parcel", "your app", "the refund", "customer support", "the new update", "my account",
+           "the delivery", "this product", "the invoice"]
+ENDINGS = ["arrived broken and nobody answers", "works perfectly, thank you so much", "is still missing after two weeks",
+           "was charged twice this month", "is great but a bit slow", "keeps logging me out", "made my day",
+           "is the worst I have ever had"]
+
+
+def short_texts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(OPENERS)} {rng.choice(ENDINGS)}" for _ in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def offline(bundle: str, task: str, texts: list[str], repeats: int = 5) -> dict:
+    model = MultiTaskModel.load(bundle)
+    items = [(task, Example(text=t)) for t in texts]
+    model.run(items[:256])  # warm-up
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.run(items, batch_size=64)
+        rates.append(len(items) / (time.perf_counter() - start))
+    single = []
+    for text in texts[:200]:
+        start = time.perf_counter()
+        model.run([(task, Example(text=text))])
+        single.append((time.perf_counter() - start) * 1e3)
+    return {"examples_per_s": round(statistics.median(rates), 1), "repeats": [round(r, 1) for r in rates],
+            "single_text_ms_p50": round(statistics.median(single), 2)}
+
+
+async def clients(base: str, task: str, texts: list[str], concurrency: int, requests: int) -> dict:
+    queue = list(range(requests))
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue:
+            i = queue.pop()
+            start = time.perf_counter()
+            response = await http.post(f"{base}/v1/predict", json={"inputs": [texts[i % len(texts)]], "task": task})
+            latencies.append((time.perf_counter() - start) * 1e3)
+            errors += response.status_code != 200
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        for _ in range(20):  # warm-up
+            await http.post(f"{base}/v1/predict", json={"inputs": [texts[0]], "task": task})
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": requests, "errors": errors,
+            "p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(percentile(latencies, 0.99), 2),
+            "requests_per_s": round(requests / seconds, 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default="runs/demo")
+    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    texts = short_texts(2048)
+    offline_result = offline(args.bundle, args.task, texts)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([sys.executable, "-m", "mtpeft", "serve", args.bundle, "--port", str(port),
+                                       "--max-wait-ms", str(args.max_wait_ms)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 300
+            while True:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            levels = [asyncio.run(clients(base, args.task, texts, int(c), args.requests))
+                      for c in args.concurrency.split(",")]
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    for level in levels:
+        level["fraction_of_offline_throughput"] = round(level["requests_per_s"] / offline_result["examples_per_s"], 3)
+    write_result("serve_latency", {
+        "setup": {"bundle": args.bundle, "task": args.task, "texts": "6-12 word customer messages, one per request",
+                  "max_wait_ms": args.max_wait_ms, "requests_per_level": args.requests},
+        "offline": offline_result, "server": levels,
+        "targets": {"single_request_p50_ms": 10, "fraction_of_offline_throughput_under_load": 0.8},
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
