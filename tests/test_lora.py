@@ -10,6 +10,7 @@ from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.backbone import from_model
 from mtpeft.batching import collate
 from mtpeft.config import LoraSettings
+from mtpeft import lora
 from mtpeft.lora import MultiLoraLayer
 
 
@@ -155,7 +156,9 @@ def test_mixed_batch_in_bf16_stays_within_tolerance(backbone, tokenizer):
             torch.testing.assert_close(mixed[row, :length], single[0, :length], rtol=5e-2, atol=5e-2)
 
 
-def test_stacked_inference_path_equals_grouped_training_path(backbone, tokenizer):
+@pytest.mark.parametrize("stacked_max_columns", [1024, 0], ids=["stacked", "gathered"])
+def test_stacked_inference_path_equals_grouped_training_path(backbone, tokenizer, monkeypatch, stacked_max_columns):
+    monkeypatch.setattr(lora, "STACKED_MAX_COLUMNS", stacked_max_columns)
     model = MultiTaskModel(backbone)
     model.bf16 = False
     for name, r in (("a", 4), ("b", 8), ("c", 2)):

