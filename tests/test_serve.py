@@ -326,3 +326,9 @@ def test_routing_and_support_waits_are_bounded_by_the_request_timeout(model, rou
     assert busy.status_code == 503  # its own prediction took over 0.2 s
     for response in (routed, faq):
         assert response.status_code == 503 and "model thread did not answer" in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize("top_k", [True, "3", 2.5, 0])
+def test_support_top_k_must_be_a_real_count(client, top_k):
+    response = client.post("/v1/support", json={"message": "where is my parcel?", "top_k": top_k})
+    assert response.status_code == 422, response.text

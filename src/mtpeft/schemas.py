@@ -139,7 +139,8 @@ class TasksResponse(BaseModel):
 
 class SupportRequest(_Strict):
     message: Text = Field(min_length=1, description="the customer's message")
-    top_k: int | None = Field(None, ge=1, le=20, description="FAQ questions to retrieve and re-rank")
+    # strict: JSON true is not a count (lax mode would read it as 1)
+    top_k: int | None = Field(None, ge=1, le=20, strict=True, description="FAQ questions to retrieve and re-rank")
 
 
 class SimilarOut(BaseModel):
