@@ -4,7 +4,10 @@ Measures, for one task and short texts (customer messages of 6-12 words):
 1. offline: ``MultiTaskModel.run`` over the texts in batches of 64, in this process,
    before the server starts (the two never share the CPU);
 2. ``mtpeft serve`` on 127.0.0.1 in a child process, one text per ``POST /v1/predict``,
-   from 1, 8 and 64 concurrent clients (httpx, keep-alive): p50/p99 latency and throughput.
+   from 1, 8 and 64 concurrent keep-alive connections: p50/p99 latency and throughput.
+   The load comes from ``wrk`` (C, Debian package ``wrk``) when it is installed: a Python
+   client on the same two cores takes CPU from the server it measures. Without ``wrk``, an
+   httpx client runs, and the JSON says which one did.
 The micro-batcher gathers concurrent requests into one forward pass, so under load the
 server's throughput is compared with the offline figure.
 
@@ -15,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
+import shutil
 import os
 import random
 import signal
@@ -93,6 +99,29 @@ async def clients(base: str, task: str, texts: list[str], concurrency: int, requ
             "requests_per_s": round(requests / seconds, 1)}
 
 
+def wrk_level(base: str, task: str, text: str, concurrency: int, seconds: float) -> dict:
+    """One concurrency level with wrk: the same request over and over on keep-alive connections."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        body = json.dumps({"inputs": [text], "task": task})
+        script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n')
+    url = f"{base}/v1/predict"
+    subprocess.run(["wrk", "-t1", f"-c{concurrency}", "-d2s", "-s", script.name, url], capture_output=True, check=True)
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", script.name, "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return round(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit], 2)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"concurrency": concurrency, "requests": total, "errors": int(non_2xx.group(1)) if non_2xx else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else None,
+            "p50_ms": ms("50%"), "p99_ms": ms("99%"),
+            "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +135,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=10, help="seconds per concurrency level (wrk)")
+    parser.add_argument("--httpx", action="store_true", help="use the Python client even when wrk is installed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     texts = short_texts(2048)
@@ -128,8 +159,13 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
-            levels = [asyncio.run(clients(base, args.task, texts, int(c), args.requests))
-                      for c in args.concurrency.split(",")]
+            if shutil.which("wrk") and not args.httpx:
+                generator = "wrk"
+                levels = [wrk_level(base, args.task, texts[0], int(c), args.seconds) for c in args.concurrency.split(",")]
+            else:
+                generator = "httpx"
+                levels = [asyncio.run(clients(base, args.task, texts, int(c), args.requests))
+                          for c in args.concurrency.split(",")]
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -137,7 +173,8 @@ def main() -> None:
         level["fraction_of_offline_throughput"] = round(level["requests_per_s"] / offline_result["examples_per_s"], 3)
     write_result("serve_latency", {
         "setup": {"bundle": args.bundle, "task": args.task, "texts": "6-12 word customer messages, one per request",
-                  "max_wait_ms": args.max_wait_ms, "requests_per_level": args.requests},
+                  "max_wait_ms": args.max_wait_ms, "load_generator": generator,
+                  "per_level": f"{args.seconds:g} s" if generator == "wrk" else f"{args.requests} requests"},
         "offline": offline_result, "server": levels,
         "targets": {"single_request_p50_ms": 10, "fraction_of_offline_throughput_under_load": 0.8},
     }, args.out)
