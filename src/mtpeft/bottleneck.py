@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mtpeft.lora import AdapterRouting, MultiLoraLayer, routing_of
+from mtpeft.lora import AdapterRouting, MultiLoraLayer, replace_submodule, routing_of
 
 STYLES = ("houlsby", "pfeiffer")
 # Module paths (regular expressions) of each block's attention-output and FFN-output projections.
@@ -124,10 +124,7 @@ def inject_bottleneck_layers(model: nn.Module, paths: Sequence[str]) -> dict[str
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, BottleneckLayer):
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            module = BottleneckLayer(module, routing)
-            setattr(parent, child, module)
+            module = replace_submodule(model, path, BottleneckLayer(module, routing))
         layers[path] = module
     return layers
 

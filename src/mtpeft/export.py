@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mtpeft.lora import MultiLoraLayer
+from mtpeft.lora import lora_layers_of, replace_submodule
 from mtpeft.model import MultiTaskModel
 from mtpeft.storage import atomic_write, write_json, write_safetensors
 
@@ -97,11 +97,10 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     model.unmerge_adapters()
     backbone = copy.deepcopy(model.full_precision().backbone)
     with torch.no_grad():
-        for path, layer in [(p, m) for p, m in backbone.named_modules() if isinstance(m, MultiLoraLayer)]:
+        for path, layer in lora_layers_of(backbone).items():
             if task in layer.lora_A:
                 layer.merge(task)
-            parent_path, _, child = path.rpartition(".")
-            setattr(backbone.get_submodule(parent_path) if parent_path else backbone, child, layer.base_layer)
+            replace_submodule(backbone, path, layer.base_layer)
     head = model.heads[task]
     kind = "span" if spec.type == "extractive-qa" else "cosine" if spec.is_bi_encoder else "pooled"
     backbone_config = backbone.config.to_dict()

@@ -263,6 +263,13 @@ def lora_layers_of(model: nn.Module) -> dict[str, MultiLoraLayer]:
     return {path: m for path, m in modules_outside_lora(model) if isinstance(m, MultiLoraLayer)}
 
 
+def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``path`` in ``model`` (the wrapper of the module that was there)."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+    return module
+
+
 def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
                        exclude: Sequence[str] = ("pooler",)) -> dict[str, MultiLoraLayer]:
     """Wrap every module whose name ends with a target in a ``MultiLoraLayer``.
@@ -278,10 +285,7 @@ def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
         if path.rsplit(".", 1)[-1] not in target_modules or any(part in exclude for part in path.split(".")):
             continue
         if not isinstance(module, MultiLoraLayer):
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            module = MultiLoraLayer(module, routing)
-            setattr(parent, child, module)
+            module = replace_submodule(model, path, MultiLoraLayer(module, routing))
         layers[path] = module
     if not layers:
         raise ValueError(f"no module of the backbone matches LoRA target_modules={list(target_modules)}")
