@@ -151,6 +151,7 @@ async def load(base: str, pid: int, args, key: str) -> dict:
         return {k: round(v * 1000, 2) for k, v in seconds.items()}
 
     warm = memory[1] if len(memory) > 2 else memory[0]  # after the first samples the caches are warm
+    second_half = [m["rss_mib"] for m in memory if m["requests"] >= done / 2]
     return {
         "requests": done, "stopped_early": done < args.requests, "errors": sum(errors.values()),
         "errors_by_status": errors, "error_examples": error_examples,
@@ -161,6 +162,8 @@ async def load(base: str, pid: int, args, key: str) -> dict:
                     "latency_ms": ms(percentiles(reloads["seconds"]))},
         "memory_rss_mib": memory,
         "rss_growth_mib_after_warmup": round(memory[-1]["rss_mib"] - warm["rss_mib"], 2),
+        # Flat means: over the second half of the run the samples stay within a few MiB.
+        "rss_range_mib_second_half": round(max(second_half) - min(second_half), 2),
     }
 
 

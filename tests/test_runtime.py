@@ -1,4 +1,4 @@
-"""Process settings: the allocator tuning applies on glibc and can be turned off."""
+"""Process settings: the allocator tuning applies on glibc and can be turned off; serving caps the kernel caches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 
 import pytest
 
-from mtpeft.runtime import ALLOCATOR_ENV, tune_allocator
+from mtpeft.runtime import ALLOCATOR_ENV, KERNEL_CACHE_ENV, bound_kernel_caches, tune_allocator
 
 
 def test_allocator_setting_can_be_left_alone(monkeypatch):
@@ -20,3 +20,10 @@ def test_allocator_setting_can_be_left_alone(monkeypatch):
 def test_allocator_is_tuned_on_glibc(monkeypatch):
     monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
     assert tune_allocator.__wrapped__() is True
+
+
+def test_kernel_caches_are_capped_unless_the_environment_says_otherwise(monkeypatch):
+    for name in KERNEL_CACHE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")  # the user's choice wins
+    assert bound_kernel_caches(64) == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}

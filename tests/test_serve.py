@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import tiny_bert  # noqa: E402
 from mtpeft.router import LearnedRouter  # noqa: E402
+from mtpeft.runtime import KERNEL_CACHE_ENV, SERVING_KERNEL_CACHE  # noqa: E402
 from mtpeft.serve import ServeSettings, create_app, load_server  # noqa: E402
 from mtpeft.support import SupportPipeline  # noqa: E402
 from tiny_bundle import FAQ, QA, ROUTER_EXAMPLES, path_backbone, saved_backbone, slowed, support_model  # noqa: E402
@@ -205,6 +207,8 @@ def test_load_server_and_serve_cli(tokenizer, tmp_path, monkeypatch):
     model.save(tmp_path / "bundle")
     LearnedRouter.fit(model, ROUTER_EXAMPLES).save(tmp_path / "bundle" / "router")
     started = {}
+    for name in KERNEL_CACHE_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: started.update(app=app, host=host, port=port))
     from mtpeft.cli import main
 
@@ -212,6 +216,7 @@ def test_load_server_and_serve_cli(tokenizer, tmp_path, monkeypatch):
     faq.write_text("".join(json.dumps({"question": e.question, "context": e.context}) + "\n" for e in FAQ))
     assert main(["serve", str(tmp_path / "bundle"), "--port", "8123", "--faq", str(faq), "--max-inputs", "7"]) == 0
     assert started["port"] == 8123 and started["app"].state.settings.max_inputs == 7
+    assert all(os.environ[name] == str(SERVING_KERNEL_CACHE) for name in KERNEL_CACHE_ENV)  # flat memory over shapes
     assert started["app"].state.manager.root == (tmp_path / "bundle").resolve()  # task management loads from the bundle
     assert main(["serve", str(tmp_path / "bundle"), "--admin-root", str(tmp_path)]) == 0
     assert started["app"].state.manager.root == tmp_path.resolve()

@@ -35,6 +35,7 @@ from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel, to_example
 from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
+from mtpeft.runtime import bound_kernel_caches
 from mtpeft.schemas import (ErrorOut, Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput,
                             SupportRequest, SupportResponse, TasksResponse, TextInput)
 from mtpeft.support import SupportPipeline
@@ -417,6 +418,7 @@ def load_server(bundle: str | os.PathLike, faq: str | os.PathLike | None = None,
     ``max_active_adapters`` registers every task but keeps at most that many in the model
     (``AdapterStore``); the router's and support pipeline's tasks stay active.
     """
+    bound_kernel_caches()  # before the model's first matmul: memory stays flat over many batch shapes
     executor = model_thread()
     build = functools.partial(_build_server, bundle, faq, backbone, settings, support_tasks, max_active_adapters,
                               admin_root, executor)
