@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2Model
 
+from conftest import tiny_bert
 from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.backbone import from_model
 from mtpeft.batching import collate
@@ -178,3 +179,51 @@ def test_stacked_inference_path_equals_grouped_training_path(backbone, tokenizer
         changed = model.encode(batch, rows)
     assert (changed[1] - stacked[1]).abs().max() > 1e-4
     torch.testing.assert_close(changed[0], stacked[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_added_at_inference_is_not_in_training_mode(backbone):
+    """New adapters and heads take the model's mode: run() no longer walks every module each call."""
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    model.predict("warm", task="a")  # leaves training mode
+    model.add_task(TaskSpec(name="b", type="classification", labels=["x", "y"]), LoraSettings(r=4, dropout=0.5))
+    _randomise_adapters(model)
+    assert not any(m.training for m in model.heads["b"].modules())
+    assert all(not layer.lora_dropout["b"].training for layer in model.lora_layers("b").values())
+    first, second = (model.predict(["some text", "more text"], task="b") for _ in range(2))
+    assert [p.probabilities for p in first] == [p.probabilities for p in second]  # no dropout at inference
+    model.train()
+    model.add_task(TaskSpec(name="c", type="classification", labels=["x", "y"]), LoraSettings(r=4, dropout=0.5))
+    assert all(layer.lora_dropout["c"].training for layer in model.lora_layers("c").values())
+
+
+def test_uninitialised_adapter_is_filled_by_install(backbone, tokenizer, tmp_path):
+    """install_task skips the random init and copies the saved weights in: outputs equal the saved model's."""
+    from mtpeft.storage import load_task
+
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    _randomise_adapters(model)
+    expected = [p.probabilities["x"] for p in model.predict(TEXTS, task="a")]
+    model.save(tmp_path / "bundle")
+    fresh = MultiTaskModel(tiny_bert(tokenizer))  # the same weights, no adapters yet
+    load_task(fresh, tmp_path / "bundle" / "a")
+    assert [p.probabilities["x"] for p in fresh.predict(TEXTS, task="a")] == pytest.approx(expected, abs=1e-5)
+
+
+def test_layer_lookups_follow_module_replacement(backbone):
+    """lora_layers_of / inject_lora_layers reuse what they found until a module is replaced."""
+    model = backbone.model
+    layers = lora.inject_lora_layers(model, ["query", "value"])
+    assert lora.lora_layers_of(model) == layers and len(layers) == 4
+    path, layer = next(iter(layers.items()))
+    lora.replace_submodule(model, path, layer.base_layer)
+    assert path not in lora.lora_layers_of(model) and len(lora.lora_layers_of(model)) == 3
+    again = lora.inject_lora_layers(model, ["query", "value"])
+    assert path in again and again[path] is not layer and lora.lora_layers_of(model) == again
+
+
+@pytest.mark.parametrize("name", ["a.b", "-lead", "", "x" * 65, "space name"])
+def test_task_names_that_cannot_be_module_keys_are_refused(name):
+    with pytest.raises(ValueError, match="task name"):
+        TaskSpec(name=name, type="classification", labels=["x", "y"])

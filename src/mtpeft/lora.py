@@ -24,11 +24,18 @@ from transformers.pytorch_utils import Conv1D
 
 
 # A mixed batch whose tasks' ranks sum to more than this uses per-row gathered adapters
-# instead of one stacked matmul (see MultiLoraLayer._stacked_delta). Measured with
-# benchmarks/adapter_cache.py (MiniLM, batch 64, r=8): the stacked matmul stayed faster up
-# to the 38 tasks per batch of a 1,000-task Zipf stream (283 vs 255 rows/s), so it is used
-# until the stacked width passes the hidden sizes of typical backbones.
+# instead of one stacked matmul (see MultiLoraLayer._stacked_delta). Measured on MiniLM
+# (batch 64 short texts, r=8): the stacked matmul was faster up to the 38 tasks per batch of
+# a 1,000-task Zipf stream (benchmarks/adapter_cache.py, 283 vs 255 rows/s) and, once both
+# were built from cached per-task casts, within 5 % of the gathered one (128 vs 132 ms per
+# batch of 38 tasks); applying each task to its own contiguous rows was slower than both
+# (one small matmul per task and shape). So stacking is used until its width passes the
+# hidden sizes of typical backbones.
 STACKED_MAX_COLUMNS = 1024
+# Stacked weights kept per layer, one entry per task set: a steady mix repeats its few sets,
+# while a server over many tasks rarely repeats one and would only hold memory with more.
+STACK_CACHE_ENTRIES = 8
+STACK_COLUMN_MULTIPLE = 32
 
 
 class AdapterRouting:
@@ -102,23 +109,40 @@ class MultiLoraLayer(nn.Module):
         self.merged: str | None = None
         self._unmerged_weight: torch.Tensor | None = None
         self._stack_cache: dict = {}
+        self._cast_cache: dict[str, dict[torch.dtype, tuple]] = {}  # task -> dtype -> (versions, (A, scaled B))
 
-    def add_adapter(self, task: str, r: int, alpha: float, dropout: float = 0.0) -> None:
-        """Create task's A (kaiming-uniform, as PEFT) and B (zeros: the adapter starts as a no-op)."""
+    def add_adapter(self, task: str, r: int, alpha: float, dropout: float = 0.0, *, initialize: bool = True,
+                    training: bool = False) -> None:
+        """Create task's A (kaiming-uniform, as PEFT) and B (zeros: the adapter starts as a no-op).
+
+        ``initialize=False`` leaves A and B unset for a caller that copies saved weights in
+        right away: a server swapping adapters in and out skips two random fills per layer.
+        ``training`` is the mode of the new modules (their dropout).
+        """
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got r={r}")
-        weight = self.base_layer.weight
-        self.lora_A[task] = nn.Linear(self.in_features, r, bias=False, device=weight.device)
-        self.lora_B[task] = nn.Linear(r, self.out_features, bias=False, device=weight.device)
-        nn.init.kaiming_uniform_(self.lora_A[task].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[task].weight)
-        self.lora_dropout[task] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = self.base_layer.weight.device
+        if initialize:
+            a = nn.Linear(self.in_features, r, bias=False, device=device)
+            b = nn.Linear(r, self.out_features, bias=False, device=device)
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        else:
+            a = _uninitialised_linear(self.in_features, r, device)
+            b = _uninitialised_linear(r, self.out_features, device)
+        dropout_layer = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for store, module in ((self.lora_A, a), (self.lora_B, b), (self.lora_dropout, dropout_layer)):
+            module.training = training  # leaf modules: no walk needed
+            if task in store:
+                del store[task]
+            store._modules[task] = module  # ModuleDict's name checks cost as much as building the module
         self.scaling[task] = alpha / r
 
     def remove_adapter(self, task: str) -> None:
         if self.merged == task:
             self.unmerge()
-        self._stack_cache.clear()
+        self._stack_cache = {key: value for key, value in self._stack_cache.items() if task not in _tasks_of(key)}
+        self._cast_cache.pop(task, None)
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             if task in store:
                 del store[task]
@@ -168,6 +192,16 @@ class MultiLoraLayer(nn.Module):
         low = F.linear(x, a_stack) * mask.unsqueeze(1)  # (B, T, sum r)
         return out.add_(F.linear(low, b_stack).to(out.dtype))
 
+    def _cast(self, task: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task's A and scaled B in ``dtype``, cached until either weight changes."""
+        a, b = self.lora_A[task].weight, self.lora_B[task].weight
+        versions = (a._version, a.data_ptr(), b._version, b.data_ptr())
+        by_dtype = self._cast_cache.setdefault(task, {})
+        cached = by_dtype.get(dtype)
+        if cached is None or cached[0] != versions:
+            cached = by_dtype[dtype] = (versions, (a.to(dtype), (b * self.scaling[task]).to(dtype)))
+        return cached[1]
+
     def _gathered_delta(self, x: torch.Tensor, out: torch.Tensor, tasks: tuple[str, ...],
                         row_group: torch.Tensor) -> torch.Tensor:
         """Many tasks in one batch: each row gathers its own task's A and B (padded to the
@@ -179,44 +213,49 @@ class MultiLoraLayer(nn.Module):
 
     def _padded(self, tasks: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-task A (G, r_max, in) and scaled B (G, out, r_max), zeros for tasks without an adapter here."""
-        present = [t for t in tasks if t in self.lora_A]
-        versions = tuple((w._version, w.data_ptr()) for t in present for w in (self.lora_A[t].weight, self.lora_B[t].weight))
+        casts = {t: self._cast(t, dtype) for t in tasks if t in self.lora_A}
         key = ("padded", tasks, dtype)
         cached = self._stack_cache.get(key)
-        if cached is not None and cached[0] == versions:
+        if cached is not None and len(cached[0]) == len(casts) and all(x is y for x, y in zip(cached[0], casts.values())):
             return cached[1]
-        rank = max(self.lora_A[t].weight.shape[0] for t in present)
-        device = self.base_layer.weight.device
-        a = torch.zeros(len(tasks), rank, self.in_features, dtype=dtype, device=device)
-        b = torch.zeros(len(tasks), self.out_features, rank, dtype=dtype, device=device)
-        for i, task in enumerate(tasks):
-            if task in self.lora_A:
-                r = self.lora_A[task].weight.shape[0]
-                a[i, :r] = self.lora_A[task].weight.to(dtype)
-                b[i, :, :r] = (self.lora_B[task].weight * self.scaling[task]).to(dtype)
-        if len(self._stack_cache) > 64:
+        rank = max(a.shape[0] for a, _ in casts.values())
+        some_a, some_b = next(iter(casts.values()))
+        zero_a, zero_b = some_a.new_zeros(rank, self.in_features), some_b.new_zeros(self.out_features, rank)
+        padded = [casts.get(t, (zero_a, zero_b)) for t in tasks]
+        if any(a.shape[0] != rank for a, _ in padded):  # mixed ranks: pad each to the largest
+            padded = [(F.pad(a, (0, 0, 0, rank - a.shape[0])), F.pad(b, (0, rank - b.shape[1]))) for a, b in padded]
+        a = torch.stack([a for a, _ in padded])
+        b = torch.stack([b for _, b in padded])
+        if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
             self._stack_cache.clear()
-        self._stack_cache[key] = (versions, (a, b))
+        self._stack_cache[key] = (list(casts.values()), (a, b))
         return a, b
 
     def _stacks(self, tasks: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum r, in) stacked A, (out, sum r) stacked and scaled B, and each column's group index.
 
-        Cached per task tuple and dtype until any of those weights changes (``_version``).
+        Cached per task tuple and dtype until any of those weights changes. A server whose
+        batches rarely repeat a task set rebuilds the stack from per-task casts (``_cast``):
+        one concatenation, not a cast of every task's weights for every batch.
         """
         present = [(i, t) for i, t in enumerate(tasks) if t in self.lora_A]
-        versions = tuple((w._version, w.data_ptr()) for _, t in present
-                         for w in (self.lora_A[t].weight, self.lora_B[t].weight))
+        casts = [self._cast(t, dtype) for _, t in present]  # each task's weights cast once, not per task set
         key = (tasks, dtype)
         cached = self._stack_cache.get(key)
-        if cached is not None and cached[0] == versions:
+        if cached is not None and len(cached[0]) == len(casts) and all(x is y for x, y in zip(cached[0], casts)):
             return cached[1]
-        a = torch.cat([self.lora_A[t].weight for _, t in present]).to(dtype)
-        b = torch.cat([self.lora_B[t].weight * self.scaling[t] for _, t in present], dim=1).to(dtype)
-        owner = torch.cat([torch.full((self.lora_A[t].weight.shape[0],), i, device=a.device) for i, t in present])
-        if len(self._stack_cache) > 64:
+        # Zero columns pad the width to a multiple of STACK_COLUMN_MULTIPLE (owner -1: no row's):
+        # the matmul library compiles a kernel per shape, and a server's task counts vary.
+        width = sum(a_t.shape[0] for a_t, _ in casts)
+        pad = -width % STACK_COLUMN_MULTIPLE
+        device = casts[0][0].device
+        a = torch.cat([a_t for a_t, _ in casts] + [casts[0][0].new_zeros(pad, self.in_features)])
+        b = torch.cat([b_t for _, b_t in casts] + [casts[0][1].new_zeros(self.out_features, pad)], dim=1)
+        groups = torch.tensor([i for i, _ in present] + [-1], device=device)
+        owner = groups.repeat_interleave(torch.tensor([a_t.shape[0] for a_t, _ in casts] + [pad], device=device))
+        if len(self._stack_cache) >= STACK_CACHE_ENTRIES:
             self._stack_cache.clear()
-        self._stack_cache[key] = (versions, (a, b, owner))
+        self._stack_cache[key] = (casts, (a, b, owner))
         return a, b, owner
 
     def _delta_weight(self, task: str) -> torch.Tensor:
@@ -248,6 +287,28 @@ class MultiLoraLayer(nn.Module):
         self.merged = None
 
 
+def _tasks_of(cache_key: tuple) -> tuple[str, ...]:
+    """The tasks a ``MultiLoraLayer._stack_cache`` entry was built from."""
+    return cache_key[1] if cache_key[0] == "padded" else cache_key[0]
+
+
+def _uninitialised_linear(in_features: int, out_features: int, device: torch.device) -> nn.Linear:
+    """A bias-free ``nn.Linear`` with its weight allocated but not filled.
+
+    ``nn.Linear(...)`` always runs its kaiming init and ``torch.nn.utils.skip_init`` goes
+    through the meta device; either took most of an adapter install's ~1.8 ms (profiled:
+    1,000-task server, 12 LoRA layers per task). This builds the module the way
+    ``nn.Linear.__init__`` does, minus ``reset_parameters``.
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.__dict__.update(in_features=in_features, out_features=out_features)  # plain ints, as nn.Linear has
+    # Straight into the parameter table: register_parameter's name checks cost more than the rest.
+    layer._parameters["weight"] = nn.Parameter(torch.empty(out_features, in_features, device=device))
+    layer._parameters["bias"] = None
+    return layer
+
+
 def modules_outside_lora(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` that does not descend into LoRA layers: their per-task adapters can
     number thousands of modules in a server holding many tasks."""
@@ -258,15 +319,30 @@ def modules_outside_lora(module: nn.Module, prefix: str = "") -> Iterator[tuple[
         yield from modules_outside_lora(child, f"{prefix}.{name}" if prefix else name)
 
 
+# Bumped by every ``replace_submodule``: the LoRA layers found in a model stay valid until then.
+_structure_version = 0
+
+
 def lora_layers_of(model: nn.Module) -> dict[str, MultiLoraLayer]:
-    """Every LoRA layer of ``model`` by module path, without walking the adapters inside them."""
-    return {path: m for path, m in modules_outside_lora(model) if isinstance(m, MultiLoraLayer)}
+    """Every LoRA layer of ``model`` by module path, without walking the adapters inside them.
+
+    Cached on the model until a module is replaced: a server swapping adapters looks the
+    layers up several times per install and eviction, and each walk of the backbone's
+    modules cost ~0.5 ms (profiled, packaged MiniLM).
+    """
+    cached = model.__dict__.get("_lora_layers_cache")  # not an nn.Module attribute: no state_dict entry
+    if cached is None or cached[0] != _structure_version:
+        layers = {path: m for path, m in modules_outside_lora(model) if isinstance(m, MultiLoraLayer)}
+        cached = model.__dict__["_lora_layers_cache"] = (_structure_version, layers)
+    return dict(cached[1])
 
 
 def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     """Put ``module`` at ``path`` in ``model`` (the wrapper of the module that was there)."""
+    global _structure_version
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+    _structure_version += 1
     return module
 
 
@@ -277,8 +353,14 @@ def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
     Modules under ``exclude`` (BERT's pooler, which mean-pooling heads never use) are left alone.
 
     Returns the wrapped layers by their module path in ``model``. Already wrapped layers
-    are returned as they are, so adding a task with the same targets is cheap.
+    are returned as they are, so adding a task with the same targets is cheap: while no
+    module was replaced since, the paths found last time are reused without a walk.
     """
+    key = (tuple(target_modules), tuple(exclude))
+    found = model.__dict__.setdefault("_lora_injected", {}).get(key)
+    if found is not None and found[0] == _structure_version:
+        layers = lora_layers_of(model)
+        return {path: layers[path] for path in found[1]}
     routing = routing_of(model)
     layers: dict[str, MultiLoraLayer] = {}
     for path, module in list(modules_outside_lora(model)):
@@ -289,4 +371,5 @@ def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
         layers[path] = module
     if not layers:
         raise ValueError(f"no module of the backbone matches LoRA target_modules={list(target_modules)}")
+    model.__dict__["_lora_injected"][key] = (_structure_version, list(layers))
     return layers

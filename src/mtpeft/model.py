@@ -75,8 +75,13 @@ class MultiTaskModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-    def add_task(self, spec: TaskSpec, lora: LoraSettings | None = None, *, head_only: bool = False) -> None:
-        """Register ``spec`` with a fresh head and (unless ``head_only``) a fresh LoRA adapter."""
+    def add_task(self, spec: TaskSpec, lora: LoraSettings | None = None, *, head_only: bool = False,
+                 initialize: bool = True) -> None:
+        """Register ``spec`` with a fresh head and (unless ``head_only``) a fresh LoRA adapter.
+
+        The new modules take the model's current mode. ``initialize=False`` leaves the LoRA
+        weights unset, for a caller that loads saved ones right after (``install_task``).
+        """
         if spec.name in self.specs:
             raise ValueError(f"task {spec.name!r} already exists; remove_task it first")
         lora = None if head_only else (lora or LoraSettings())
@@ -84,9 +89,10 @@ class MultiTaskModel(nn.Module):
             targets = self._targets(lora)
             lora = LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
             for layer in inject_lora_layers(self.backbone, targets).values():
-                layer.add_adapter(spec.name, lora.r, lora.alpha, lora.dropout)
+                layer.add_adapter(spec.name, lora.r, lora.alpha, lora.dropout, initialize=initialize,
+                                  training=self.training)
         head = task_type(spec).build_head(spec, self.identity.hidden_size)
-        self.heads[spec.name] = head.to(self.device)
+        self.heads[spec.name] = head.to(self.device).train(self.training)
         self.specs[spec.name] = spec
         self.adapters[spec.name] = lora
 
@@ -244,7 +250,8 @@ class MultiTaskModel(nn.Module):
         Features of all tasks are sorted by length and batched together, so one forward
         pass serves rows of different tasks with their own adapters and heads.
         """
-        self.eval()
+        if self.training:  # not on every call: the walk over a server's many adapter modules shows in profiles
+            self.eval()
         by_task: dict[str, list[int]] = {}
         for i, (task, _) in enumerate(items):
             self.spec(task)

@@ -215,7 +215,7 @@ def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
     """Add a task read by ``read_task`` to ``model``; returns its name. On a mismatch the model is left as it was."""
     spec = saved.spec
     model.identity.check_matches(saved.record["backbone"], f"task {spec.name!r} in {saved.source}")
-    model.add_task(spec, saved.lora, head_only=saved.lora is None)
+    model.add_task(spec, saved.lora, head_only=saved.lora is None, initialize=False)  # weights copied in below
     try:
         if saved.lora is not None:
             layers = model.lora_layers(spec.name)

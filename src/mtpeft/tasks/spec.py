@@ -23,7 +23,8 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# No '.': a task name is a key of torch module dicts and of PEFT-layout state-dict paths.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise ValueError(f"task name {self.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit")
+            raise ValueError(f"task name {self.name!r}: use 1-64 letters, digits, '_', '-', starting with a letter or digit")
         if self.type not in TASK_TYPES:
             raise ValueError(f"task {self.name!r}: unknown type {self.type!r}; choose one of {TASK_TYPES}")
         if self.type in ("classification", "pair-classification"):
