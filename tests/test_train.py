@@ -169,3 +169,18 @@ def test_training_writes_run_folder(backbone, tmp_path):
 def test_bad_train_config_names_the_option(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+def test_interrupted_training_leaves_the_models_precision_setting(backbone, monkeypatch):
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="sent", type="classification", labels=["neg", "pos"]))
+    model.bf16 = None  # "decide by hardware"; the run forces fp32 below
+
+    def interrupt(where, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("mtpeft.train.fault_point", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(model, "sent", _sentiment(0, 80), None, TrainConfig(**{**FAST, "bf16": False}), progress=False)
+    assert model.bf16 is None

@@ -137,41 +137,43 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                         RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started),
                         fingerprint, saves)
 
-    while step < total_steps:
-        batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
-        skip = position.batch_in_epoch if epoch == position.epoch else 0
-        for index in range(skip, len(batches)):
-            if step >= total_steps:
-                break
-            indices = parallel.shard(batches[index])
-            if indices is None:
-                continue
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
-            with autocast(device, use_bf16):
-                outputs = step_model(batch, task)
-            loss = kind.loss(spec, outputs, batch)
-            loss.backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(batches[index])
-            loss_value = float(loss.detach())
-            bar.update(1)
-            tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
-            if step % 10 == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
-            fault_point("step", step)
-            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                save_position(index + 1, epoch)
-        epoch += 1
-        if checkpoint is not None and step < total_steps:
-            save_position(0, epoch)
-    bar.close()
+    try:  # an interrupted run leaves the model in the precision it came in
+        while step < total_steps:
+            batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
+            skip = position.batch_in_epoch if epoch == position.epoch else 0
+            for index in range(skip, len(batches)):
+                if step >= total_steps:
+                    break
+                indices = parallel.shard(batches[index])
+                if indices is None:
+                    continue
+                batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
+                with autocast(device, use_bf16):
+                    outputs = step_model(batch, task)
+                loss = kind.loss(spec, outputs, batch)
+                loss.backward()
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seen += len(batches[index])
+                loss_value = float(loss.detach())
+                bar.update(1)
+                tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
+                if step % 10 == 0 or step == total_steps:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
+                fault_point("step", step)
+                if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save_position(index + 1, epoch)
+            epoch += 1
+            if checkpoint is not None and step < total_steps:
+                save_position(0, epoch)
+    finally:
+        bar.close()
+        model.bf16 = model_bf16
     elapsed = time.perf_counter() - started
-    model.bf16 = model_bf16
     model.eval()
     for param in trainable.values():
         param.requires_grad_(False)
