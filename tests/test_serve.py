@@ -337,3 +337,23 @@ def test_routing_and_support_waits_are_bounded_by_the_request_timeout(model, rou
 def test_support_top_k_must_be_a_real_count(client, top_k):
     response = client.post("/v1/support", json={"message": "where is my parcel?", "top_k": top_k})
     assert response.status_code == 422, response.text
+
+
+def test_warm_up_runs_every_task_at_its_largest_batch(model, monkeypatch):
+    """The memory high-water mark is reached at start-up: each task sees a full batch of
+    inputs that fill its max_length."""
+    seen, run = [], model.run
+
+    def recording(items, batch_size=64):
+        encoded = [model.tokenizer(e.text, e.text_pair, truncation=True, max_length=model.spec(t).max_length)
+                   for t, e in items]
+        seen.append((items[0][0], len(items), max(len(x["input_ids"]) for x in encoded)))
+        return run(items, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "run", recording)
+    from mtpeft.serve import warm_up
+
+    warm_up(model, batch_size=16)
+    for task in model.task_names:
+        assert (task, 16, model.spec(task).max_length) in seen
+        assert {rows for name, rows, _ in seen if name == task} == {1, 8, 16}

@@ -46,7 +46,7 @@ from mtpeft.tasks import TaskSpec
 RESULT_FORMAT = "mtpeft-compare-run/1"
 SUBSET_SEED = 0
 # Where each built-in task's files sit under --data-root (the layout of ../shared/data).
-DATA_DIRS = {"sst2": "glue/SST-2", "stsb": "glue/STS-B", "mrpc": "glue/MRPC", "qqp": "glue/QQP",
+DATA_DIRS = {"sst2": "glue/SST-2", "stsb": "glue/STS-B", "stsb-bi": "glue/STS-B", "mrpc": "glue/MRPC", "qqp": "glue/QQP",
              "imdb": "imdb", "squad": "squad"}
 _runs_in_this_process = 0
 

@@ -24,7 +24,8 @@ from mtpeft.storage import atomic_write
 
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 # Metrics shown per built-in task (others: the task's primary metric), in points.
-SHOWN_METRICS = {"sst2": ["accuracy"], "stsb": ["pearson", "spearman"], "mrpc": ["f1", "accuracy"],
+SHOWN_METRICS = {"sst2": ["accuracy"], "stsb": ["pearson", "spearman"], "stsb-bi": ["pearson", "spearman"],
+                 "mrpc": ["f1", "accuracy"],
                  "qqp": ["f1", "accuracy"], "imdb": ["accuracy"], "squad": ["exact_match", "f1"]}
 METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "pearson": "Pearson", "spearman": "Spearman",
                 "exact_match": "EM"}

@@ -456,18 +456,26 @@ def _build_server(bundle, faq, backbone, settings, support_tasks, max_active_ada
         raise ValueError(f"--faq needs the support tasks {list(names)} in the bundle; it holds {model.task_names}")
     app = create_app(model, router, support, settings, store, admin_root=bundle if admin_root is None else admin_root,
                      executor=executor)
-    warm_up(model)
+    warm_up(model, (settings or ServeSettings()).batch_size)
     return app
 
 
-def warm_up(model: MultiTaskModel) -> None:
-    """One prediction per task and a batch of each common size, so the first requests do not
-    pay for kernel selection and memory growth."""
+def warm_up(model: MultiTaskModel, batch_size: int = 64) -> None:
+    """Run each task at a few common batch sizes and at its largest batch: the first requests
+    do not pay for kernel selection, and the memory high-water mark is reached at start-up,
+    not by the first long batch hours later (freed memory stays in the process for reuse,
+    see ``mtpeft.runtime.tune_allocator``)."""
     for task in model.task_names:
         spec = model.spec(task)
-        example = Example(text="warm up", text_pair="warm up" if spec.text_pair_column else None)
-        for rows in (1, 8, 64):
-            model.run([(task, example)] * rows)
+        short = Example(text="warm up", text_pair="warm up" if spec.text_pair_column else None)
+        for rows in (1, 8, batch_size):
+            model.run([(task, short)] * rows, batch_size=batch_size)
+        long_text = " ".join(["warm"] * spec.max_length)  # truncated to max_length tokens
+        if spec.type == "extractive-qa":  # a short question, a context that fills the window
+            longest = Example(text="warm up?", text_pair=long_text)
+        else:
+            longest = Example(text=long_text, text_pair=long_text if spec.text_pair_column else None)
+        model.run([(task, longest)] * batch_size, batch_size=batch_size)
 
 
 def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:

@@ -52,6 +52,12 @@ _PRESETS: dict[str, Preset] = {
                  label_column="score", label_range=[0.0, 5.0], max_length=128,
                  description="Semantic similarity of two sentences, 0-5 (GLUE STS-B)."),
         DataLayout("train.tsv", "dev.tsv"), {"epochs": 4.0, "lr": 1e-3}),
+    "stsb-bi": Preset(
+        TaskSpec(name="stsb-bi", type="regression", text_column="sentence1", text_pair_column="sentence2",
+                 label_column="score", label_range=[0.0, 5.0], max_length=128, pair_encoding="bi",
+                 description="Semantic similarity of two sentences, 0-5 (GLUE STS-B), each sentence embedded "
+                             "on its own and compared by cosine (a bi-encoder, as the backbone was pre-trained)."),
+        DataLayout("train.tsv", "dev.tsv"), {"epochs": 4.0, "lr": 1e-3}),
     "mrpc": Preset(
         TaskSpec(name="mrpc", type="pair-classification", labels=["not_equivalent", "equivalent"],
                  text_column="#1 String", text_pair_column="#2 String", label_column="Quality", max_length=128,
