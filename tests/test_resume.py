@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL (also mid-checkpoint) resumes to the same result as an uninterrupted run."""
+"""A run killed with SIGKILL (also mid-checkpoint) resumes to the same result as an uninterrupted run;
+a save killed midway leaves every file complete."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
+
+from conftest import tiny_bert
+from mtpeft import MultiTaskModel
+from mtpeft.backbone import default_backbone_path
+from mtpeft.storage import BundleIntegrityError
 
 JOB = Path(__file__).with_name("_resume_job.py")
 
@@ -47,3 +54,48 @@ def test_killed_run_resumes_bit_identical(tmp_path, reference, fault):
         assert "resuming t from" in resumed.stderr
     assert _result(tmp_path) == reference
     assert not list(tmp_path.glob(".*.tmp"))  # the half-written file of the killed run is cleaned up
+
+
+SAVE_JOB = Path(__file__).with_name("_save_job.py")
+BUNDLE_FILES = ["t/adapter_model.safetensors", "t/adapter_config.json", "t/head.safetensors", "t/task.json",
+                "t/README.md", "bundle.json"]
+
+
+def _save(out: Path, scale: float, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MTPEFT_FAULT"}
+    if fault:
+        env["MTPEFT_FAULT"] = fault
+    env["PYTHONPATH"] = os.pathsep.join([str(SAVE_JOB.parent), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, str(SAVE_JOB), str(out), str(scale)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    """Every bundle file as saved at scale 1 (old) and at scale 2 (new)."""
+    found = {}
+    for scale in (1.0, 2.0):
+        out = tmp_path_factory.mktemp(f"scale{scale}")
+        assert _save(out, scale).returncode == 0
+        found[scale] = {name: (out / name).read_bytes() for name in BUNDLE_FILES}
+    assert all(found[1.0][name] != found[2.0][name] for name in BUNDLE_FILES if name != "t/adapter_config.json")
+    return found
+
+
+@pytest.mark.parametrize("killed_at", ["adapter_model.safetensors", "head.safetensors", "task.json", "bundle.json"])
+def test_save_killed_midway_leaves_each_file_old_or_new(tmp_path, versions, killed_at):
+    """A bundle saved over an old one and killed just before a file's rename: every file is
+    one complete version, and loading either works or fails its sha256 check, never worse."""
+    assert _save(tmp_path, 1.0).returncode == 0
+    killed = _save(tmp_path, 2.0, fault=f"save:{killed_at}")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    states = {name: "old" if (tmp_path / name).read_bytes() == versions[1.0][name] else
+              "new" if (tmp_path / name).read_bytes() == versions[2.0][name] else "torn" for name in BUNDLE_FILES}
+    assert "torn" not in states.values(), states
+    assert states[f"t/{killed_at}" if killed_at != "bundle.json" else killed_at] == "old"
+    try:
+        MultiTaskModel.load(tmp_path, backbone=tiny_bert(AutoTokenizer.from_pretrained(default_backbone_path())))
+    except BundleIntegrityError:
+        assert set(states.values()) == {"old", "new"}  # a mix of versions is caught, not served
+    else:
+        assert set(states.values()) == {"old"} or set(states.values()) == {"new"}

@@ -10,18 +10,14 @@ resumed run ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from mtpeft.storage import read_safetensors_with_metadata, write_safetensors
+from mtpeft.storage import fault_point, read_safetensors_with_metadata, write_safetensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-# Fault injection for the crash tests: kill this process at a given point (see tests/test_resume.py).
-FAULT_ENV = "MTPEFT_FAULT"
 
 
 @dataclass
@@ -33,12 +29,6 @@ class RunPosition:
     batch_in_epoch: int = 0
     seen: int = 0
     elapsed: float = 0.0
-
-
-def fault_point(kind: str, count: int) -> None:
-    """SIGKILL this process when ``MTPEFT_FAULT`` is ``kind:count`` (crash tests only)."""
-    if os.environ.get(FAULT_ENV) == f"{kind}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointMismatchError(ValueError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from mtpeft.tasks import TaskSpec
 if TYPE_CHECKING:
     from mtpeft.model import MultiTaskModel
 
+FAULT_ENV = "MTPEFT_FAULT"  # crash tests: kill the process at a named point
 TASK_FILE = "task.json"
 BUNDLE_FILE = "bundle.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,11 +51,17 @@ PEFT_PREFIX = "base_model.model."
 DEFAULT_BACKBONE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def fault_point(kind: str, at: int | str) -> None:
+    """SIGKILL this process when ``MTPEFT_FAULT`` is ``kind:at`` (crash tests only)."""
+    if os.environ.get(FAULT_ENV) == f"{kind}:{at}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, before_replace=None) -> None:
     """Write ``data`` so that ``path`` holds either its old or its new content, never a mix.
 
     ``before_replace`` runs after the temporary file is complete, just before the rename
-    (the crash tests kill the process there).
+    (the crash tests kill the process there, as ``MTPEFT_FAULT=save:<file name>`` does).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +71,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, before_replace=None) -> N
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("save", path.name)
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
