@@ -10,7 +10,8 @@ as one bundle on the packaged MiniLM, then served through ``AdapterStore``:
    task already held as CPU tensors; the bundle's files sit in the OS page cache;
 3. throughput: a stream of short support messages whose tasks follow a Zipf popularity
    (p(rank k) ~ 1/k^s over a shuffled ranking) over 10 / 100 / 1,000 tasks, in batches
-   of ``--batch-size`` rows through ``AdapterStore.run`` (what the server's batcher calls).
+   of ``--batch-size`` rows through ``AdapterStore.run`` (what the server's batcher calls);
+   one store per task count, the streams run in turn ``--repeats`` times, median rows/s.
 
     .venv/bin/python benchmarks/adapter_cache.py --tasks 1000   # -> results/adapter_cache.json
     .venv/bin/python benchmarks/adapter_cache.py --tasks 50 --stream 512 --out results/adapter_cache_small.json
@@ -166,29 +167,51 @@ def measure_cold_loads(bundle: Path, n: int, capacity: int, samples: int, seed: 
             "of_which_add_to_model_ms": percentiles(installs), "from_cpu_memory_ms": percentiles(from_memory)}
 
 
-def measure_throughput(bundle: Path, n_tasks: int, args, texts: list[str]) -> dict:
-    model = MultiTaskModel.from_backbone()
-    store = AdapterStore(model, capacity=args.capacity, keep_in_memory=True)
-    for folder, digests in bundle_entries(bundle)[:n_tasks]:
-        store.register(folder, digests)
-    stream = zipf_stream(n_tasks, args.warmup + args.stream, args.zipf_s, texts, args.seed)
-    warmup, measured = stream[:args.warmup], stream[args.warmup:]
-    for start in range(0, len(warmup), args.batch_size):
-        store.run(warmup[start:start + args.batch_size], batch_size=args.batch_size)
-    before = store.stats.to_dict()
-    distinct = []
-    started = time.perf_counter()
-    for start in range(0, len(measured), args.batch_size):
-        batch = measured[start:start + args.batch_size]
-        distinct.append(len({task for task, _ in batch}))
-        store.run(batch, batch_size=args.batch_size)
-    elapsed = time.perf_counter() - started
-    after = store.stats.to_dict()
-    delta = {k: round(after[k] - before[k], 4) if isinstance(after[k], float) else after[k] - before[k] for k in after}
-    return {"tasks": n_tasks, "rows": len(measured), "seconds": round(elapsed, 3),
-            "rows_per_second": round(len(measured) / elapsed, 1),
-            "distinct_tasks_per_batch_mean": round(statistics.fmean(distinct), 1),
-            "hit_rate": round(delta["hits"] / max(1, delta["hits"] + delta["misses"]), 4), "store": delta}
+class StreamRun:
+    """One task count's store and Zipf stream, warmed up; ``run`` times one pass over the stream."""
+
+    def __init__(self, bundle: Path, n_tasks: int, args, texts: list[str]) -> None:
+        self.n_tasks, self.batch_size = n_tasks, args.batch_size
+        self.store = AdapterStore(MultiTaskModel.from_backbone(), capacity=args.capacity, keep_in_memory=True)
+        for folder, digests in bundle_entries(bundle)[:n_tasks]:
+            self.store.register(folder, digests)
+        stream = zipf_stream(n_tasks, args.warmup + args.stream, args.zipf_s, texts, args.seed)
+        warmup, self.measured = stream[:args.warmup], stream[args.warmup:]
+        for start in range(0, len(warmup), args.batch_size):
+            self.store.run(warmup[start:start + args.batch_size], batch_size=args.batch_size)
+        self.rates, self.distinct, self.stats = [], [], None
+
+    def run(self) -> None:
+        before = self.store.stats.to_dict()
+        distinct = []
+        started = time.perf_counter()
+        for start in range(0, len(self.measured), self.batch_size):
+            batch = self.measured[start:start + self.batch_size]
+            distinct.append(len({task for task, _ in batch}))
+            self.store.run(batch, batch_size=self.batch_size)
+        self.rates.append(len(self.measured) / (time.perf_counter() - started))
+        self.distinct = distinct
+        after = self.store.stats.to_dict()
+        self.stats = {k: round(after[k] - before[k], 4) if isinstance(after[k], float) else after[k] - before[k]
+                      for k in after}
+
+    def result(self) -> dict:
+        hits, misses = self.stats["hits"], self.stats["misses"]
+        return {"tasks": self.n_tasks, "rows": len(self.measured),
+                "rows_per_second": round(statistics.median(self.rates), 1),
+                "repeats_rows_per_second": [round(r, 1) for r in self.rates],
+                "distinct_tasks_per_batch_mean": round(statistics.fmean(self.distinct), 1),
+                "hit_rate": round(hits / max(1, hits + misses), 4), "store_last_repeat": self.stats}
+
+
+def measure_throughput(bundle: Path, sizes: list[int], args, texts: list[str]) -> dict:
+    """Every task count's stream in turn, ``--repeats`` times (round robin, so slow drifts of
+    the machine hit all of them alike); median rows/s per task count."""
+    runs = [StreamRun(bundle, n, args, texts) for n in sizes]
+    for _ in range(args.repeats):
+        for run in runs:
+            run.run()
+    return {str(run.n_tasks): run.result() for run in runs}
 
 
 def main() -> None:
@@ -199,6 +222,7 @@ def main() -> None:
     parser.add_argument("--stream", type=int, default=4096, help="measured rows per throughput run (default 4096)")
     parser.add_argument("--warmup", type=int, default=512, help="rows run before measuring (default 512)")
     parser.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of task popularity (default 1.1)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over each stream, round robin (default 3)")
     parser.add_argument("--cold-samples", type=int, default=50, help="cold loads timed (default 50)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -216,7 +240,7 @@ def main() -> None:
     memory = measure_memory(bundle, args.tasks, capacity)
     cold = measure_cold_loads(bundle, args.tasks, min(capacity, args.tasks // 2), args.cold_samples, args.seed)
     sizes = [n for n in (10, 100, 1000) if n <= args.tasks] + ([args.tasks] if args.tasks not in (10, 100, 1000) else [])
-    throughput = {str(n): measure_throughput(bundle, n, args, texts) for n in sizes}
+    throughput = measure_throughput(bundle, sizes, args, texts)
     ratio = throughput[str(sizes[-1])]["rows_per_second"] / throughput["10"]["rows_per_second"]
     per_task = max(memory["rss_mb_per_task_in_cpu_memory"], memory["tensor_mb_per_task_in_cpu_memory"])
     checks = {  # value, target, met
@@ -231,6 +255,7 @@ def main() -> None:
     write_result("adapter_cache", {
         "setup": {"tasks": args.tasks, "lora_r": RANK, "targets": "query,value", "capacity": args.capacity,
                   "batch_size": args.batch_size, "stream_rows": args.stream, "warmup_rows": args.warmup,
+                  "repeats": args.repeats,
                   "zipf_s": args.zipf_s, "bf16": resolve_bf16(None, torch.device("cpu")),
                   "bundle_generation_seconds": round(generate_s, 1),
                   "note": "cold loads read files from the OS page cache (the bundle was just written or read)"},

@@ -172,7 +172,8 @@ def adapter_cache(record: dict) -> list[str]:
              f"| cold load from disk, p50 / p95 | {c['from_disk_ms']['p50']} / {c['from_disk_ms']['p95']} ms | ≤ 50 ms: "
              f"{'met' if checks['cold_load_p95_ms']['met'] else '**missed**'} |"]
     for n, row in t.items():
-        lines.append(f"| Zipf stream over {int(n):,} tasks | {row['rows_per_second']} rows/s (hit rate {row['hit_rate']:.0%}, "
+        repeats = f", median of {len(row['repeats_rows_per_second'])}" if "repeats_rows_per_second" in row else ""
+        lines.append(f"| Zipf stream over {int(n):,} tasks | {row['rows_per_second']} rows/s{repeats} (hit rate {row['hit_rate']:.0%}, "
                      f"{row['distinct_tasks_per_batch_mean']} tasks per batch) | |")
     ratio = checks["throughput_ratio_1000_vs_10"]
     lines.append(f"| throughput at 1,000 / at 10 tasks | {ratio['value']:.2f} | ≥ 0.70: {'met' if ratio['met'] else '**missed**'} |")

@@ -227,3 +227,36 @@ def test_layer_lookups_follow_module_replacement(backbone):
 def test_task_names_that_cannot_be_module_keys_are_refused(name):
     with pytest.raises(ValueError, match="task name"):
         TaskSpec(name=name, type="classification", labels=["x", "y"])
+
+
+def test_an_install_after_a_removal_reuses_modules_with_the_new_weights(backbone, tokenizer, tmp_path):
+    from mtpeft.storage import load_task
+
+    source = MultiTaskModel(backbone)
+    for name in ("a", "b"):
+        source.add_task(TaskSpec(name=name, type="classification", labels=["x", "y"]))
+    _randomise_adapters(source, seed=3)
+    expected = [p.probabilities["x"] for p in source.predict(TEXTS, task="b")]
+    source.save(tmp_path / "bundle")
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    load_task(model, tmp_path / "bundle" / "a")
+    old_weights = {path: layer.lora_A["a"].weight for path, layer in model.lora_layers("a").items()}
+    model.remove_task("a")
+    load_task(model, tmp_path / "bundle" / "b")
+    assert all(layer.lora_A["b"].weight is old_weights[path] for path, layer in model.lora_layers("b").items())
+    assert [p.probabilities["x"] for p in model.predict(TEXTS, task="b")] == pytest.approx(expected, abs=1e-5)
+
+
+def test_tasks_that_tokenise_alike_share_one_tokenizer_call(backbone, monkeypatch):
+    model = MultiTaskModel(backbone)
+    for name, max_length in (("a", 32), ("b", 32), ("c", 16)):
+        model.add_task(TaskSpec(name=name, type="classification", labels=["x", "y"], max_length=max_length))
+    _randomise_adapters(model)
+    items = [("a", "one text"), ("c", "a much longer text " * 5), ("b", "two"), ("a", "three")]
+    alone = [model.predict(text, task=task).probabilities["x"] for task, text in items]
+    calls = []
+    tokenize = type(model.tokenizer).__call__
+    monkeypatch.setattr(type(model.tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or tokenize(self, *a, **k))
+    mixed = model.predict([text for _, text in items], task=[task for task, _ in items])
+    assert len(calls) == 2  # a and b together, c (another max_length) on its own
+    assert [p.probabilities["x"] for p in mixed] == pytest.approx(alone, abs=2e-2)  # bf16 mixed vs single

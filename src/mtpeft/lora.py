@@ -36,6 +36,9 @@ STACKED_MAX_COLUMNS = 1024
 # while a server over many tasks rarely repeats one and would only hold memory with more.
 STACK_CACHE_ENTRIES = 8
 STACK_COLUMN_MULTIPLE = 32
+# Removed adapters' modules kept per layer and rank for the next install to reuse: a server
+# that evicts one task to load another then swaps weights instead of building modules.
+SPARE_ADAPTERS = 4
 
 
 class AdapterRouting:
@@ -110,13 +113,15 @@ class MultiLoraLayer(nn.Module):
         self._unmerged_weight: torch.Tensor | None = None
         self._stack_cache: dict = {}
         self._cast_cache: dict[str, dict[torch.dtype, tuple]] = {}  # task -> dtype -> (versions, (A, scaled B))
+        self._spare: dict[int, list[tuple[nn.Linear, nn.Linear]]] = {}  # rank -> removed adapters' (A, B) modules
 
     def add_adapter(self, task: str, r: int, alpha: float, dropout: float = 0.0, *, initialize: bool = True,
                     training: bool = False) -> None:
         """Create task's A (kaiming-uniform, as PEFT) and B (zeros: the adapter starts as a no-op).
 
         ``initialize=False`` leaves A and B unset for a caller that copies saved weights in
-        right away: a server swapping adapters in and out skips two random fills per layer.
+        right away: a server swapping adapters in and out skips two random fills per layer,
+        and takes the modules of a removed adapter of the same rank when there is one.
         ``training`` is the mode of the new modules (their dropout).
         """
         if r < 1:
@@ -127,6 +132,10 @@ class MultiLoraLayer(nn.Module):
             b = nn.Linear(r, self.out_features, bias=False, device=device)
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
+        elif self._spare.get(r):
+            a, b = self._spare[r].pop()  # a removed task's modules, weights overwritten by the caller
+            a.weight.requires_grad_(True)  # as a new module's
+            b.weight.requires_grad_(True)
         else:
             a = _uninitialised_linear(self.in_features, r, device)
             b = _uninitialised_linear(r, self.out_features, device)
@@ -143,6 +152,11 @@ class MultiLoraLayer(nn.Module):
             self.unmerge()
         self._stack_cache = {key: value for key, value in self._stack_cache.items() if task not in _tasks_of(key)}
         self._cast_cache.pop(task, None)
+        if task in self.lora_A and task in self.lora_B:
+            a, b = self.lora_A[task], self.lora_B[task]
+            spare = self._spare.setdefault(a.out_features, [])
+            if len(spare) < SPARE_ADAPTERS and type(a) is nn.Linear and type(b) is nn.Linear:
+                spare.append((a, b))
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             if task in store:
                 del store[task]

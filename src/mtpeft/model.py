@@ -22,6 +22,7 @@ from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.predictions import Prediction
 from mtpeft.runtime import tune_allocator
 from mtpeft.tasks import TaskSpec, task_type
+from mtpeft.tasks.base import encode_sequences, sequence_encoding_key
 from mtpeft.tasks.spec import UnknownTaskError
 
 ModelInput = str | tuple[str, str] | dict
@@ -256,13 +257,8 @@ class MultiTaskModel(nn.Module):
         for i, (task, _) in enumerate(items):
             self.spec(task)
             by_task.setdefault(task, []).append(i)
-        features: list[tuple[str, dict]] = []
-        task_features: dict[str, list[dict]] = {}
-        for task, indices in by_task.items():
-            spec = self.specs[task]
-            encoded = task_type(spec).encode(spec, self.tokenizer, [items[i][1] for i in indices])
-            task_features[task] = encoded
-            features.extend((task, f) for f in encoded)
+        task_features = self._encode_for_inference(by_task, items)
+        features = [(task, f) for task in by_task for f in task_features[task]]
         summaries: dict[int, Any] = {}
         device = self.device
         use_bf16 = resolve_bf16(self.bf16, device)
@@ -297,6 +293,30 @@ class MultiTaskModel(nn.Module):
             for i, prediction in zip(indices, predictions):
                 results[i] = prediction
         return results
+
+    def _encode_for_inference(self, by_task: dict[str, list[int]],
+                              items: Sequence[tuple[str, Example]]) -> dict[str, list[dict]]:
+        """Each task's features, label-free. Tasks whose inputs tokenise alike (plain texts or
+        pairs, same length limits) share one tokenizer call: a batch over many tasks would
+        otherwise pay the tokenizer's per-call overhead (~0.2 ms) once per task."""
+        shared: dict[tuple, list[str]] = {}
+        encoded: dict[str, list[dict]] = {}
+        for task in by_task:
+            spec = self.specs[task]
+            key = sequence_encoding_key(spec)
+            if key is None:
+                encoded[task] = task_type(spec).encode(spec, self.tokenizer, [items[i][1] for i in by_task[task]])
+            else:
+                shared.setdefault(key, []).append(task)
+        for tasks in shared.values():
+            examples = [items[i][1] for task in tasks for i in by_task[task]]
+            features = encode_sequences(self.specs[tasks[0]], self.tokenizer, examples)
+            start = 0
+            for task in tasks:
+                end = start + len(by_task[task])
+                encoded[task] = [{**f, "example": f["example"] - start} for f in features[start:end]]
+                start = end
+        return encoded
 
     def predict(self, inputs: ModelInput | Sequence[ModelInput], task: str | Sequence[str] | None = None,
                 batch_size: int = 64) -> Prediction | list[Prediction]:

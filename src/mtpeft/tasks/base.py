@@ -41,6 +41,18 @@ class TaskType(Protocol):
     def score(self, spec: TaskSpec, predictions: Sequence[Prediction], examples: Sequence[Example]) -> dict[str, float]: ...
 
 
+# Task types whose inference features are exactly ``encode_sequences``' (one per example).
+SEQUENCE_TYPES = ("classification", "pair-classification", "regression")
+
+
+def sequence_encoding_key(spec: TaskSpec) -> tuple | None:
+    """What ``encode_sequences`` reads of ``spec``: tasks with equal keys tokenise alike
+    (``None``: the type has its own features, e.g. QA windows)."""
+    if spec.type not in SEQUENCE_TYPES:
+        return None
+    return (spec.max_length, spec.truncation, spec.head_tokens, spec.is_pair, spec.is_bi_encoder)
+
+
 def encode_sequences(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> list[dict]:
     """Tokenise single texts or pairs, truncated to ``spec.max_length``, without padding.
 
