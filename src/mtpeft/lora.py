@@ -35,6 +35,7 @@ STACKED_MAX_COLUMNS = 1024
 # Stacked weights kept per layer, one entry per task set: a steady mix repeats its few sets,
 # while a server over many tasks rarely repeats one and would only hold memory with more.
 STACK_CACHE_ENTRIES = 8
+# Stacked widths are padded to a multiple of this (see MultiLoraLayer._stacks).
 STACK_COLUMN_MULTIPLE = 32
 # Removed adapters' modules kept per layer and rank for the next install to reuse: a server
 # that evicts one task to load another then swaps weights instead of building modules.
