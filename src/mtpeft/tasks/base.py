@@ -90,7 +90,8 @@ def _head_and_tail(tokenizer: PreTrainedTokenizerBase, text: str, max_length: in
     and tokenised again with the usual special tokens.
     """
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    # The whole review is tokenised only to find the cut points: no "longer than the maximum" warning.
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     if len(offsets) <= budget:
         return text
     head = min(head_tokens, budget)
