@@ -230,9 +230,9 @@ class MultiLoraLayer(nn.Module):
         """Per-task A (G, r_max, in) and scaled B (G, out, r_max), zeros for tasks without an adapter here."""
         casts = {t: self._cast(t, dtype) for t in tasks if t in self.lora_A}
         key = ("padded", tasks, dtype)
-        cached = self._stack_cache.get(key)
-        if cached is not None and len(cached[0]) == len(casts) and all(x is y for x, y in zip(cached[0], casts.values())):
-            return cached[1]
+        cached = self._cached_stack(key, list(casts.values()))
+        if cached is not None:
+            return cached
         rank = max(a.shape[0] for a, _ in casts.values())
         some_a, some_b = next(iter(casts.values()))
         zero_a, zero_b = some_a.new_zeros(rank, self.in_features), some_b.new_zeros(self.out_features, rank)
@@ -246,6 +246,13 @@ class MultiLoraLayer(nn.Module):
         self._stack_cache[key] = (list(casts.values()), (a, b))
         return a, b
 
+    def _cached_stack(self, key: tuple, casts: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The stack cached under ``key`` if it was built from exactly these per-task casts."""
+        cached = self._stack_cache.get(key)
+        if cached is not None and len(cached[0]) == len(casts) and all(x is y for x, y in zip(cached[0], casts)):
+            return cached[1]
+        return None
+
     def _stacks(self, tasks: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum r, in) stacked A, (out, sum r) stacked and scaled B, and each column's group index.
 
@@ -256,9 +263,9 @@ class MultiLoraLayer(nn.Module):
         present = [(i, t) for i, t in enumerate(tasks) if t in self.lora_A]
         casts = [self._cast(t, dtype) for _, t in present]  # each task's weights cast once, not per task set
         key = (tasks, dtype)
-        cached = self._stack_cache.get(key)
-        if cached is not None and len(cached[0]) == len(casts) and all(x is y for x, y in zip(cached[0], casts)):
-            return cached[1]
+        cached = self._cached_stack(key, casts)
+        if cached is not None:
+            return cached
         # Zero columns pad the width to a multiple of STACK_COLUMN_MULTIPLE (owner -1: no row's):
         # the matmul library compiles a kernel per shape, and a server's task counts vary.
         width = sum(a_t.shape[0] for a_t, _ in casts)

@@ -314,7 +314,8 @@ class MultiTaskModel(nn.Module):
             start = 0
             for task in tasks:
                 end = start + len(by_task[task])
-                encoded[task] = [{**f, "example": f["example"] - start} for f in features[start:end]]
+                encoded[task] = features[start:end] if start == 0 else [
+                    {**f, "example": f["example"] - start} for f in features[start:end]]
                 start = end
         return encoded
 
