@@ -27,8 +27,8 @@ from transformers.pytorch_utils import Conv1D
 # instead of one stacked matmul (see MultiLoraLayer._stacked_delta). Measured on MiniLM
 # (batch 64 short texts, r=8): the stacked matmul was faster up to the 38 tasks per batch of
 # a 1,000-task Zipf stream (benchmarks/adapter_cache.py, 283 vs 255 rows/s) and, once both
-# were built from cached per-task casts, within 5 % of the gathered one (128 vs 132 ms per
-# batch of 38 tasks); applying each task to its own contiguous rows was slower than both
+# were built from cached per-task casts, level with the gathered one (132.3 vs 132.5 ms per
+# batch of 38 tasks, a new task set each batch; in-process timing); applying each task to its own contiguous rows was slower than both
 # (one small matmul per task and shape). So stacking is used until its width passes the
 # hidden sizes of typical backbones.
 STACKED_MAX_COLUMNS = 1024
