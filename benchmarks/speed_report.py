@@ -177,6 +177,12 @@ def adapter_cache(record: dict) -> list[str]:
                      f"{row['distinct_tasks_per_batch_mean']} tasks per batch) | |")
     ratio = checks["throughput_ratio_1000_vs_10"]
     lines.append(f"| throughput at 1,000 / at 10 tasks | {ratio['value']:.2f} | ≥ 0.70: {'met' if ratio['met'] else '**missed**'} |")
+    ten = t["10"]["rows_per_second"]
+    for key, rows in record.items():
+        if key.startswith("throughput_") and key.endswith("_by_capacity"):
+            for capacity, row in rows.items():
+                lines.append(f"| same {row['tasks']:,}-task stream, at most {capacity} active | {row['rows_per_second']} rows/s "
+                             f"(hit rate {row['hit_rate']:.0%}; {row['rows_per_second'] / ten:.2f} of 10 tasks) | |")
     return lines
 
 

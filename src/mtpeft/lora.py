@@ -140,9 +140,11 @@ class MultiLoraLayer(nn.Module):
         else:
             a = _uninitialised_linear(self.in_features, r, device)
             b = _uninitialised_linear(r, self.out_features, device)
-        dropout_layer = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters without dropout share one stateless Identity: a server installing adapters
+        # by the thousand would otherwise build a module per layer per install.
+        dropout_layer = nn.Dropout(dropout) if dropout > 0 else self.__dict__.setdefault("_no_dropout", nn.Identity())
         for store, module in ((self.lora_A, a), (self.lora_B, b), (self.lora_dropout, dropout_layer)):
-            module.training = training  # leaf modules: no walk needed
+            module.__dict__["training"] = training  # leaf modules: no walk, no Module.__setattr__ checks
             if task in store:
                 del store[task]
             store._modules[task] = module  # ModuleDict's name checks cost as much as building the module
