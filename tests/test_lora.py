@@ -197,6 +197,21 @@ def test_a_task_added_at_inference_is_not_in_training_mode(backbone):
     assert all(layer.lora_dropout["c"].training for layer in model.lora_layers("c").values())
 
 
+def test_run_undoes_training_mode_set_by_hand_on_backbone_or_head(backbone):
+    """A submodule switched to training by hand would add dropout noise to predictions."""
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), LoraSettings(r=4))
+    _randomise_adapters(model)
+    reference = model.predict(["some text", "more text"], task="a")
+    model.backbone.train()  # backbone dropout on
+    assert [p.probabilities for p in model.predict(["some text", "more text"], task="a")] == \
+        [p.probabilities for p in reference]
+    assert not model.backbone.training
+    model.heads["a"].train()
+    model.predict("some text", task="a")
+    assert not model.heads["a"].training
+
+
 def test_uninitialised_adapter_is_filled_by_install(backbone, tokenizer, tmp_path):
     """install_task skips the random init and copies the saved weights in: outputs equal the saved model's."""
     from mtpeft.storage import load_task

@@ -168,9 +168,11 @@ class MultiLoraLayer(nn.Module):
     def _delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
         # The adapter's fp32 master weights are cast to the activations' dtype (bf16 when the
         # backbone computes in bf16); autograd carries the gradient back to the fp32 copy.
+        # The scaling goes into the (out, r) B, not onto the (batch, tokens, out) delta: one
+        # element-wise pass over the activations less, forward and backward, per layer.
         a = self.lora_A[task].weight.to(x.dtype)
-        b = self.lora_B[task].weight.to(x.dtype)
-        return F.linear(F.linear(self.lora_dropout[task](x), a), b) * self.scaling[task]
+        b = (self.lora_B[task].weight * self.scaling[task]).to(x.dtype)
+        return F.linear(F.linear(self.lora_dropout[task](x), a), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

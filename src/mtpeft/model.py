@@ -251,12 +251,14 @@ class MultiTaskModel(nn.Module):
         Features of all tasks are sorted by length and batched together, so one forward
         pass serves rows of different tasks with their own adapters and heads.
         """
-        if self.training:  # not on every call: the walk over a server's many adapter modules shows in profiles
-            self.eval()
         by_task: dict[str, list[int]] = {}
         for i, (task, _) in enumerate(items):
             self.spec(task)
             by_task.setdefault(task, []).append(i)
+        # Not eval() on every call: the walk over a server's many adapter modules shows in
+        # profiles. The flags checked catch a model, backbone or head left in training mode.
+        if self.training or self.backbone.training or any(self.heads[t].training for t in by_task):
+            self.eval()
         task_features = self._encode_for_inference(by_task, items)
         features = [(task, f) for task in by_task for f in task_features[task]]
         summaries: dict[int, Any] = {}
