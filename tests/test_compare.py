@@ -15,6 +15,7 @@ from mtpeft.report import (
     END,
     START,
     ReportError,
+    environments,
     load_runs,
     replace_section,
     summarise,
@@ -175,6 +176,14 @@ def test_report_tables_plots_and_section(tmp_path):
     write_report(results, out, tmp_path / "results" / "plots")  # rewrites only between the markers
     again = out.read_text()
     assert again.count(START) == 1 and "## Later section" in again and "Someone else's section." in again
+
+
+def test_report_names_every_machine_the_runs_used():
+    runs = [_fixture_run("sst2", "lora-r8", s, 90.0, 74_498) for s in (1, 2, 3)]
+    assert environments(runs) == "test cpu (2 threads; torch 2, transformers 5, peft 0.21)"
+    runs[2]["machine"] = {"cpu": "other cpu", "torch_threads": 2}
+    assert environments(runs) == ("2 runs on test cpu (2 threads; torch 2, transformers 5, peft 0.21); "
+                                  "1 run on other cpu (2 threads; torch 2, transformers 5, peft 0.21)")
 
 
 def test_report_errors(tmp_path):
