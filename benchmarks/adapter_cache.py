@@ -36,7 +36,7 @@ import torch
 from speedkit import write_result
 
 from mtpeft import MultiTaskModel, TaskSpec
-from mtpeft.adapter_cache import AdapterStore
+from mtpeft.adapter_cache import DEFAULT_CAPACITY, AdapterStore
 from mtpeft.config import LoraSettings
 from mtpeft.examples import Example
 from mtpeft.precision import resolve_bf16
@@ -223,9 +223,8 @@ def measure_throughput(bundle: Path, sizes: list[int], args, texts: list[str]) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=1000, help="registered tasks (default 1000)")
-    # 256 active r=8 tasks hold ~90 MB; with all 1,000 in CPU memory that stays well inside the
-    # 1 GB budget, and the hot set of a Zipf(1.1) stream fits (measured hit rates below).
-    parser.add_argument("--capacity", type=int, default=256, help="most active tasks (default 256)")
+    parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY,
+                        help=f"most active tasks (default: the store's, {DEFAULT_CAPACITY})")
     parser.add_argument("--other-capacities", type=lambda v: [int(c) for c in v.split(",") if c], default=[64],
                         help="comma-separated capacities to also run the largest stream at (default 64)")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per store.run call (default 64)")

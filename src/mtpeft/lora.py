@@ -8,8 +8,8 @@ task's adapter, which is what mixed-task serving needs:
 
 In training, the rows of a mixed batch are grouped by task and each group gets one pair of
 small matmuls; in inference every task's A and B are stacked into one pair of matmuls for
-the whole batch (``MultiLoraLayer._stacked_delta``). Parameter names follow PEFT (``base_layer``, ``lora_A.<task>``, ``lora_B.<task>``)
-so saving to the PEFT layout is a renaming that drops the task name.
+the whole batch (``MultiLoraLayer._stacked_delta``). Parameter names follow PEFT
+(``base_layer``, ``lora_A.<task>``, ``lora_B.<task>``) so saving to the PEFT layout is a renaming that drops the task name.
 """
 
 from __future__ import annotations

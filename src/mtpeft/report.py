@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,12 +205,9 @@ def plot_times(summary: dict[str, list[Row]], path: Path) -> Path:
 def environments(runs: list[dict]) -> str:
     """Each machine and library set the runs used, with its number of runs: train times are
     comparable only within one of them."""
-    counts: dict[str, int] = {}
-    for run in runs:
-        machine, versions = run["machine"], run["versions"]
-        name = (f"{machine['cpu']} ({machine['torch_threads']} threads; torch {versions.get('torch')}, "
-                f"transformers {versions.get('transformers')}, peft {versions.get('peft')})")
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(f"{run['machine']['cpu']} ({run['machine']['torch_threads']} threads; "
+                     f"torch {run['versions'].get('torch')}, transformers {run['versions'].get('transformers')}, "
+                     f"peft {run['versions'].get('peft')})" for run in runs)
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{count} run{'s' * (count != 1)} on {name}" for name, count in counts.items())
