@@ -155,6 +155,25 @@ def test_a_lone_surrogate_is_422_not_500(client, path, body):
     assert "nicode" in response.text  # the detail, or the field errors of a union
 
 
+@pytest.mark.parametrize("body", [
+    {"inputs": ["tell me a joke", "I love it, great service", ["x", "y"], QA], "task": ["sentiment", None, None, None]},
+    {"input": "x", "task": "nope"},
+    {"inputs": [3]},
+    {"input": " "},
+])
+def test_the_fast_path_answers_as_the_full_stack_does(client, body):
+    """``application/json`` takes the fast path; ``+json`` bodies go through FastAPI's routing."""
+    fast = client.post("/v1/predict", content=json.dumps(body), headers={"content-type": "application/json"})
+    full = client.post("/v1/predict", content=json.dumps(body), headers={"content-type": "application/problem+json"})
+    assert (fast.status_code, fast.json()) == (full.status_code, full.json())
+
+
+def test_a_body_not_sent_as_json_is_not_read_as_json(client):
+    response = client.post("/v1/predict", content='{"input": "great", "task": "sentiment"}',
+                           headers={"content-type": "text/plain"})
+    assert response.status_code == 422 and "invalid request" in response.json()["detail"]
+
+
 def test_invalid_json_is_422(client):
     response = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422 and "invalid request" in response.json()["detail"]

