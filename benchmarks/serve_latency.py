@@ -122,6 +122,23 @@ def wrk_level(base: str, task: str, text: str, concurrency: int, seconds: float)
             "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1)}
 
 
+def batch_totals(base: str) -> tuple[float, float]:
+    """(model calls, rows) the server has run so far, from its Prometheus histogram."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    def value(name: str) -> float:
+        return float(re.search(rf"^{name} ([\d.e+]+)$", text, re.M).group(1))
+    return value("mtpeft_batch_rows_count"), value("mtpeft_batch_rows_sum")
+
+
+def with_batches(base: str, measure) -> dict:
+    """``measure()``'s result plus the mean rows per model call the server ran meanwhile."""
+    calls, rows = batch_totals(base)
+    result = measure()
+    calls_after, rows_after = batch_totals(base)
+    result["rows_per_model_call"] = round((rows_after - rows) / max(1.0, calls_after - calls), 2)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,10 +178,11 @@ def main() -> None:
                     time.sleep(0.5)
             if shutil.which("wrk") and not args.httpx:
                 generator = "wrk"
-                levels = [wrk_level(base, args.task, texts[0], int(c), args.seconds) for c in args.concurrency.split(",")]
+                levels = [with_batches(base, lambda c=c: wrk_level(base, args.task, texts[0], int(c), args.seconds))
+                          for c in args.concurrency.split(",")]
             else:
                 generator = "httpx"
-                levels = [asyncio.run(clients(base, args.task, texts, int(c), args.requests))
+                levels = [with_batches(base, lambda c=c: asyncio.run(clients(base, args.task, texts, int(c), args.requests)))
                           for c in args.concurrency.split(",")]
         finally:
             server.send_signal(signal.SIGTERM)
