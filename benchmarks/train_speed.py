@@ -167,7 +167,7 @@ def part_a(tokenizer, steps: int, repeats: int, peak: dict) -> dict:
 def sst2_epoch(tokenizer, common_subset: int) -> dict:
     preset = get_preset("sst2")
     data = load_task_data(preset.spec, DATA / "glue" / "SST-2", layout=preset.layout)
-    config = TrainConfig(**{**preset.recipe, "checkpoint_every": -1})
+    config = TrainConfig(**{**preset.adapter_recipe(), "epochs": 1.0, "checkpoint_every": -1})  # the target: one epoch
     model = MultiTaskModel.from_backbone()
     model.add_task(preset.spec, config.lora)
     reset_peak_rss()
@@ -198,7 +198,7 @@ def quality(sst2_subset: int) -> dict:
         train = data.train[:subset] if subset else data.train
         rows = {}
         for name, bf16 in (("bf16", True), ("fp32", False)):
-            config = TrainConfig(**{**preset.recipe, "checkpoint_every": -1, "bf16": bf16, "seed": 0})
+            config = TrainConfig(**{**preset.adapter_recipe(), "checkpoint_every": -1, "bf16": bf16, "seed": 0})
             model = MultiTaskModel.from_backbone()
             model.add_task(preset.spec, config.lora)
             result = train_task(model, task, train, data.eval, config, progress=False)

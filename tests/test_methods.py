@@ -60,6 +60,16 @@ def test_train_config_layers_preset_method_and_user_settings():
     assert get_method("head-only").train_config(preset).head_lr == 3e-3
 
 
+def test_a_presets_full_entry_applies_to_full_fine_tuning_only():
+    preset = {"epochs": 2.0, "lr": 1e-3, "full": {"epochs": 1.0, "head_lr": 5e-4}}
+    full = get_method("full").train_config(preset)
+    assert (full.lr, full.head_lr, full.epochs) == (5e-5, 5e-4, 1.0)
+    assert get_method("full").train_config(preset, {"epochs": 3.0}).epochs == 3.0  # the user's word is last
+    for name in ("lora-r8", "tiny", "head-only", "ia3"):
+        config = get_method(name).train_config(preset)
+        assert config.epochs == 2.0 and config.head_lr != 5e-4
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_method_trains_only_its_parameters(name, tokenizer, tmp_path):
     method = get_method(name)

@@ -246,7 +246,7 @@ def _train(args) -> int:
     spec = preset.spec if preset else _custom_spec(args)
     if preset and args.max_length:
         spec = TaskSpec.from_dict({**spec.to_dict(), "max_length": args.max_length})
-    recipe = dict(preset.recipe) if preset else {}
+    recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
                 "checkpoint_every"):
         if getattr(args, key) is not None:

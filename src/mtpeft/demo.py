@@ -41,7 +41,7 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
     for skill in SKILLS:
         preset = get_preset(skill)
         data = load_task_data(preset.spec, data_dir, layout=preset.layout)
-        recipe = dict(preset.recipe)
+        recipe = preset.adapter_recipe()
         recipe["epochs"] = max(recipe.get("epochs", 3.0) * epochs_scale, 0.1)
         config = TrainConfig(**recipe)
         torch.manual_seed(config.seed)
