@@ -16,6 +16,7 @@ from mtpeft.report import (
     START,
     ReportError,
     environments,
+    learning_rates,
     load_runs,
     replace_section,
     summarise,
@@ -140,11 +141,18 @@ def _fixture_run(task: str, method: str, seed: int, metric: float, trainable: in
         "method_settings": {"description": f"{method} described"}, "primary_metric": "accuracy",
         "parameters": {"trainable": trainable, "total": 1000 + trainable, "backbone": 1_000_000},
         "adapter_bytes": 4 * trainable, "metrics": {"accuracy": metric, "f1": metric - 1, "examples": 50},
-        "train": {"seconds": 10.0 + seed} if trainable else None, "hyperparameters": {"epochs": 2.0},
+        "train": {"seconds": 10.0 + seed} if trainable else None, "hyperparameters": {"epochs": 2.0, "lr": 1e-3, "head_lr": None},
         "data": {"train_examples": 500}, "backbone": {"name": "default", "model_type": "bert", "parameters": 1_000_000},
         "versions": {"torch": "2", "transformers": "5", "peft": "0.21"},
         "machine": {"cpu": "test cpu", "torch_threads": 2}, "date": f"2026-11-2{seed}T10:00:00+00:00",
     }
+
+
+def test_report_states_each_rows_learninglearning_rates():
+    assert learning_rates({"lr": 5e-5, "head_lr": 5e-4}, "full") == "5e-05 / 0.0005"
+    assert learning_rates({"lr": 1e-3, "head_lr": 3e-3}, "head-only") == "– / 0.003"  # no adapter: its rate is unused
+    assert learning_rates({"lr": 1e-3, "head_lr": None}, "lora") == "0.001 / 0.001"
+    assert learning_rates({"zero_shot": {}}, "zero-shot") == "–"
 
 
 def test_report_tables_plots_and_section(tmp_path):
@@ -166,7 +174,7 @@ def test_report_tables_plots_and_section(tmp_path):
     write_report(results, out, tmp_path / "results" / "plots")
     text = out.read_text()
     assert "Someone else's section." in text and text.count(START) == 1 and text.count(END) == 1
-    assert "| lora-r8 | 74,498 | 13 | 92.00 ± 1.00 | 3 | 500 | 2 | 12 s | 291 KiB |" in text
+    assert "| lora-r8 | 74,498 | 13 | 92.00 ± 1.00 | 3 | 500 | 2 | 0.001 / 0.001 | 12 s | 291 KiB |" in text
     assert "| zero-shot | 0 | – | 70.00 | 1 |" in text
     assert "| tiny | 9,986 | 100 | 79.00 | 80.00 |" in text  # mrpc shows F1, then accuracy
     assert "](results/plots/quality_sst2.png)" in text

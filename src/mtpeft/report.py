@@ -67,6 +67,7 @@ class Row:
     train_seconds: list[float] = field(default_factory=list)
     train_examples: int | None = None
     epochs: float | None = None
+    rates: str = "–"  # "adapter (or backbone) lr / head lr"
 
     @property
     def ratio(self) -> float | None:
@@ -98,7 +99,8 @@ def summarise(runs: list[dict]) -> dict[str, list[Row]]:
             row = rows[run["method"]] = Row(
                 method=run["method"], description=run["method_settings"].get("description", ""),
                 trainable=run["parameters"]["trainable"], backbone=run["parameters"]["backbone"],
-                adapter_bytes=run["adapter_bytes"], train_examples=run["data"].get("train_examples"), epochs=epochs)
+                adapter_bytes=run["adapter_bytes"], train_examples=run["data"].get("train_examples"), epochs=epochs,
+                rates=learning_rates(hyper, run["method_settings"].get("kind")))
         row.seeds.append(run["seed"])
         for metric, value in run["metrics"].items():
             if metric != "examples" and isinstance(value, (int, float)):
@@ -107,6 +109,15 @@ def summarise(runs: list[dict]) -> dict[str, list[Row]]:
             row.train_seconds.append(run["train"]["seconds"])
     return {task: sorted(rows.values(), key=lambda r: (order.get(r.method, len(order)), r.method))
             for task, rows in sorted(by_task.items())}
+
+
+def learning_rates(hyper: dict, kind: str | None) -> str:
+    """The learning rates a run trained with: what adapts (adapter, prompt or backbone) / the head."""
+    lr, head_lr = hyper.get("lr"), hyper.get("head_lr")
+    if lr is None:
+        return "–"
+    head = f"{head_lr if head_lr is not None else lr:g}"
+    return f"– / {head}" if kind == "head-only" else f"{lr:g} / {head}"
 
 
 def _metric_cell(row: Row, metric: str) -> str:
@@ -124,7 +135,7 @@ def _size(nbytes: int) -> str:
 
 def task_table(task: str, rows: list[Row], metrics: list[str]) -> str:
     header = ["method", "trainable params", "x fewer than backbone",
-              *[METRIC_NAMES.get(m, m) for m in metrics], "seeds", "train examples", "epochs", "train time",
+              *[METRIC_NAMES.get(m, m) for m in metrics], "seeds", "train examples", "epochs", "lr / head lr", "train time",
               "size on disk"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for row in rows:
@@ -132,7 +143,7 @@ def task_table(task: str, rows: list[Row], metrics: list[str]) -> str:
         cells = [row.method, f"{row.trainable:,}", f"{row.ratio:,.0f}" if row.ratio else "–",
                  *[_metric_cell(row, m) for m in metrics], str(len(row.seeds)),
                  f"{row.train_examples:,}" if row.train_examples and row.trainable else "–",
-                 f"{row.epochs:g}" if row.epochs and row.trainable else "–",
+                 f"{row.epochs:g}" if row.epochs and row.trainable else "–", row.rates if row.trainable else "–",
                  f"{seconds:,.0f} s" if seconds is not None else "–", _size(row.adapter_bytes)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
