@@ -12,10 +12,9 @@ so each figure is also a fraction of the machine's limit (LoRA training of a fro
 costs about 2x a forward pass: activations' gradients, no weight gradients).
 Part B trains one epoch of SST-2 (67,349 sentences) with mtpeft's defaults and scores dev
 accuracy; the common recipe is timed on a fixed subset and scaled (stated in the JSON).
-Part C (``--quality``) trains mtpeft in bf16 and in fp32 on the same data and seed, SST-2
-(a fixed subset) and STS-B (full), to show what bf16 costs in dev-set quality.
+What bf16 costs in dev-set quality is ``benchmarks/precision_quality.py``'s part.
 
-    .venv/bin/python benchmarks/train_speed.py --quality   # -> results/train_speed.json
+    .venv/bin/python benchmarks/train_speed.py   # -> results/train_speed.json
 """
 
 from __future__ import annotations
@@ -189,36 +188,11 @@ def sst2_epoch(tokenizer, common_subset: int) -> dict:
             "speedup_vs_common_recipe": round(scaled / result.train_seconds, 1)}
 
 
-def quality(sst2_subset: int) -> dict:
-    out = {}
-    for task, subset in (("sst2", sst2_subset), ("stsb", None)):
-        preset = get_preset(task)
-        folder = DATA / "glue" / {"sst2": "SST-2", "stsb": "STS-B"}[task]
-        data = load_task_data(preset.spec, folder, layout=preset.layout)
-        train = data.train[:subset] if subset else data.train
-        rows = {}
-        for name, bf16 in (("bf16", True), ("fp32", False)):
-            config = TrainConfig(**{**preset.adapter_recipe(), "checkpoint_every": -1, "bf16": bf16, "seed": 0})
-            model = MultiTaskModel.from_backbone()
-            model.add_task(preset.spec, config.lora)
-            result = train_task(model, task, train, data.eval, config, progress=False)
-            rows[name] = {"metrics": result.metrics, "train_seconds": result.train_seconds,
-                          "examples_per_s": result.examples_per_second}
-        metric = "accuracy" if task == "sst2" else "spearman"
-        rows["difference_points"] = round(rows["bf16"]["metrics"][metric] - rows["fp32"]["metrics"][metric], 2)
-        rows["metric"] = metric
-        rows["train_examples"] = len(train)
-        out[task] = rows
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per repeat in part A")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--common-subset", type=int, default=2048)
-    parser.add_argument("--quality", action="store_true", help="also run part C (bf16 vs fp32 dev quality)")
-    parser.add_argument("--quality-sst2-subset", type=int, default=20000)
     parser.add_argument("--skip-epoch", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -229,10 +203,8 @@ def main() -> None:
     payload = {"bf16_matmul_peak": peak, "fixed_shape": part_a(tokenizer, args.steps, args.repeats, peak)}
     if not args.skip_epoch:
         payload["sst2_epoch"] = sst2_epoch(tokenizer, args.common_subset)
-    if args.quality:
-        payload["quality_bf16_vs_fp32"] = quality(args.quality_sst2_subset)
     payload["targets"] = {"fraction_of_bf16_limit": 0.5, "vs_peft_hand_tuned": 2.0, "sst2_epoch_seconds": 60,
-                          "sst2_epoch_vs_common_recipe": 10.0, "bf16_vs_fp32_points": 0.3}
+                          "sst2_epoch_vs_common_recipe": 10.0}
     write_result("train_speed", payload, args.out)
 
 
