@@ -1,5 +1,5 @@
 """The accelerate config files under configs/accelerate/: they load with accelerate's own loader,
-name only options ``accelerate launch`` knows, and the training loop refuses the ones it cannot run."""
+name only options ``accelerate launch`` knows, and the training loop refuses what it cannot run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType
@@ -41,8 +42,8 @@ def test_config_loads_and_names_only_known_launch_options(name):
         assert config.deepspeed_config["zero_stage"] == int(name[-6])
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_training_loop_refuses_sharded_setups_clearly(kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_training_loop_refuses_engines_it_cannot_run_clearly(kind, monkeypatch):
     import accelerate
 
     from mtpeft.distributed import DataParallel
@@ -52,9 +53,52 @@ def test_training_loop_refuses_sharded_setups_clearly(kind, monkeypatch):
             self.distributed_type, self.process_index, self.num_processes = DistributedType(kind), 0, 2
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setattr(accelerate, "Accelerator", Configured)
     with pytest.raises(ValueError, match=f"configured for {kind}.*docs/distributed.md"):
         DataParallel()
+
+
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("FSDP_VERSION", "1", "fsdp_version: 2"),
+    ("FSDP_ACTIVATION_CHECKPOINTING", "true", "fsdp_activation_checkpointing is not supported"),
+])
+def test_fsdp_settings_the_loop_does_not_apply_are_refused_before_starting(setting, value, message, monkeypatch):
+    from mtpeft.distributed import DataParallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(ValueError, match=message):
+        DataParallel()
+
+
+def test_fsdp_blocks_come_from_the_config_or_the_backbone(backbone, monkeypatch):
+    from mtpeft.distributed import block_classes
+    from mtpeft.model import MultiTaskModel
+
+    model = MultiTaskModel(backbone)
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    assert block_classes(model) == {"BertEmbeddings", "BertLayer"}  # BertModel._no_split_modules
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "BertLayer")
+    assert block_classes(model) == {"BertLayer"}
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "GPT2Block")
+    with pytest.raises(ValueError, match=r"names \['GPT2Block'\].*BertLayer"):
+        block_classes(model)
+
+
+def test_fsdp_refuses_tasks_that_train_more_than_adapter_and_head(backbone):
+    from torch import nn
+
+    from mtpeft.distributed import DataParallel
+    from mtpeft.model import MultiTaskModel
+
+    model = MultiTaskModel(backbone)
+    model.extra_parameters["t"] = {"w": nn.Parameter(torch.zeros(2))}
+    parallel = DataParallel()
+    parallel.sharded, parallel.world_size = True, 2
+    with pytest.raises(ValueError, match=r"FSDP shards LoRA and head-only tasks; \['t'\]"):
+        parallel.shard_model(model, bf16=False)
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,

@@ -1,10 +1,11 @@
-"""``accelerate launch`` with 2 CPU processes (DDP, gloo) matches one process with the same global batch."""
+"""``accelerate launch`` with 2 CPU processes (DDP or FSDP over gloo) matches one process with the same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,14 @@ def _write_data(path: Path) -> None:
             f.write(f"the {rng.choice(words[label])} item {rng.choice(['came', 'is', 'was here'])},{label}\n")
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="the accelerate launcher is not installed beside this Python")
-def test_two_process_ddp_equals_single_process(tmp_path, tokenizer):
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+needs_launcher = pytest.mark.skipif(not ACCELERATE.exists(), reason="the accelerate launcher is not installed beside this Python")
+
+
+@pytest.fixture
+def run_setup(tmp_path, tokenizer):
+    """A tiny backbone on disk, a small data file, and the `mtpeft train` arguments for both."""
     backbone_dir = tmp_path / "backbone"
     tiny = tiny_bert(tokenizer)
     tiny.model.save_pretrained(backbone_dir)
@@ -36,22 +42,91 @@ def test_two_process_ddp_equals_single_process(tmp_path, tokenizer):
     _write_data(tmp_path / "train.csv")
     args = ["train", "--task", "t", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),
             "--backbone", str(backbone_dir), "--batch-size", "16", "--epochs", "2", "--lr", "5e-3", "--fp32",
-            "--no-progress", "--checkpoint-every", "-1", "--head-dropout", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "mtpeft", *args, "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launcher = str(Path(sys.executable).parent / "accelerate")
-    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp_cpu.yaml"
-    ddp = subprocess.run([launcher, "launch", "--config_file", str(config), "-m", "mtpeft", *args,
-                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert ddp.stderr.count(" training and ") == 2  # each of the two processes reported its data
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+            "--no-progress", "--head-dropout", "0"]
+    return tmp_path, args
+
+
+def _run(command: list[str], fault: str | None = None, gpus: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MTPEFT_FAULT"}
+    env["OMP_NUM_THREADS"] = "1"
+    if not gpus:  # the CPU tests run on CPU processes on a GPU machine too
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if fault:
+        env["MTPEFT_FAULT"] = fault
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _single(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "mtpeft", *args, "--out", str(out)])
+
+
+def _launched(config: str, args: list[str], out: Path, fault: str | None = None,
+              gpus: bool = False) -> subprocess.CompletedProcess:
+    return _run([str(ACCELERATE), "launch", "--config_file", str(CONFIGS / config), "-m", "mtpeft", *args,
+                 "--out", str(out)], fault, gpus)
+
+
+def _assert_same_adapter(one_dir: Path, two_dir: Path) -> None:
+    one = load_file(one_dir / "adapter_model.safetensors")
+    two = load_file(two_dir / "adapter_model.safetensors")
     assert one.keys() == two.keys()
     moved = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)
     assert moved > 1e-3  # training did something
     for key in one:
-        # Same data and steps; only the all-reduce's summation order differs.
+        # Same data and steps; only the reductions' summation order differs.
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    head_one, head_two = load_file(one_dir / "head.safetensors"), load_file(two_dir / "head.safetensors")
+    for key in head_one:
+        torch.testing.assert_close(head_two[key], head_one[key], rtol=1e-4, atol=1e-5)
+
+
+@needs_launcher
+def test_two_process_ddp_equals_single_process(run_setup):
+    tmp_path, args = run_setup
+    args = [*args, "--checkpoint-every", "-1"]
+    single = _single(args, tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _launched("ddp_cpu.yaml", args, tmp_path / "two")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stderr.count(" training and ") == 2  # each of the two processes reported its data
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+
+
+@needs_launcher
+@pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="FSDP over NCCL needs 2 CUDA GPUs"))], ids=["cpu-gloo", "gpu-nccl"])
+def test_two_process_fsdp_shards_and_equals_single_process(run_setup, gpus):
+    """The FSDP config shards the model over 2 processes (CPU over gloo, or 2 GPUs over NCCL);
+    training, evaluation, saving and the metrics match one unsharded process."""
+    tmp_path, args = run_setup
+    args = [*args, "--checkpoint-every", "-1"]
+    single = _single(args, tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    fsdp = _launched("fsdp.yaml", args, tmp_path / "two", gpus=gpus)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    held = re.search(r"sharded over 2 processes \(FSDP2, blocks: (.+)\): this process holds ([\d,]+) of the "
+                     r"model's ([\d,]+) parameters", fsdp.stderr)
+    assert held, fsdp.stderr[-3000:]
+    assert "BertLayer" in held.group(1)
+    assert int(held.group(2).replace(",", "")) < 0.6 * int(held.group(3).replace(",", ""))
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
+    assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1e-6)  # the same predictions
+
+
+@needs_launcher
+def test_fsdp_run_killed_mid_training_resumes_to_the_same_adapter(run_setup):
+    """Checkpoints of a sharded run hold whole tensors, written by one process; every process
+    reads its own shard of them back on resume."""
+    tmp_path, args = run_setup
+    args = [*args, "--checkpoint-every", "3"]
+    whole = _launched("fsdp.yaml", args, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _launched("fsdp.yaml", args, tmp_path / "resumed", fault="step:8")
+    assert killed.returncode != 0
+    assert (tmp_path / "resumed" / "checkpoint.safetensors").exists()
+    resumed = _launched("fsdp.yaml", args, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming t from" in resumed.stderr and "at step 6/" in resumed.stderr
+    _assert_same_adapter(tmp_path / "whole", tmp_path / "resumed")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mtpeft.distributed import full, like
 from mtpeft.storage import fault_point, read_safetensors_with_metadata, write_safetensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -35,13 +36,17 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
-def save_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+def save_checkpoint(path: Path | None, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     scheduler, position: RunPosition, fingerprint: dict, save_count: int) -> None:
-    tensors = {f"param.{name}": p.detach() for name, p in trainable.items()}
+    """Write the checkpoint to ``path``. Sharded weights (FSDP) are gathered whole first, which
+    every process must join: those that do not write pass ``path=None``."""
+    tensors = {f"param.{name}": full(p.detach()) for name, p in trainable.items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{index}.{key}"] = full(value) if torch.is_tensor(value) else torch.tensor(value)
+    if path is None:
+        return
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "position": asdict(position),
@@ -65,12 +70,14 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
             f"continue with the same settings, or train into a new --out folder")
     with torch.no_grad():
         for name, param in trainable.items():
-            param.copy_(tensors[f"param.{name}"])
+            param.copy_(like(param, tensors[f"param.{name}"]))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            param = params[int(index)]
+            state.setdefault(int(index), {})[name] = like(param, value) if value.shape == param.shape else value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.torch"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -237,6 +238,7 @@ def _labels_in(data: str, column: str) -> list[str]:
 def _train(args) -> int:
     import torch
 
+    from mtpeft.distributed import fsdp_launch
     from mtpeft.model import MultiTaskModel
     from mtpeft.sources import load_task_data
     from mtpeft.tasks.presets import get_preset, preset_names
@@ -266,7 +268,8 @@ def _train(args) -> int:
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad rows; first: {data.skipped[0]}", file=sys.stderr)
     print(f"task {spec.name}: {len(data.train)} training and {len(data.eval)} evaluation examples", file=sys.stderr)
-    model = MultiTaskModel.from_backbone(args.backbone).to(resolve_device(args.device))
+    device = "cpu" if fsdp_launch() else resolve_device(args.device)
+    model = MultiTaskModel.from_backbone(args.backbone).to(device)
     torch.manual_seed(config.seed)  # the adapter's and head's initial weights
     model.add_task(spec, lora, head_only=args.head_only)
     run_info = {"data": data.description, "skipped_rows": len(data.skipped), "backbone": args.backbone,
@@ -274,8 +277,9 @@ def _train(args) -> int:
     result = train_task(model, spec.name, data.train, data.eval, config, out_dir=args.out,
                         progress=not args.no_progress, run_info=run_info,
                         report_to=[t for t in args.report_to if not (args.no_tensorboard and t == "tensorboard")])
-    print(f"{spec.name}: {format_metrics(result.metrics)} ({result.train_seconds:.0f} s, "
-          f"{result.trainable_parameters:,} trainable parameters) -> {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, from the process that evaluated
+        print(f"{spec.name}: {format_metrics(result.metrics)} ({result.train_seconds:.0f} s, "
+              f"{result.trainable_parameters:,} trainable parameters) -> {args.out}")
     return 0
 
 

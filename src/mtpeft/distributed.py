@@ -1,43 +1,119 @@
-"""Data-parallel training through Hugging Face ``accelerate``.
+"""Training on several processes: data parallel (DDP) through Hugging Face ``accelerate``,
+or the backbone sharded over the processes with PyTorch's FSDP2.
 
-Under ``accelerate launch`` (several processes, DDP; gloo on CPU, NCCL on GPUs) each
-process takes its share of every global batch and DDP averages the gradients, so a run
-on N processes follows the same optimisation path as one process with the same global
-batch. Launched plainly (one process), every call here is a no-op.
+Under ``accelerate launch`` each process takes its share of every global batch and the
+gradients are averaged, so a run on N processes follows the same optimisation path as one
+process with the same global batch. Launched plainly (one process), every call here is a
+no-op.
+
+- DDP (gloo on CPU, NCCL on GPUs): ``accelerator.prepare_model`` wraps the model.
+- FSDP (an accelerate config with ``distributed_type: FSDP``): the loop applies FSDP2's
+  ``fully_shard`` itself, to every block named by ``fsdp_transformer_layer_cls_to_wrap`` and
+  then to the whole model, with the config's ``fsdp_reshard_after_forward``. accelerate
+  (1.15) sets FSDP up only on accelerator devices, while ``fully_shard`` shards over gloo on
+  the CPU as well as over NCCL, so one code path serves both and is tested on the CPU.
+  Parameters become ``DTensor`` shards; ``full`` and ``like`` convert between them and the
+  whole tensors that checkpoints and saved tasks hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 
+def _env_flag(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).lower() in ("1", "true", "yes")
+
+
+def fsdp_launch() -> bool:
+    """Started by ``accelerate launch`` with an FSDP config on several processes. The model is
+    then built on the CPU: sharding moves each process's part onto its own device."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and _env_flag("ACCELERATE_USE_FSDP")
+
+
 class DataParallel:
-    """The process's place in a run: which share of a batch it takes, whether it writes."""
+    """The process's place in a run: which share of a batch it takes, whether it writes,
+    and how the model is spread over the processes."""
 
     def __init__(self) -> None:
         self.accelerator = None
+        self.sharded = False
+        self.device: torch.device | None = None  # where sharding puts this process's part
         self.rank, self.world_size = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
-            from accelerate import Accelerator
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+        if fsdp_launch():
+            self._join_for_fsdp()
+            return
+        from accelerate import Accelerator
 
-            # Without a GPU, accelerate makes the processes a group (gloo) only when told to use the CPU.
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-            self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
-            kind = self.accelerator.distributed_type.value
-            if kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):  # they need model and optimizer prepared together
-                raise ValueError(f"this training loop runs data-parallel (DDP) processes; accelerate is configured "
-                                 f"for {kind}, which it does not support yet (see docs/distributed.md)")
+        # Without a GPU, accelerate makes the processes a group (gloo) only when told to use the CPU.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        kind = self.accelerator.distributed_type.value
+        if kind in ("DEEPSPEED", "MEGATRON_LM"):  # they need model and optimizer prepared together
+            raise ValueError(f"this training loop runs data-parallel (DDP) or sharded (FSDP) processes; accelerate "
+                             f"is configured for {kind}, which it does not support yet (see docs/distributed.md)")
+
+    def _join_for_fsdp(self) -> None:
+        import torch.distributed as dist
+
+        if os.environ.get("FSDP_VERSION", "2") != "2":
+            raise ValueError("mtpeft shards with FSDP2 (fully_shard); set fsdp_version: 2 in the accelerate config")
+        if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+            raise ValueError("fsdp_activation_checkpointing is not supported by mtpeft's training loop; set it to false")
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.sharded = True
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def shard_model(self, model: nn.Module, bf16: bool) -> str | None:
+        """FSDP: shard ``model`` in place over the processes (before its optimizer is built:
+        the parameters are replaced by shards). Blocks compute in bf16 when ``bf16``, from
+        fp32 shards that the optimizer updates; gradients are reduced in fp32."""
+        if not self.sharded:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        task_extras = [name for name, extra in getattr(model, "extra_parameters", {}).items() if extra]
+        if task_extras:
+            raise ValueError(f"FSDP shards LoRA and head-only tasks; {task_extras} train other parameters "
+                             "(a peft wrapper, bottleneck adapters or the whole backbone)")
+        model.full_precision()  # fp32 shards: FSDP casts to bf16 as it gathers
+        model.sharded = True
+        cuda = self.device.type == "cuda"
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        settings = {"mesh": mesh, "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", True)}
+        if bf16:
+            settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if cuda and _env_flag("FSDP_OFFLOAD_PARAMS"):
+            settings["offload_policy"] = CPUOffloadPolicy()
+        blocks = block_classes(model)
+        for module in list(model.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, **settings)
+        fully_shard(model, **settings)
+        held = sum(local(p).numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        return (f"sharded over {self.world_size} processes (FSDP2, blocks: {', '.join(sorted(blocks))}): "
+                f"this process holds {held:,} of the model's {total:,} parameters ({held / total:.0%})")
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to call for training steps: DDP-wrapped when distributed."""
+        """The module to call for training steps: DDP-wrapped when data-parallel."""
         if self.accelerator is None:
             return model
         return self.accelerator.prepare_model(model, device_placement=True)
@@ -54,3 +130,83 @@ class DataParallel:
     def barrier(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+        elif self.sharded:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def inference(self, model: nn.Module) -> Iterator[None]:
+        """FSDP: the model's own parameters outside its blocks (embeddings, heads) gathered while
+        the block runs. Inference calls the backbone and heads directly, not ``model.forward``,
+        whose hooks gather them in training; the blocks still gather themselves. Every process
+        must run the same forward passes inside it."""
+        if not self.sharded:
+            yield
+            return
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module, parameters: dict[str, nn.Parameter]) -> Iterator[None]:
+        """Whole tensors in place of the shards of ``parameters`` while the block runs (to save
+        them); every process must enter it, in the same order."""
+        if not self.sharded:
+            yield
+            return
+        wanted = {id(p) for p in parameters.values()}
+        swapped = []
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) in wanted:
+                    module._parameters[name] = nn.Parameter(full(param).detach(), requires_grad=False)
+                    swapped.append((module, name, param))
+        try:
+            yield
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
+
+
+def block_classes(model: nn.Module) -> set[str]:
+    """The module classes FSDP shards one by one: the accelerate config's
+    ``fsdp_transformer_layer_cls_to_wrap``, else what the backbone names as unsplittable."""
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if named:
+        classes = {c.strip() for c in named.split(",") if c.strip()}
+    else:
+        backbone = getattr(model, "backbone", model)
+        classes = set(getattr(backbone, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    missing = classes - present
+    if named and missing:
+        raise ValueError(f"fsdp_transformer_layer_cls_to_wrap names {sorted(missing)}, which this backbone does not "
+                         f"have; its block class is one of {sorted(c for c in present if c.endswith(('Layer', 'Block')))}")
+    return classes & present
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every process must call it), else ``tensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a shard, else ``tensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as ``param`` is: this process's shard of it where ``param`` is a
+    shard (every process holds ``whole``, so nothing is sent), else ``whole`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return whole
+    return distribute_tensor(whole.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)

@@ -53,6 +53,9 @@ class MultiTaskModel(nn.Module):
         self.merge_min_rows = 8
         # fp32 originals of the frozen backbone weights while the backbone computes in bf16.
         self._fp32_backbone: dict[str, torch.Tensor] = {}
+        # Sharded over processes (FSDP, mtpeft.distributed): the weights are FSDP's to gather
+        # and cast, so they are never re-held in another precision or merged here.
+        self.sharded = False
         self._inference_attention = self.backbone.config._attn_implementation
         tune_allocator()
         # Parameters a training method gives a task beyond its LoRA adapter and head (a peft
@@ -152,7 +155,8 @@ class MultiTaskModel(nn.Module):
         device = batch["input_ids"].device
         bf16 = resolve_bf16(self.bf16, device)
         frozen = not any(p.requires_grad for p in self._frozen_backbone_weights().values())
-        self._hold_backbone_in(torch.bfloat16 if bf16 and frozen else torch.float32)
+        if not self.sharded:
+            self._hold_backbone_in(torch.bfloat16 if bf16 and frozen else torch.float32)
         names = [tasks] if isinstance(tasks, str) else list(tasks) if tasks is not None else []
         single = names[0] if names and len(set(names)) == 1 else None
         merged = self._merged_task()
@@ -277,7 +281,7 @@ class MultiTaskModel(nn.Module):
                 rows.extend(task_rows)
                 row_tasks.extend([task] * len(task_rows))
             batch = {k: v.to(device) for k, v in pad_sequences(rows, pad_id).items()}
-            if len(spans) == 1 and self.merge_min_rows and len(rows) >= self.merge_min_rows:
+            if len(spans) == 1 and self.merge_min_rows and len(rows) >= self.merge_min_rows and not self.sharded:
                 self.merge_adapter(self.adapter_alias.get(row_tasks[0], row_tasks[0]))
             hidden = self.encode(batch, row_tasks)
             with autocast(device, use_bf16):

@@ -100,10 +100,15 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     lengths = [len(f["input_ids"]) for f in features]
     steps_per_epoch = math.ceil(len(features) / config.batch_size)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    parallel = DataParallel()
+    device = parallel.device or model.device
+    use_bf16 = resolve_bf16(config.bf16, device)
+    sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
+    if sharding and parallel.is_main:
+        print(sharding, file=sys.stderr)
+    trainable = model.task_parameters(task)
     optimizer = _optimizer(model, task, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    device = model.device
-    use_bf16 = resolve_bf16(config.bf16, device)
     model_bf16, model.bf16 = model.bf16, use_bf16  # encode() computes in the run's precision
     pad_id = model.tokenizer.pad_token_id
 
@@ -118,8 +123,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         position = load_checkpoint(checkpoint, trainable, optimizer, scheduler, fingerprint)
         print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
 
-    parallel = DataParallel()
-    checkpoint = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
+    writer = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
     step_model = parallel.wrap(model)
     tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
     model.train()
@@ -133,7 +137,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     def save_position(batch_in_epoch: int, at_epoch: int) -> None:
         nonlocal saves
         saves += 1
-        save_checkpoint(checkpoint, trainable, optimizer, scheduler,
+        save_checkpoint(writer, trainable, optimizer, scheduler,
                         RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started),
                         fingerprint, saves)
 
@@ -179,20 +183,28 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         param.requires_grad_(False)
 
     if not parallel.is_main:  # the main process evaluates and writes the results
+        if parallel.sharded:  # ... but a sharded forward pass needs every process
+            if eval_examples:
+                with parallel.inference(model):
+                    evaluate_task(model, task, eval_examples, config.eval_batch_size)
+            with parallel.gathered(model, trainable):
+                pass
         parallel.barrier()
         return TrainResult(task, {}, step, len(train_examples), round(elapsed, 3), round(seen / elapsed, 2),
                            loss_value, sum(p.numel() for p in trainable.values()), use_bf16)
-    metrics = evaluate_task(model, task, eval_examples, config.eval_batch_size) if eval_examples else {}
+    with parallel.inference(model):
+        metrics = evaluate_task(model, task, eval_examples, config.eval_batch_size) if eval_examples else {}
     model.task_metrics[task] = metrics
     tracker.finish(step, metrics)
     result = TrainResult(task=task, metrics=metrics, steps=step, train_examples=len(train_examples),
                          train_seconds=round(elapsed, 3), examples_per_second=round(seen / elapsed, 2),
                          final_loss=loss_value, trainable_parameters=sum(p.numel() for p in trainable.values()),
                          bf16=use_bf16)
+    with parallel.gathered(model, trainable):
+        if out_dir is not None and save:
+            save_task(model, task, Path(out_dir))
     if out_dir is not None:
         out_dir = Path(out_dir)
-        if save:
-            save_task(model, task, out_dir)
         write_json(out_dir / "config.json", {"task": spec.to_dict(), "train": config.to_dict(), **(run_info or {})})
         write_json(out_dir / "metrics.json", result.to_dict())
         if checkpoint is not None:
