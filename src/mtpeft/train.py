@@ -106,7 +106,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
     if sharding and parallel.is_main:
         print(sharding, file=sys.stderr)
-    trainable = model.task_parameters(task)
+    trainable = model.task_parameters(task)  # again: sharding replaces the parameters
     optimizer = _optimizer(model, task, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model_bf16, model.bf16 = model.bf16, use_bf16  # encode() computes in the run's precision
@@ -188,7 +188,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                 with parallel.inference(model):
                     evaluate_task(model, task, eval_examples, config.eval_batch_size)
             with parallel.gathered(model, trainable):
-                pass
+                pass  # the main process saves the whole tensors this gathers
         parallel.barrier()
         return TrainResult(task, {}, step, len(train_examples), round(elapsed, 3), round(seen / elapsed, 2),
                            loss_value, sum(p.numel() for p in trainable.values()), use_bf16)
