@@ -40,22 +40,47 @@ def test_config_loads_and_names_only_known_launch_options(name):
         assert config.fsdp_config["fsdp_version"] == 2
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(name[-6])
+        assert config.deepspeed_config["zero3_init_flag"] is False  # the training loop refuses it
+    assert config.mixed_precision == "no"  # mtpeft chooses its own precision
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
-def test_training_loop_refuses_engines_it_cannot_run_clearly(kind, monkeypatch):
+def _fake_accelerator(kind: str, zero_stage: int | None = None):
+    class Configured:
+        def __init__(self, cpu=False, kwargs_handlers=()):
+            self.distributed_type, self.process_index, self.num_processes = DistributedType(kind), 0, 2
+            self.state = type("State", (), {"deepspeed_plugin": type("Plugin", (), {"zero_stage": zero_stage})})
+
+    return Configured
+
+
+def test_training_loop_refuses_megatron_clearly(monkeypatch):
     import accelerate
 
     from mtpeft.distributed import DataParallel
 
-    class Configured:
-        def __init__(self, cpu=False):
-            self.distributed_type, self.process_index, self.num_processes = DistributedType(kind), 0, 2
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    monkeypatch.setattr(accelerate, "Accelerator", Configured)
-    with pytest.raises(ValueError, match=f"configured for {kind}.*docs/distributed.md"):
+    monkeypatch.setattr(accelerate, "Accelerator", _fake_accelerator("MEGATRON_LM"))
+    with pytest.raises(ValueError, match="configured for MEGATRON_LM.*docs/distributed.md"):
+        DataParallel()
+
+
+def test_deepspeed_stages_other_than_2_and_3_are_refused(monkeypatch):
+    import accelerate
+
+    from mtpeft.distributed import DataParallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", raising=False)
+    monkeypatch.setattr(accelerate, "Accelerator", _fake_accelerator("DEEPSPEED", zero_stage=1))
+    with pytest.raises(ValueError, match="ZeRO stage 2 or 3; the config asks for stage 1"):
+        DataParallel()
+    monkeypatch.setattr(accelerate, "Accelerator", _fake_accelerator("DEEPSPEED", zero_stage=3))
+    assert DataParallel().zero_stage == 3
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true")
+    with pytest.raises(ValueError, match="zero3_init_flag is not supported"):
         DataParallel()
 
 

@@ -1,11 +1,14 @@
-"""``accelerate launch`` with 2 CPU processes (DDP or FSDP over gloo) matches one process with the same global batch."""
+"""``accelerate launch`` with 2 CPU processes (DDP, FSDP or DeepSpeed ZeRO over gloo) matches one
+process with the same global batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +133,25 @@ def test_fsdp_run_killed_mid_training_resumes_to_the_same_adapter(run_setup):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming t from" in resumed.stderr and "at step 6/" in resumed.stderr
     _assert_same_adapter(tmp_path / "whole", tmp_path / "resumed")
+
+
+@needs_launcher
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (mtpeft[deepspeed])")
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="DeepSpeed builds its CPU communication op with a C++ compiler, and none is installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_zero_equals_single_process(run_setup, stage):
+    """ZeRO-2 partitions gradients and optimizer state, ZeRO-3 the weights too (so evaluation runs
+    on both processes and saving gathers the task's weights); both match one plain process."""
+    tmp_path, args = run_setup
+    single = _single([*args, "--checkpoint-every", "-1"], tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    zero = _launched(f"deepspeed_zero{stage}.yaml", args, tmp_path / "zero")  # checkpoints left on: refused with a note
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert f"DeepSpeed ZeRO stage {stage} over 2 processes" in zero.stderr
+    assert "no checkpoints under DeepSpeed" in zero.stderr
+    _assert_same_adapter(tmp_path / "one", tmp_path / "zero")
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "zero" / "metrics.json").read_text())
+    assert two["metrics"]["accuracy"] == pytest.approx(one["metrics"]["accuracy"], abs=1e-6)
+    assert two["trainable_parameters"] == one["trainable_parameters"]  # counted whole under ZeRO-3 too

@@ -1,5 +1,5 @@
-"""Training on several processes: data parallel (DDP) through Hugging Face ``accelerate``,
-or the backbone sharded over the processes with PyTorch's FSDP2.
+"""Training on several processes: data parallel (DDP) or DeepSpeed ZeRO through Hugging Face
+``accelerate``, or the model sharded over the processes with PyTorch's FSDP2.
 
 Under ``accelerate launch`` each process takes its share of every global batch and the
 gradients are averaged, so a run on N processes follows the same optimisation path as one
@@ -14,6 +14,12 @@ no-op.
   the CPU as well as over NCCL, so one code path serves both and is tested on the CPU.
   Parameters become ``DTensor`` shards; ``full`` and ``like`` convert between them and the
   whole tensors that checkpoints and saved tasks hold.
+- DeepSpeed (``distributed_type: DEEPSPEED``, ZeRO stage 2 or 3): ``accelerator.prepare``
+  wraps model and optimizer in DeepSpeed's engine, whose ``backward`` also clips, steps and
+  zeroes. On a machine without GPUs accelerate needs the gloo backend named to start the
+  group. ZeRO-3 partitions the weights, so forward passes need every process and saving
+  gathers the task's weights first. DeepSpeed's partitioned optimizer state is not written
+  to mtpeft's checkpoints: a DeepSpeed run does not resume (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ def _env_flag(name: str, default: bool = False) -> bool:
     return os.environ.get(name, str(default)).lower() in ("1", "true", "yes")
 
 
+def _deepspeed_launch() -> bool:
+    return _env_flag("ACCELERATE_USE_DEEPSPEED")
+
+
 def fsdp_launch() -> bool:
     """Started by ``accelerate launch`` with an FSDP config on several processes. The model is
     then built on the CPU: sharding moves each process's part onto its own device."""
@@ -42,7 +52,8 @@ class DataParallel:
 
     def __init__(self) -> None:
         self.accelerator = None
-        self.sharded = False
+        self.sharded = False  # FSDP
+        self.zero_stage: int | None = None  # DeepSpeed
         self.device: torch.device | None = None  # where sharding puts this process's part
         self.rank, self.world_size = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -51,14 +62,25 @@ class DataParallel:
             self._join_for_fsdp()
             return
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
-        # Without a GPU, accelerate makes the processes a group (gloo) only when told to use the CPU.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        cuda, deepspeed = torch.cuda.is_available(), _deepspeed_launch()
+        if deepspeed and _env_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
+            raise ValueError("zero3_init_flag is not supported by mtpeft's training loop (the model is built whole, "
+                             "then partitioned by DeepSpeed); set it to false")
+        # Without a GPU, accelerate makes DDP processes a group (gloo) only when told to use the
+        # CPU, and DeepSpeed processes only when the backend is named.
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
+        self.accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=handlers)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         kind = self.accelerator.distributed_type.value
-        if kind in ("DEEPSPEED", "MEGATRON_LM"):  # they need model and optimizer prepared together
-            raise ValueError(f"this training loop runs data-parallel (DDP) or sharded (FSDP) processes; accelerate "
-                             f"is configured for {kind}, which it does not support yet (see docs/distributed.md)")
+        if kind == "DEEPSPEED":
+            self.zero_stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
+            if self.zero_stage not in (2, 3):
+                raise ValueError(f"mtpeft runs DeepSpeed ZeRO stage 2 or 3; the config asks for stage {self.zero_stage}")
+        elif kind == "MEGATRON_LM":
+            raise ValueError(f"this training loop runs DDP, FSDP or DeepSpeed processes; accelerate is configured "
+                             f"for {kind}, which it does not support (see docs/distributed.md)")
 
     def _join_for_fsdp(self) -> None:
         import torch.distributed as dist
@@ -79,6 +101,21 @@ class DataParallel:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def engine_steps(self) -> bool:
+        """DeepSpeed's engine clips, steps and zeroes the gradients inside ``backward``."""
+        return self.zero_stage is not None
+
+    @property
+    def forward_needs_all(self) -> bool:
+        """Weights are partitioned (FSDP, ZeRO-3): every process must run every forward pass."""
+        return self.sharded or self.zero_stage == 3
+
+    @property
+    def resumable(self) -> bool:
+        """Whether mtpeft's checkpoints can hold this run's optimizer state (not DeepSpeed's partitions)."""
+        return self.zero_stage is None
 
     def shard_model(self, model: nn.Module, bf16: bool) -> str | None:
         """FSDP: shard ``model`` in place over the processes (before its optimizer is built:
@@ -112,11 +149,30 @@ class DataParallel:
         return (f"sharded over {self.world_size} processes (FSDP2, blocks: {', '.join(sorted(blocks))}): "
                 f"this process holds {held:,} of the model's {total:,} parameters ({held / total:.0%})")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to call for training steps: DDP-wrapped when data-parallel."""
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
+                max_grad_norm: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The module to call for training steps and the optimizer to step: DDP-wrapped when
+        data-parallel, DeepSpeed's engine and optimizer wrapper under DeepSpeed."""
         if self.accelerator is None:
-            return model
-        return self.accelerator.prepare_model(model, device_placement=True)
+            return model, optimizer
+        if self.zero_stage is None:
+            return self.accelerator.prepare_model(model, device_placement=True), optimizer
+        settings = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        micro = max(1, batch_size // self.world_size)
+        settings.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+                         "train_batch_size": micro * self.world_size, "gradient_clipping": max_grad_norm or 0.0,
+                         # mtpeft chooses its own precision (bf16 autocast over fp32 weights), as with DDP
+                         "bf16": {"enabled": False}, "fp16": {"enabled": False}})
+        model.full_precision()
+        if self.zero_stage == 3:
+            model.sharded = True  # partitioned weights: never re-held in bf16 or merged
+        return self.accelerator.prepare(model, optimizer)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine_steps:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
 
     def shard(self, indices: Sequence[int]) -> list[int] | None:
         """This process's rows of a global batch; ``None`` when the batch is too small to split
@@ -154,6 +210,12 @@ class DataParallel:
     def gathered(self, model: nn.Module, parameters: dict[str, nn.Parameter]) -> Iterator[None]:
         """Whole tensors in place of the shards of ``parameters`` while the block runs (to save
         them); every process must enter it, in the same order."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(parameters.values())):
+                yield
+            return
         if not self.sharded:
             yield
             return
@@ -186,6 +248,11 @@ def block_classes(model: nn.Module) -> set[str]:
         raise ValueError(f"fsdp_transformer_layer_cls_to_wrap names {sorted(missing)}, which this backbone does not "
                          f"have; its block class is one of {sorted(c for c in present if c.endswith(('Layer', 'Block')))}")
     return classes & present
+
+
+def parameter_count(parameters) -> int:
+    """Elements of ``parameters``, whole, also where ZeRO-3 has partitioned them away."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import CHECKPOINT_FILE, RunPosition, fault_point, load_checkpoint, save_checkpoint
 from mtpeft.config import TrainConfig
-from mtpeft.distributed import DataParallel
+from mtpeft.distributed import DataParallel, parameter_count
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel
@@ -113,6 +113,11 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     pad_id = model.tokenizer.pad_token_id
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
+    if checkpoint is not None and not parallel.resumable:
+        if parallel.is_main:
+            print("no checkpoints under DeepSpeed: its optimizer state is partitioned over the processes; "
+                  "an interrupted run starts again", file=sys.stderr)
+        checkpoint = None
     # What must not change between a run and its resumption.
     fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True),
                    "config": json.dumps(config.to_dict(), sort_keys=True), "features": str(len(features))}
@@ -124,7 +129,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
 
     writer = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
-    step_model = parallel.wrap(model)
+    step_model, optimizer = parallel.prepare(model, optimizer, config.batch_size, config.max_grad_norm)
+    if parallel.zero_stage is not None and parallel.is_main:
+        print(f"DeepSpeed ZeRO stage {parallel.zero_stage} over {parallel.world_size} processes", file=sys.stderr)
     tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
     model.train()
     step, seen, epoch, loss_value = position.step, position.seen, position.epoch, float("nan")
@@ -155,8 +162,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                 with autocast(device, use_bf16):
                     outputs = step_model(batch, task)
                 loss = kind.loss(spec, outputs, batch)
-                loss.backward()
-                if config.max_grad_norm:
+                parallel.backward(loss)
+                if config.max_grad_norm and not parallel.engine_steps:
                     torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -183,7 +190,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         param.requires_grad_(False)
 
     if not parallel.is_main:  # the main process evaluates and writes the results
-        if parallel.sharded:  # ... but a sharded forward pass needs every process
+        if parallel.forward_needs_all:  # ... but a partitioned model's forward pass needs every process
             if eval_examples:
                 with parallel.inference(model):
                     evaluate_task(model, task, eval_examples, config.eval_batch_size)
@@ -191,14 +198,14 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                 pass  # the main process saves the whole tensors this gathers
         parallel.barrier()
         return TrainResult(task, {}, step, len(train_examples), round(elapsed, 3), round(seen / elapsed, 2),
-                           loss_value, sum(p.numel() for p in trainable.values()), use_bf16)
+                           loss_value, parameter_count(trainable.values()), use_bf16)
     with parallel.inference(model):
         metrics = evaluate_task(model, task, eval_examples, config.eval_batch_size) if eval_examples else {}
     model.task_metrics[task] = metrics
     tracker.finish(step, metrics)
     result = TrainResult(task=task, metrics=metrics, steps=step, train_examples=len(train_examples),
                          train_seconds=round(elapsed, 3), examples_per_second=round(seen / elapsed, 2),
-                         final_loss=loss_value, trainable_parameters=sum(p.numel() for p in trainable.values()),
+                         final_loss=loss_value, trainable_parameters=parameter_count(trainable.values()),
                          bf16=use_bf16)
     with parallel.gathered(model, trainable):
         if out_dir is not None and save:
