@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mtpeft.distributed import full, like
+from mtpeft.distributed import like
 from mtpeft.storage import fault_point, read_safetensors_with_metadata, write_safetensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -36,21 +36,23 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
-def save_checkpoint(path: Path | None, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    scheduler, position: RunPosition, fingerprint: dict, save_count: int) -> None:
-    """Write the checkpoint to ``path``. Sharded weights (FSDP) are gathered whole first, which
-    every process must join: those that do not write pass ``path=None``."""
-    tensors = {f"param.{name}": full(p.detach()) for name, p in trainable.items()}
-    optim_state = optimizer.state_dict()
-    for index, state in optim_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = full(value) if torch.is_tensor(value) else torch.tensor(value)
+def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
+                    position: RunPosition, fingerprint: dict, save_count: int) -> None:
+    """Write the checkpoint to ``path`` (``None``: a process that does not write).
+
+    ``weights`` and ``optimizer_state`` (``Optimizer.state_dict()``'s layout) hold whole
+    tensors, as ``DataParallel.checkpoint_state`` gathers them from shards or partitions.
+    """
     if path is None:
         return
+    tensors = {f"param.{name}": w for name, w in weights.items()}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "position": asdict(position),
-        "param_groups": optim_state["param_groups"],
+        "param_groups": optimizer_state["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "fingerprint": fingerprint,
     }
@@ -58,8 +60,11 @@ def save_checkpoint(path: Path | None, trainable: dict[str, torch.nn.Parameter],
                       before_replace=lambda: fault_point("checkpoint-write", save_count))
 
 
-def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    scheduler, fingerprint: dict) -> RunPosition:
+def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], scheduler,
+                    fingerprint: dict) -> tuple[RunPosition, dict]:
+    """Put the checkpoint's weights into ``trainable`` (each process its own shard of them), and
+    its scheduler and RNG state back; return the position and the optimizer state (whole
+    tensors, for ``DataParallel.load_optimizer_state`` once the optimizer is prepared)."""
     tensors, metadata = read_safetensors_with_metadata(path)
     meta = json.loads(metadata["mtpeft_checkpoint"])
     saved = meta["fingerprint"]
@@ -71,14 +76,11 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(like(param, tensors[f"param.{name}"]))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
-            param = params[int(index)]
-            state.setdefault(int(index), {})[name] = like(param, value) if value.shape == param.shape else value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+            state.setdefault(int(index), {})[name] = value
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
     torch.set_rng_state(tensors["rng.torch"])
-    return RunPosition(**meta["position"])
+    return RunPosition(**meta["position"]), {"state": state, "param_groups": meta["param_groups"]}

@@ -113,23 +113,20 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     pad_id = model.tokenizer.pad_token_id
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
-    if checkpoint is not None and not parallel.resumable:
-        if parallel.is_main:
-            print("no checkpoints under DeepSpeed: its optimizer state is partitioned over the processes; "
-                  "an interrupted run starts again", file=sys.stderr)
-        checkpoint = None
     # What must not change between a run and its resumption.
     fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True),
                    "config": json.dumps(config.to_dict(), sort_keys=True), "features": str(len(features))}
-    position = RunPosition()
+    position, saved_optimizer = RunPosition(), None
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)
     if checkpoint is not None and checkpoint.exists():
-        position = load_checkpoint(checkpoint, trainable, optimizer, scheduler, fingerprint)
+        position, saved_optimizer = load_checkpoint(checkpoint, trainable, scheduler, fingerprint)
         print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
 
     writer = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
     step_model, optimizer = parallel.prepare(model, optimizer, config.batch_size, config.max_grad_norm)
+    if saved_optimizer is not None:
+        parallel.load_optimizer_state(optimizer, saved_optimizer)
     if parallel.zero_stage is not None and parallel.is_main:
         print(f"DeepSpeed ZeRO stage {parallel.zero_stage} over {parallel.world_size} processes", file=sys.stderr)
     tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
@@ -144,7 +141,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     def save_position(batch_in_epoch: int, at_epoch: int) -> None:
         nonlocal saves
         saves += 1
-        save_checkpoint(writer, trainable, optimizer, scheduler,
+        weights, optimizer_state = parallel.checkpoint_state(trainable, optimizer)
+        save_checkpoint(writer, weights, optimizer_state, scheduler,
                         RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started),
                         fingerprint, saves)
 
