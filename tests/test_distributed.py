@@ -98,9 +98,12 @@ def test_two_process_ddp_equals_single_process(run_setup):
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")
 
 
+ON_CPU_AND_TWO_GPUS = pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="the NCCL path needs 2 CUDA GPUs"))], ids=["cpu-gloo", "gpu-nccl"])
+
+
 @needs_launcher
-@pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="FSDP over NCCL needs 2 CUDA GPUs"))], ids=["cpu-gloo", "gpu-nccl"])
+@ON_CPU_AND_TWO_GPUS
 def test_two_process_fsdp_shards_and_equals_single_process(run_setup, gpus):
     """The FSDP config shards the model over 2 processes (CPU over gloo, or 2 GPUs over NCCL);
     training, evaluation, saving and the metrics match one unsharded process."""
@@ -142,14 +145,15 @@ def test_sharded_run_killed_mid_training_resumes_to_the_same_adapter(run_setup, 
 
 @needs_launcher
 @needs_deepspeed
+@ON_CPU_AND_TWO_GPUS
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_deepspeed_zero_equals_single_process(run_setup, stage):
+def test_two_process_deepspeed_zero_equals_single_process(run_setup, stage, gpus):
     """ZeRO-2 partitions gradients and optimizer state, ZeRO-3 the weights too (so evaluation runs
     on both processes and saving gathers the task's weights); both match one plain process."""
     tmp_path, args = run_setup
     single = _single([*args, "--checkpoint-every", "-1"], tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
-    zero = _launched(f"deepspeed_zero{stage}.yaml", [*args, "--checkpoint-every", "-1"], tmp_path / "zero")
+    zero = _launched(f"deepspeed_zero{stage}.yaml", [*args, "--checkpoint-every", "-1"], tmp_path / "zero", gpus=gpus)
     assert zero.returncode == 0, zero.stderr[-3000:]
     assert f"DeepSpeed ZeRO stage {stage} over 2 processes" in zero.stderr
     _assert_same_adapter(tmp_path / "one", tmp_path / "zero")
