@@ -9,6 +9,7 @@ replaced; the quality section (``mtpeft report``) and anything else stay as they
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from mtpeft.storage import atomic_write
@@ -73,13 +74,16 @@ def precision(record: dict) -> list[str]:
              "initialisation and batches; the difference is taken per seed (bf16 - fp32). "
              f"SST-2 trains on its first {record['settings']['sst2_subset']:,} sentences, STS-B on all of its training set.", "",
              "| task | train examples | metric | seeds | bf16 mean | fp32 mean | paired differences | mean difference "
-             "| bf16 time | fp32 time |", "|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| bf16 seed-to-seed std | bf16 time | fp32 time |", "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     summary = record["summary"]
     for task, q in summary.items():
         spread = f" ± {q['std_difference']:.2f}" if q["std_difference"] is not None else ""
+        bf16 = [record["runs"][task][str(seed)]["bf16"]["metric"] for seed in q["seeds"]]
+        seed_std = f"{statistics.stdev(bf16):.2f}" if len(bf16) > 1 else "–"
         lines.append(f"| {task} | {q['train_examples']:,} | {q['metric']} | {len(q['seeds'])} | {q['bf16_mean']:.2f} "
                      f"| {q['fp32_mean']:.2f} | {', '.join(f'{d:+.2f}' for d in q['paired_differences'])} "
-                     f"| {q['mean_difference']:+.2f}{spread} | {q['bf16_seconds_median']:.0f} s | {q['fp32_seconds_median']:.0f} s |")
+                     f"| {q['mean_difference']:+.2f}{spread} | {seed_std} | {q['bf16_seconds_median']:.0f} s "
+                     f"| {q['fp32_seconds_median']:.0f} s |")
     worst = max(abs(q["mean_difference"]) for q in summary.values())
     lines += ["", f"Largest mean difference {worst:.2f} points (target within {record['target_points']}: "
               f"{_met(worst, record['target_points'], higher=False)})."]
