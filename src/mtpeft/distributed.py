@@ -18,9 +18,8 @@ no-op.
   wraps model and optimizer in DeepSpeed's engine, whose ``backward`` also clips, steps and
   zeroes. On a machine without GPUs accelerate needs the gloo backend named to start the
   group. ZeRO-3 partitions the weights, so forward passes need every process and saving
-  gathers the task's weights first. Checkpoints read and write the whole fp32 weights and
-  optimizer state through DeepSpeed's ``safe_get_full_*`` / ``safe_set_full_*`` functions, so
-  they are the same safetensors files as without DeepSpeed (never its pickles).
+  gathers the task's weights first. Checkpoints hold the whole fp32 weights and optimizer
+  state (``mtpeft.zero_checkpoint``), the same safetensors files as without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ class DataParallel:
         self.accelerator = None
         self.sharded = False  # FSDP
         self.zero_stage: int | None = None  # DeepSpeed
+        self._zero = None  # its checkpoint reader/writer, once the optimizer is prepared
         self.device: torch.device | None = None  # where sharding puts this process's part
         self.rank, self.world_size = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -113,7 +113,6 @@ class DataParallel:
         """Weights are partitioned (FSDP, ZeRO-3): every process must run every forward pass."""
         return self.sharded or self.zero_stage == 3
 
-
     def shard_model(self, model: nn.Module, bf16: bool) -> str | None:
         """FSDP: shard ``model`` in place over the processes (before its optimizer is built:
         the parameters are replaced by shards). Blocks compute in bf16 when ``bf16``, from
@@ -154,9 +153,9 @@ class DataParallel:
             return model, optimizer
         if self.zero_stage is None:
             return self.accelerator.prepare_model(model, device_placement=True), optimizer
-        self._torch_optimizer = optimizer  # DeepSpeed steps it on partitions; checkpoints need its parameters' order
-        self._ordered = [p for group in optimizer.param_groups for p in group["params"]]
-        self._group_sizes = [len(group["params"]) for group in optimizer.param_groups]
+        from mtpeft.zero_checkpoint import ZeroCheckpoint
+
+        self._zero = ZeroCheckpoint(optimizer, self.zero_stage)  # before DeepSpeed re-lays its parameters out
         settings = self.accelerator.state.deepspeed_plugin.deepspeed_config
         micro = max(1, batch_size // self.world_size)
         settings.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
@@ -172,74 +171,23 @@ class DataParallel:
                          optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
         """The trainable weights and the optimizer state (``state_dict`` layout) as whole tensors.
         A collective where the model is sharded or partitioned: every process must call it."""
-        if self.zero_stage is None:
-            weights = {name: full(p.detach()) for name, p in trainable.items()}
-            state = optimizer.state_dict()
-            whole = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in entry.items()}
-                     for i, entry in state["state"].items()}
-            return weights, {"state": whole, "param_groups": state["param_groups"]}
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        self._link_optimizer_state(optimizer)
-        weights = {name: safe_get_full_fp32_param(p).cpu() for name, p in trainable.items()}
-        inner = self._torch_optimizer  # its state is keyed by DeepSpeed's flat partitions
-        sample = next(iter(inner.state.values()), {})
-        keys = [k for k, v in sample.items() if torch.is_tensor(v) and v.dim() > 0]
-        state = {}
-        for index, param in enumerate(self._ordered):
-            state[index] = {key: safe_get_full_optimizer_state(param, key).cpu() for key in keys}
-            if "step" in sample:
-                state[index]["step"] = torch.as_tensor(sample["step"]).detach().clone().cpu()
-        groups, start = [], 0
-        for group, count in zip(inner.param_groups, self._group_sizes):  # torch's layout: parameter indices per group
-            settings = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple))}
-            groups.append({**settings, "params": list(range(start, start + count))})
-            start += count
-        return weights, {"state": state, "param_groups": groups}
+        if self.zero_stage is not None:
+            return self._zero.whole_state(trainable, optimizer)
+        weights = {name: full(p.detach()) for name, p in trainable.items()}
+        state = optimizer.state_dict()
+        whole = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in entry.items()}
+                 for i, entry in state["state"].items()}
+        return weights, {"state": whole, "param_groups": state["param_groups"]}
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
         """Put a checkpoint's optimizer state (whole tensors) back into the prepared optimizer."""
-        if self.zero_stage is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            state = {i: {k: like(params[i], v) if v.shape == params[i].shape else v for k, v in entry.items()}
-                     for i, entry in saved["state"].items()}
-            optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        if self.zero_stage is not None:
+            self._zero.load_state(optimizer, saved)
             return
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        # Before its first step the optimizer has no state to write into: create it as AdamW
-        # does on its first step (zeros, step 0), then overwrite it part by part.
-        inner = self._torch_optimizer
-        zero = optimizer.optimizer  # DeepSpeed's ZeRO optimizer, inside accelerate's wrapper
-        # The fp32 partitions it steps (attribute names of ZeRO-3 and ZeRO-2, deepspeed 0.19.8)
-        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
-        keys = {k for entry in saved["state"].values() for k, v in entry.items() if k != "step" and v.dim() > 0}
-        for flat in flats:
-            entry = inner.state[flat]
-            for key in keys:
-                entry.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-            entry.setdefault("step", torch.tensor(0.0))
-        self._link_optimizer_state(optimizer)
-        device = self._ordered[0].device
-        for index, param in enumerate(self._ordered):
-            for key, value in saved["state"].get(index, {}).items():
-                if key != "step":
-                    safe_set_full_optimizer_state(param, value.to(device), key)
-        steps = [entry["step"] for entry in saved["state"].values() if "step" in entry]
-        for entry in inner.state.values():
-            if steps and "step" in entry:
-                entry["step"] = steps[0].clone().to(torch.as_tensor(entry["step"]).device)
-        for group, saved_group in zip(inner.param_groups, saved["param_groups"]):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
-
-    def _link_optimizer_state(self, optimizer) -> None:
-        """ZeRO-2 (deepspeed 0.19.8) links each parameter to its part of the optimizer state once,
-        after the first parameter group's first step, so the groups after it stay unlinked and
-        ``safe_get_full_optimizer_state`` cannot find their state; link them again."""
-        zero = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
-        if self.zero_stage == 2 and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-            zero._hp_optimizer_states_linked = False
-            zero._lazy_init_hp_params_optimizer_state()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {i: {k: like(params[i], v) if v.shape == params[i].shape else v for k, v in entry.items()}
+                 for i, entry in saved["state"].items()}
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine_steps:
