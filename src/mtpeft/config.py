@@ -54,6 +54,8 @@ class TrainConfig:
         max_eval_examples: evaluate on only the first N evaluation examples.
         eval_batch_size: batch size for evaluation and prediction.
         checkpoint_every: steps between checkpoints (0: only at epoch ends; -1: none).
+        compile: run the backbone through ``torch.compile`` while training (``mtpeft.compiled``):
+            faster steps after a compilation of tens of seconds; for long runs.
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
     """
 
@@ -70,6 +72,7 @@ class TrainConfig:
     max_eval_examples: int | None = None
     eval_batch_size: int = 64
     checkpoint_every: int = 500
+    compile: bool = False
     lora: LoraSettings | None = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:

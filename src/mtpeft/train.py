@@ -22,6 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import CHECKPOINT_FILE, RunPosition, fault_point, load_checkpoint, save_checkpoint
+from mtpeft.compiled import compiled
 from mtpeft.config import TrainConfig
 from mtpeft.distributed import DataParallel, parameter_count
 from mtpeft.evaluate import evaluate_task
@@ -101,6 +102,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     steps_per_epoch = math.ceil(len(features) / config.batch_size)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     parallel = DataParallel()
+    if config.compile and (parallel.sharded or parallel.zero_stage is not None):
+        raise ValueError("compile runs on one process or under DDP; FSDP and DeepSpeed train uncompiled")
     device = parallel.device or model.device
     use_bf16 = resolve_bf16(config.bf16, device)
     sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
@@ -114,8 +117,10 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
     # What must not change between a run and its resumption.
+    # Compiling changes the kernels, not the optimisation path: a run may resume with or without it.
+    recipe = {k: v for k, v in config.to_dict().items() if k != "compile"}
     fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True),
-                   "config": json.dumps(config.to_dict(), sort_keys=True), "features": str(len(features))}
+                   "config": json.dumps(recipe, sort_keys=True), "features": str(len(features))}
     position, saved_optimizer = RunPosition(), None
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)
@@ -147,38 +152,39 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                         fingerprint, saves)
 
     try:  # an interrupted run leaves the model in the precision it came in
-        while step < total_steps:
-            batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
-            skip = position.batch_in_epoch if epoch == position.epoch else 0
-            for index in range(skip, len(batches)):
-                if step >= total_steps:
-                    break
-                indices = parallel.shard(batches[index])
-                if indices is None:
-                    continue
-                batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
-                with autocast(device, use_bf16):
-                    outputs = step_model(batch, task)
-                loss = kind.loss(spec, outputs, batch)
-                parallel.backward(loss)
-                if config.max_grad_norm and not parallel.engine_steps:
-                    torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                seen += len(batches[index])
-                loss_value = float(loss.detach())
-                bar.update(1)
-                tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
-                if step % 10 == 0 or step == total_steps:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
-                fault_point("step", step)
-                if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save_position(index + 1, epoch)
-            epoch += 1
-            if checkpoint is not None and step < total_steps:
-                save_position(0, epoch)
+        with compiled(model.backbone, config.compile):
+            while step < total_steps:
+                batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
+                skip = position.batch_in_epoch if epoch == position.epoch else 0
+                for index in range(skip, len(batches)):
+                    if step >= total_steps:
+                        break
+                    indices = parallel.shard(batches[index])
+                    if indices is None:
+                        continue
+                    batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
+                    with autocast(device, use_bf16):
+                        outputs = step_model(batch, task)
+                    loss = kind.loss(spec, outputs, batch)
+                    parallel.backward(loss)
+                    if config.max_grad_norm and not parallel.engine_steps:
+                        torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    seen += len(batches[index])
+                    loss_value = float(loss.detach())
+                    bar.update(1)
+                    tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
+                    if step % 10 == 0 or step == total_steps:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
+                    fault_point("step", step)
+                    if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                        save_position(index + 1, epoch)
+                epoch += 1
+                if checkpoint is not None and step < total_steps:
+                    save_position(0, epoch)
     finally:
         bar.close()
         model.bf16 = model_bf16

@@ -1,0 +1,42 @@
+"""``torch.compile`` for the backbone while a task trains (``TrainConfig.compile``).
+
+What compiling buys on a CPU is fused element-wise work (GELU, layer norm, the adapter's
+adds, dtype casts) that eager PyTorch runs as separate kernels. It costs a compilation of
+tens of seconds at the first step, so it pays on long runs only and is off by default; the
+figures are in RESULTS.md (``benchmarks/train_speed.py``).
+
+Shapes are compiled as dynamic from the first step: length-bucketed batches change the
+sequence length every few steps, and a compilation per length would cost more than it saves.
+If compilation fails (an operator the compiler does not handle, a backend missing on the
+machine), the step runs eagerly instead, with a warning: ``suppress_errors`` is PyTorch's
+own fallback. The backbone leaves the block uncompiled, so evaluation and serving run eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def compiled(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """``module`` runs compiled inside the block (dynamic shapes, eager on failure)."""
+    if not enabled:
+        yield
+        return
+    import torch._dynamo
+
+    # One compiled callable per module, kept across runs: a new ``torch.compile`` wrapper is a
+    # new backend to dynamo's guards, so re-wrapping would compile again on every run.
+    call = module.__dict__.get("_mtpeft_compiled_call")
+    if call is None:
+        call = module.__dict__["_mtpeft_compiled_call"] = torch.compile(module._call_impl, dynamic=True)
+    module._compiled_call_impl = call  # as nn.Module.compile sets it
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True):
+            yield
+    finally:
+        module._compiled_call_impl = None  # calls go to forward again

@@ -1,0 +1,68 @@
+"""Training with ``compile=True`` follows the eager path, and falls back to eager when compiling fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from conftest import tiny_bert
+from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.examples import Example
+from mtpeft.train import train_task
+
+SPEC = TaskSpec(name="mood", type="classification", labels=["neg", "pos"], max_length=16)
+# Lengths vary, so the length-bucketed batches take several sequence lengths through one compilation.
+EXAMPLES = [Example(text=" ".join([w] * (1 + i % 4)), label=int(w in ("great", "lovely")))
+            for i, w in enumerate(("great", "awful", "lovely", "broken") * 6)]
+
+
+def _trained(tokenizer, **settings) -> tuple[MultiTaskModel, dict[str, torch.Tensor]]:
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(SPEC, LoraSettings(r=4, alpha=8))
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, bf16=False, seed=0, checkpoint_every=-1, **settings)
+    train_task(model, "mood", EXAMPLES, None, config, progress=False, save=False, report_to=())
+    return model, {k: v.detach().clone() for k, v in model.task_parameters("mood").items()}
+
+
+def test_compiled_training_follows_the_eager_path(tokenizer):
+    _, eager = _trained(tokenizer)
+    model, compiled = _trained(tokenizer, compile=True)
+    assert model.backbone._compiled_call_impl is None  # evaluation and serving run eagerly
+    for name, weight in eager.items():
+        torch.testing.assert_close(compiled[name], weight, rtol=1e-4, atol=1e-5)
+    # A second run on the same model reuses the compilation.
+    torch._dynamo.utils.counters.clear()
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, bf16=False, seed=1, checkpoint_every=-1, compile=True)
+    train_task(model, "mood", EXAMPLES, None, config, progress=False, save=False, report_to=())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_a_compiler_that_fails_leaves_the_run_eager(tokenizer, monkeypatch):
+    calls = []
+
+    def broken_backend(graph, example_inputs):
+        calls.append(graph)
+        raise RuntimeError("no compiler on this machine")
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_function(fn, **{**options, "backend": broken_backend}))
+    _, eager = _trained(tokenizer)
+    _, fallen_back = _trained(tokenizer, compile=True)
+    assert calls, "the compiler was never asked"
+    for name, weight in eager.items():
+        torch.testing.assert_close(fallen_back[name], weight, rtol=0, atol=0)
+
+
+def test_compile_is_refused_where_the_loop_does_not_support_it(tokenizer, monkeypatch):
+    from mtpeft import distributed
+
+    monkeypatch.setattr(distributed.DataParallel, "__init__", _fsdp_like)
+    with pytest.raises(ValueError, match="FSDP and DeepSpeed train uncompiled"):
+        _trained(tokenizer, compile=True)
+
+
+def _fsdp_like(self) -> None:
+    self.accelerator, self.sharded, self.zero_stage, self.device, self._zero = None, True, None, None, None
+    self.rank, self.world_size = 0, 1
