@@ -91,7 +91,9 @@ _PRESETS: dict[str, Preset] = {
                  label_column="answers", max_length=384, doc_stride=128, max_answer_length=30,
                  description="Extractive question answering on Wikipedia paragraphs (SQuAD v1.1)."),
         DataLayout("dev-v1.1.json", "dev-v1.1.json", SQUAD_TRAIN_ARTICLES, SQUAD_EVAL_ARTICLES),
-        {"epochs": 2.0, "lr": 1e-3, "batch_size": 16},
+        # Adapters: 2 epochs at 1e-3 left LoRA r=8 5.3 F1 behind full fine-tuning, 3 at 2e-3 2.5
+        # (held-out articles, RESULTS.md); full fine-tuning keeps the 2 epochs it was measured with.
+        {"epochs": 3.0, "lr": 2e-3, "batch_size": 16, "full": {"epochs": 2.0, "head_lr": 1e-3}},
         note="SQuAD v1.1 dev file, article split 38/10; not comparable to published dev scores."),
     # The packaged customer-support skills used by `mtpeft demo`.
     "sentiment": Preset(
