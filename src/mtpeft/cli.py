@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     recipe.add_argument("--compile", action="store_true",
                         help="torch.compile the backbone for training: faster steps after a one-off compilation "
-                             "of tens of seconds (long runs)")
+                             "of about a minute (long runs)")
     recipe.add_argument("--checkpoint-every", type=int,
                         help="steps between checkpoints in --out (default 500; 0: epoch ends only; -1: none). "
                              "A run that finds a checkpoint in --out continues from it")

@@ -2,8 +2,9 @@
 
 What compiling buys on a CPU is fused element-wise work (GELU, layer norm, the adapter's
 adds, dtype casts) that eager PyTorch runs as separate kernels. It costs a compilation of
-tens of seconds at the first step, so it pays on long runs only and is off by default; the
-figures are in RESULTS.md (``benchmarks/train_speed.py``).
+about a minute at the first step (the packaged MiniLM on 2 AMD EPYC cores), so it pays on
+long runs only and is off by default; the figures are in RESULTS.md
+(``benchmarks/train_speed.py``).
 
 Shapes are compiled as dynamic from the first step: length-bucketed batches change the
 sequence length every few steps, and a compilation per length would cost more than it saves.

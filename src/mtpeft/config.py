@@ -55,7 +55,7 @@ class TrainConfig:
         eval_batch_size: batch size for evaluation and prediction.
         checkpoint_every: steps between checkpoints (0: only at epoch ends; -1: none).
         compile: run the backbone through ``torch.compile`` while training (``mtpeft.compiled``):
-            faster steps after a compilation of tens of seconds; for long runs.
+            faster steps after a compilation of about a minute; for long runs.
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
     """
 
