@@ -52,8 +52,9 @@ def run_setup(tmp_path, tokenizer):
     return tmp_path, args
 
 
-def _run(command: list[str], fault: str | None = None, gpus: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MTPEFT_FAULT"}
+def _run(command: list[str], fault: str | None = None, gpus: bool = False,
+         extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MTPEFT_FAULT"} | (extra_env or {})
     env["OMP_NUM_THREADS"] = "1"
     if not gpus:  # the CPU tests run on CPU processes on a GPU machine too
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -67,9 +68,9 @@ def _single(args: list[str], out: Path) -> subprocess.CompletedProcess:
 
 
 def _launched(config: str, args: list[str], out: Path, fault: str | None = None,
-              gpus: bool = False) -> subprocess.CompletedProcess:
+              gpus: bool = False, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return _run([str(ACCELERATE), "launch", "--config_file", str(CONFIGS / config), "-m", "mtpeft", *args,
-                 "--out", str(out)], fault, gpus)
+                 "--out", str(out)], fault, gpus, extra_env)
 
 
 def _assert_same_adapter(one_dir: Path, two_dir: Path) -> None:
@@ -87,14 +88,22 @@ def _assert_same_adapter(one_dir: Path, two_dir: Path) -> None:
 
 
 @needs_launcher
-def test_two_process_ddp_equals_single_process(run_setup):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_process_ddp_equals_single_process(run_setup, compiled):
     tmp_path, args = run_setup
     args = [*args, "--checkpoint-every", "-1"]
     single = _single(args, tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _launched("ddp_cpu.yaml", args, tmp_path / "two")
+    # Each DDP process compiles its own backbone; the gradients DDP averages are the compiled graph's.
+    # The compiler logs each graph it traces, which shows it did not fall back to eager.
+    ddp = _launched("ddp_cpu.yaml", [*args, "--compile"] if compiled else args, tmp_path / "two",
+                    extra_env={"TORCH_LOGS": "graph_code"} if compiled else None)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stderr.count(" training and ") == 2  # each of the two processes reported its data
+    if compiled:
+        tracing_processes = set(re.findall(r"^\S+ \S+ (\d+) .*TRACED GRAPH", ddp.stderr, re.MULTILINE))
+        assert len(tracing_processes) == 2, ddp.stderr[-3000:]
+        assert "won't convert" not in ddp.stderr.lower()
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")
 
 
