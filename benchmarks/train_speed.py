@@ -14,6 +14,9 @@ so each figure is also a fraction of the machine's limit (LoRA training of a fro
 costs about 2x a forward pass: activations' gradients, no weight gradients).
 Part B trains one epoch of SST-2 (67,349 sentences) with mtpeft's defaults, and again compiled,
 and scores dev accuracy; the common recipe is timed on a fixed subset and scaled (stated in the JSON).
+Beside it, the epoch's floor: the matmul work of its own padded batches at the measured peak,
+the least time any implementation could take for it on this machine (``--floor-only`` computes
+just that, into ``results/train_speed_floor.json``).
 What bf16 costs in dev-set quality is ``benchmarks/precision_quality.py``'s part.
 
     .venv/bin/python benchmarks/train_speed.py   # -> results/train_speed.json
@@ -34,9 +37,11 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from mtpeft import MultiTaskModel
 from mtpeft.backbone import resolve_backbone_path
+from mtpeft.batching import bucketed_batches
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.examples import Example
 from mtpeft.sources import load_task_data
+from mtpeft.tasks import task_type
 from mtpeft.tasks.presets import get_preset
 from mtpeft.train import train_task
 
@@ -182,10 +187,35 @@ def sst2_run(data, config: TrainConfig) -> dict:
             "peak_rss_mib_process": peak_rss_mib(), "config": config.to_dict()}
 
 
-def sst2_epoch(tokenizer, common_subset: int) -> dict:
+def sst2_data():
     preset = get_preset("sst2")
     data = load_task_data(preset.spec, DATA / "glue" / "SST-2", layout=preset.layout)
     config = TrainConfig(**{**preset.adapter_recipe(), "epochs": 1.0, "checkpoint_every": -1})  # the target: one epoch
+    return data, config
+
+
+def epoch_floor(data, config: TrainConfig, peak: dict) -> dict:
+    """The least time one epoch can take on this machine: the matmul work of the epoch's own
+    batches (length-bucketed, padded to a multiple of 8, as training makes them; 2x a forward
+    pass each) at the measured bf16 peak, with nothing else costing any time."""
+    model = MultiTaskModel.from_backbone()
+    spec = get_preset("sst2").spec
+    lengths = [len(f["input_ids"]) for f in task_type(spec).encode(spec, model.tokenizer, data.train)]
+    per_length: dict[int, int] = {}
+    flops = padded_tokens = 0
+    for batch in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed):
+        padded = -(-max(lengths[i] for i in batch) // 8) * 8
+        if padded not in per_length:
+            per_length[padded] = 2 * matmul_flops_per_example(model.backbone, padded)
+        flops += len(batch) * per_length[padded]
+        padded_tokens += len(batch) * padded
+    return {"examples": len(lengths), "real_tokens": sum(lengths), "padded_tokens": padded_tokens,
+            "training_tflop": round(flops / 1e12, 1), "peak_tflops": peak["tflops"],
+            "seconds_at_peak": round(flops / (peak["tflops"] * 1e12), 1)}
+
+
+def sst2_epoch(tokenizer, common_subset: int, peak: dict) -> dict:
+    data, config = sst2_data()
     ours = sst2_run(data, config)
     compiled = sst2_run(data, replace(config, compile=True))  # its train_seconds include the compilation
     subset = data.train[:common_subset]
@@ -200,6 +230,7 @@ def sst2_epoch(tokenizer, common_subset: int) -> dict:
               "seconds_scaled_to_epoch": round(scaled, 1), "note": f"timed on the first {len(subset)} training sentences, "
               f"scaled linearly to {len(data.train)}"}
     return {"mtpeft_defaults": ours, "mtpeft_compiled": compiled, "common_recipe": common,
+            "floor": epoch_floor(data, config, peak),
             "speedup_vs_common_recipe": round(scaled / ours["train_seconds"], 1),
             "compiled_speedup_vs_common_recipe": round(scaled / compiled["train_seconds"], 1),
             "fastest_seconds": fastest}
@@ -211,15 +242,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--common-subset", type=int, default=2048)
     parser.add_argument("--skip-epoch", action="store_true")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="only measure the peak and compute the SST-2 epoch's floor (seconds, no training)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE and IMDb files described in its README")
-    tokenizer = MultiTaskModel.from_backbone().tokenizer
     peak = matmul_peak_tflops()
+    if args.floor_only:
+        write_result("train_speed_floor", {"sst2_epoch_floor": epoch_floor(*sst2_data(), peak)}, args.out)
+        return
+    tokenizer = MultiTaskModel.from_backbone().tokenizer
     payload = {"bf16_matmul_peak": peak, "fixed_shape": part_a(tokenizer, args.steps, args.repeats, peak)}
     if not args.skip_epoch:
-        payload["sst2_epoch"] = sst2_epoch(tokenizer, args.common_subset)
+        payload["sst2_epoch"] = sst2_epoch(tokenizer, args.common_subset, peak)
     payload["targets"] = {"fraction_of_bf16_limit": 0.5, "vs_peft_hand_tuned": 2.0, "sst2_epoch_seconds": 60,
                           "sst2_epoch_vs_common_recipe": 10.0}
     write_result("train_speed", payload, args.out)
