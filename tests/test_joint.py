@@ -110,3 +110,94 @@ def test_compare_runs_a_joint_cell(tokenizer, tmp_path, monkeypatch):
         assert run["parameters"]["trainable"] == run["joint"]["shared_parameters"] + run["joint"]["head_parameters"][task]
         assert run["adapter_bytes"] > 4 * run["joint"]["shared_parameters"]
     assert run_grid(settings, log=lambda line: None).skipped  # resumable: nothing left to run
+
+
+def test_a_saved_joint_model_loads_as_a_bundle_with_the_same_predictions(tokenizer, tmp_path):
+    from peft import PeftModel
+
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.storage import read_json
+
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    model.bf16 = False
+    train_joint(model, _data(), TrainConfig(epochs=1, batch_size=4, lr=1e-2, bf16=False, seed=0), progress=False)
+    model.save(tmp_path / "bundle")
+    loaded = MultiTaskModel.load(tmp_path / "bundle", backbone=tiny_bert(tokenizer))
+    loaded.bf16 = False
+    inputs, tasks = ["great item 3", ("a1 b", "a1 b"), "awful", ("a2 b", "zz")], ["sent", "sim", "sent", "sim"]
+    before, after = model.predict(inputs, task=tasks), loaded.predict(inputs, task=tasks)
+    for old, new in zip(before, after):
+        assert (new.task, getattr(new, "label", None)) == (old.task, getattr(old, "label", None))
+        assert new.score == pytest.approx(old.score, abs=1e-5)
+    record = read_json(tmp_path / "bundle" / "sent" / "task.json")
+    assert record["adapter"]["shared_with"] == ["sent", "sim"]
+    assert record["trainable_parameters"] == 2 * 2 * 4 * (32 + 32) + 66  # the shared adapter and the task's head
+    # Each task folder stands alone in the PEFT layout, the shared adapter copied into it.
+    peft_model = PeftModel.from_pretrained(tiny_bert(tokenizer).model, tmp_path / "bundle" / "sim")
+    peft_a = {n: p for n, p in peft_model.named_parameters() if "lora_A" in n}
+    assert len(peft_a) == 4
+    ours = shared_parameters(model)
+    first = next(n for n in peft_a if "layer.0." in n and "query" in n)
+    torch.testing.assert_close(peft_a[first], ours["encoder.layer.0.attention.self.query.lora_A"])
+
+
+def test_train_joint_command_writes_a_bundle_that_serves(tokenizer, tmp_path, monkeypatch, capsys):
+    from test_compare import write_task_files
+    from tiny_bundle import saved_backbone
+
+    from mtpeft.cli import main
+    from mtpeft.model import MultiTaskModel
+    from mtpeft.storage import read_json
+
+    monkeypatch.chdir(tmp_path)
+    saved_backbone(tmp_path / "tiny", tokenizer)
+    files = write_task_files(tmp_path)
+    argv = ["train-joint", "--tasks", "mood,same", "--task-file", files[0], "--task-file", files[1],
+            "--backbone", "tiny", "--out", "joint", "--epochs", "2", "--batch-size", "8", "--lr", "5e-3", "--seed", "4",
+            "--r", "2", "--no-progress", "--fp32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('mood: {"accuracy": ') and '\nsame: {"accuracy": ' in out
+    training = read_json(tmp_path / "joint" / "joint" / "training.json")
+    assert training["tasks"] == ["mood", "same"] and training["sampling"] == "temperature"
+    assert training["total_steps"] == 2 * (5 + 5) and training["config"]["seed"] == 4  # 2 epochs x 40 rows / 8
+    assert "joint/training.json" in read_json(tmp_path / "joint" / "bundle.json")["files"]
+    model = MultiTaskModel.load(tmp_path / "joint")  # the manifest's checksums hold
+    assert model.task_names == ["mood", "same"] and model.adapters["mood"].r == 2
+    assert model.task_metrics["mood"] == training["metrics"]["mood"]
+    predictions = model.predict(["the great item", ("order 3 came", "order 3 came")], task=["mood", "same"])
+    assert [p.task for p in predictions] == ["mood", "same"]
+    assert main(["train-joint", "--tasks", "mood", "--task-file", files[0], "--out", "x"]) == 2
+    assert "at least two different tasks" in capsys.readouterr().err
+
+
+def test_an_interrupted_joint_run_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
+    from mtpeft import joint
+    from mtpeft.checkpoint import CHECKPOINT_FILE, CheckpointMismatchError
+
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, bf16=False, seed=0, checkpoint_every=3)
+
+    def run(out_dir, settings=config):
+        model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+        model.bf16 = False
+        result = train_joint(model, _data(), settings, progress=False, out_dir=out_dir)
+        return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
+
+    whole, expected = run(None)
+
+    def stop_at_step_8(kind, at):
+        if (kind, at) == ("step", 8):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(joint, "fault_point", stop_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    assert (tmp_path / CHECKPOINT_FILE).exists()  # written at step 6
+    monkeypatch.undo()
+    with pytest.raises(CheckpointMismatchError, match="different settings"):
+        run(tmp_path, TrainConfig(epochs=2, batch_size=4, lr=5e-3, bf16=False, seed=0, checkpoint_every=3))
+    resumed, weights = run(tmp_path)
+    assert resumed.steps == whole.steps and resumed.total_steps == whole.total_steps
+    for name, weight in expected.items():
+        torch.testing.assert_close(weights[name], weight, rtol=0, atol=0)
+    assert not (tmp_path / CHECKPOINT_FILE).exists()  # the finished run removes it

@@ -140,6 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the API is on only when MTPEFT_API_KEY is set")
     serve.add_argument("--max-active-adapters", type=int, metavar="N",
                        help="at most N tasks active in the model; others load from the bundle on demand (default: all active)")
+    joint = sub.add_parser("train-joint", help="train several tasks together: one shared LoRA adapter, a head per "
+                                               "task; saves a bundle")
+    joint.add_argument("--tasks", type=_csv_list, required=True, help="comma-separated tasks: built-in ones or --task-file names")
+    joint.add_argument("--out", required=True, help="bundle folder to write (one task folder per task)")
+    joint.add_argument("--data-root", default="../shared/data",
+                       help="folder with the built-in tasks' data (glue/SST-2, imdb, squad, ...; default ../shared/data)")
+    joint.add_argument("--data", action="append", default=[], metavar="TASK=FOLDER", help="a task's data folder; repeatable")
+    joint.add_argument("--task-file", action="append", default=[], metavar="FILE",
+                       help="your own task: JSON with spec (TaskSpec fields), data, eval_data, recipe; repeatable")
+    joint.add_argument("--sampling", choices=("temperature", "proportional"), default="temperature",
+                       help="how each step's task is drawn: by size^(1/T) (default) or by size")
+    joint.add_argument("--temperature", type=float, default=2.0, help="T of temperature sampling (default 2)")
+    joint.add_argument("--backbone", default="default", help="'default' (packaged MiniLM), a local path or a hub name")
+    joint.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    joint.add_argument("--epochs", type=float, help="every task's epochs (default: each task's preset epochs); the "
+                                                    "run takes the steps the separate runs would take together")
+    joint.add_argument("--lr", type=float, help="the shared adapter's learning rate")
+    joint.add_argument("--head-lr", type=float, help="the heads' learning rate")
+    joint.add_argument("--batch-size", type=int)
+    joint.add_argument("--seed", type=int)
+    joint.add_argument("--max-train", type=int, help="a fixed random subset of N training examples per task")
+    joint.add_argument("--r", type=int, help="LoRA rank of the shared adapter (default 8)")
+    joint.add_argument("--alpha", type=float, help="LoRA alpha (default 2*r)")
+    joint.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
+    joint.add_argument("--fp32", action="store_true", help="no bf16")
+    joint.add_argument("--checkpoint-every", type=int,
+                       help="steps between checkpoints in --out/joint (default 500; -1: none). A run that finds a "
+                            "checkpoint there continues from it")
+    joint.add_argument("--no-progress", action="store_true")
+
     compare = sub.add_parser("compare", help="run a method x task grid; one result JSON per run (resumable)")
     compare.add_argument("--tasks", type=_csv_list, help="comma-separated tasks: built-in ones or --task-file names")
     compare.add_argument("--methods", type=_csv_list, help="comma-separated methods (see --list-methods)")
@@ -183,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
                 "export": _export, "train-router": _train_router, "support": _support, "serve": _serve,
+                "train-joint": _train_joint,
                 "compare": _compare, "report": _report}[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mtpeft: error: {err}", file=sys.stderr)
@@ -422,14 +453,8 @@ def _compare(args) -> int:
         return 0
     if not args.tasks or not args.methods:
         raise ValueError("compare needs --tasks and --methods (see --list-methods)")
-    data = {}
-    for value in args.data:
-        task, sep, path = value.partition("=")
-        if not sep or not task or not path:
-            raise ValueError(f"--data {value!r}: expected TASK=FOLDER")
-        data[task] = path
     settings = GridSettings(
-        tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_root=args.data_root, data=data,
+        tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_root=args.data_root, data=_task_data(args.data),
         task_files=args.task_file, results=args.results, work=args.work, backbone=args.backbone, device=args.device,
         max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
         batch_size=args.batch_size, joint_temperature=args.joint_temperature, keep_weights=args.keep_weights,
@@ -437,6 +462,66 @@ def _compare(args) -> int:
     grid_command = args.grid_command or "mtpeft " + shlex.join(args.argv)
     summary = run_grid(settings, grid_command, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 1 if summary.failed else 0
+
+
+def _task_data(values: list[str]) -> dict[str, str]:
+    """``--data TASK=FOLDER`` arguments as {task: folder}."""
+    data = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if not sep or not task or not path:
+            raise ValueError(f"--data {value!r}: expected TASK=FOLDER")
+        data[task] = path
+    return data
+
+
+def _train_joint(args) -> int:
+    import torch
+
+    from mtpeft.backbone import load_backbone
+    from mtpeft.compare import fixed_subset, resolve_task
+    from mtpeft.joint import build_joint_model, train_joint
+    from mtpeft.methods import get_method
+    from mtpeft.sources import load_task_data
+    from mtpeft.storage import record_in_manifest, write_json
+    from mtpeft.train import format_metrics
+
+    if len(set(args.tasks)) < 2:
+        raise ValueError(f"--tasks: name at least two different tasks to train together, got {args.tasks}")
+    method = get_method(f"joint-{args.sampling}")
+    overrides = {"epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
+                 "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+    config = method.train_config({}, {**overrides, "bf16": False if args.fp32 else None})
+    lora = method.lora_settings()
+    if args.r is not None or args.alpha is not None or args.target_modules is not None:
+        r = args.r or lora.r
+        lora = LoraSettings(r=r, alpha=args.alpha or 2.0 * r, target_modules=args.target_modules)
+    sources = {t: resolve_task(t, args.data_root, _task_data(args.data), args.task_file) for t in args.tasks}
+    data = {}
+    for task, source in sources.items():
+        loaded = load_task_data(source.spec, source.data, source.eval_data, source.layout)
+        train, subset = fixed_subset(loaded.train, args.max_train)
+        print(f"task {task}: {len(train)} training ({subset}) and {len(loaded.eval)} evaluation examples",
+              file=sys.stderr)
+        data[task] = (train, loaded.eval)
+    task_epochs = {t: args.epochs or s.recipe.get("epochs", config.epochs) for t, s in sources.items()}
+    model = build_joint_model(load_backbone(args.backbone), [s.spec for s in sources.values()], lora, config.seed)
+    model = model.to(resolve_device(args.device))
+    torch.manual_seed(config.seed)
+    result = train_joint(model, data, config, args.sampling, args.temperature if args.sampling == "temperature" else 1.0,
+                         task_epochs=task_epochs, progress=not args.no_progress, out_dir=Path(args.out) / "joint")
+    model.full_precision()
+    model.save(args.out)
+    record = {"command": "mtpeft " + shlex.join(args.argv), "tasks": list(args.tasks), "sampling": args.sampling,
+              "temperature": args.temperature, "task_epochs": task_epochs, "config": config.to_dict(),
+              **result.to_dict()}
+    write_json(Path(args.out) / "joint" / "training.json", record)
+    record_in_manifest(Path(args.out) / "joint")
+    for task in args.tasks:
+        print(f"{task}: {format_metrics(result.metrics[task])} ({result.steps[task]} of {result.total_steps} steps)")
+    print(f"{result.train_seconds:.0f} s, {result.shared_parameters:,} shared and "
+          f"{sum(result.head_parameters.values()):,} head parameters -> {args.out}")
+    return 0
 
 
 def _report(args) -> int:

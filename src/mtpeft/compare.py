@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -184,11 +185,13 @@ class TaskSource:
     recipe: dict
 
 
-def resolve_task(name: str, settings: GridSettings) -> TaskSource:
-    """The spec, data files and recipe of a built-in task or of one of ``settings.task_files``."""
+def resolve_task(name: str, data_root: str | Path, data: dict[str, str] | None = None,
+                 task_files: Sequence[str] = ()) -> TaskSource:
+    """The spec, data files and recipe of a built-in task (its data in ``data[name]``, else
+    under ``data_root`` in ``DATA_DIRS`` layout) or of a task defined in one of ``task_files``."""
     from mtpeft.tasks.presets import get_preset
 
-    for file in settings.task_files:
+    for file in task_files:
         record = json.loads(Path(file).read_text())
         if record.get("spec", {}).get("name") != name:
             continue
@@ -200,7 +203,7 @@ def resolve_task(name: str, settings: GridSettings) -> TaskSource:
         return TaskSource(TaskSpec.from_dict(record["spec"]), here / record["data"], eval_data, None,
                           dict(record.get("recipe", {})))
     preset = get_preset(name)
-    folder = Path(settings.data.get(name) or Path(settings.data_root) / DATA_DIRS.get(name, name))
+    folder = Path((data or {}).get(name) or Path(data_root) / DATA_DIRS.get(name, name))
     if not folder.exists():
         raise FileNotFoundError(f"task {name!r}: data folder {folder} does not exist "
                                 f"(set --data-root, or --data {name}=FOLDER)")
@@ -279,7 +282,7 @@ def run_cell(cell: Cell, settings: GridSettings, grid_command: str | None = None
     global _runs_in_this_process
     _runs_in_this_process += 1
     started = time.perf_counter()
-    sources = {task: resolve_task(task, settings) for task in cell.tasks}
+    sources = {task: resolve_task(task, settings.data_root, settings.data, settings.task_files) for task in cell.tasks}
     data = {task: load_cell_data(source, settings) for task, source in sources.items()}
     backbone = load_backbone(settings.backbone)
     backbone_count = sum(p.numel() for p in backbone.model.parameters())
@@ -413,7 +416,7 @@ def not_applicable(cell: Cell, settings: GridSettings) -> str | None:
     """Why a cell cannot run (decided before any data is read), or None."""
     if cell.method.kind != "zero-shot":
         return None
-    spec = resolve_task(cell.tasks[0], settings).spec
+    spec = resolve_task(cell.tasks[0], settings.data_root, settings.data, settings.task_files).spec
     if spec.type == "extractive-qa":
         return "extractive QA has no zero-shot form"
     if spec.type == "regression" and not spec.is_pair:

@@ -61,8 +61,10 @@ class MultiTaskModel(nn.Module):
         # Parameters a training method gives a task beyond its LoRA adapter and head (a peft
         # wrapper's, bottleneck adapters, the whole backbone for full fine-tuning); see methods.py.
         self.extra_parameters: dict[str, dict[str, nn.Parameter]] = {}
-        # task -> the adapter its rows use when it is not the task's own (joint training shares one).
+        # task -> the adapter its rows use when it is not the task's own (joint training shares one),
+        # and the settings of each such shared adapter.
         self.adapter_alias: dict[str, str] = {}
+        self.shared_adapters: dict[str, LoraSettings] = {}
 
     # ----------------------------------------------------------------- building
 

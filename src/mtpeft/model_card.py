@@ -34,6 +34,9 @@ def render_model_card(record: dict, base_model: str) -> str:
     lines += ["", "## Parameters", ""]
     if adapter:
         lines.append(f"- LoRA r={adapter['r']}, alpha={adapter['alpha']}, targets {', '.join(adapter['target_modules'])}")
+        if adapter.get("shared_with"):
+            lines.append(f"- trained jointly: this adapter is shared by {', '.join(adapter['shared_with'])}, "
+                         "each with its own head")
     else:
         lines.append("- no adapter: a head trained on the frozen backbone")
     lines.append(f"- trainable parameters: {record['trainable_parameters']:,} (backbone frozen, not included in this folder)")

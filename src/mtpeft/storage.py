@@ -140,18 +140,25 @@ def peft_adapter_config(lora: LoraSettings, base_model: str, module_paths: list[
 
 
 def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Path:
-    """Write one task's adapter, head and task.json into ``folder``."""
+    """Write one task's adapter, head and task.json into ``folder``.
+
+    A task of a joint model uses an adapter it shares with other tasks; its folder holds a
+    copy of that adapter, so every task folder stands alone (PEFT loads each one), and
+    ``task.json`` names the tasks it was shared with. The copy costs an adapter's size on
+    disk (~300 KB at r=8 on MiniLM) per task.
+    """
     folder = Path(folder)
     spec = model.spec(name)
-    lora = model.adapters[name]
+    adapter = model.adapter_alias.get(name, name)
+    lora = model.adapters[name] if adapter == name else model.shared_adapters[adapter]
+    weights = {}
     if lora is not None:
-        weights = {}
-        for path, layer in model.lora_layers(name).items():
-            weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
-            weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+        for path, layer in model.lora_layers(adapter).items():
+            weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter].weight
+            weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter].weight
         base_name = _peft_base_name(model)
         write_safetensors(folder / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
-        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(model.lora_layers(name))))
+        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(model.lora_layers(adapter))))
     write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
     record = {
         "format": TASK_FORMAT,
@@ -161,6 +168,9 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         "trainable_parameters": sum(p.numel() for p in model.task_parameters(name).values()),
         "metrics": model.task_metrics.get(name, {}),
     }
+    if adapter != name:  # task_parameters holds the task's head; the shared adapter trained for it too
+        record["trainable_parameters"] += sum(w.numel() for w in weights.values())
+        record["adapter"]["shared_with"] = sorted(t for t, a in model.adapter_alias.items() if a == adapter)
     write_json(folder / TASK_FILE, record)
     atomic_write(folder / MODEL_CARD, render_model_card(record, _peft_base_name(model)).encode())
     return folder
