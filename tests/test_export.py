@@ -47,3 +47,21 @@ def test_exported_qa_matches(backbone, tmp_path):
         ours = model(dict(encoded), "qa")
     torch.testing.assert_close(out.start_logits, ours[..., 0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.end_logits, ours[..., 1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_joint_task_exports_with_its_shared_adapter(backbone, tmp_path):
+    from mtpeft.joint import build_joint_model
+
+    model = build_joint_model(backbone, [TaskSpec(name="a", type="classification", labels=["x", "y"]),
+                                         TaskSpec(name="b", type="classification", labels=["u", "v"])], seed=2)
+    model.bf16 = False
+    for layer in model.lora_layers().values():
+        for name in layer.lora_B:
+            torch.nn.init.normal_(layer.lora_B[name].weight, std=0.3)
+    model.eval()
+    export_task(model, "b", tmp_path / "b")
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b", trust_remote_code=True).eval()
+    encoded = AutoTokenizer.from_pretrained(tmp_path / "b")(["one text", "and another one"], padding=True,
+                                                           return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**encoded).logits, model(dict(encoded), "b"), rtol=1e-4, atol=1e-4)

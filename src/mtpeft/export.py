@@ -95,11 +95,12 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     folder = Path(folder)
     spec = model.spec(task)
     model.unmerge_adapters()
+    adapter = model.adapter_alias.get(task, task)  # a joint model's tasks share one adapter
     backbone = copy.deepcopy(model.full_precision().backbone)
     with torch.no_grad():
         for path, layer in lora_layers_of(backbone).items():
-            if task in layer.lora_A:
-                layer.merge(task)
+            if adapter in layer.lora_A:
+                layer.merge(adapter)
             replace_submodule(backbone, path, layer.base_layer)
     head = model.heads[task]
     kind = "span" if spec.type == "extractive-qa" else "cosine" if spec.is_bi_encoder else "pooled"
