@@ -96,6 +96,14 @@ def test_grid_writes_complete_portable_runs_and_resumes(workspace):
     lines.clear()
     assert run_grid(other, log=lines.append).failed == ["mood / head-only / seed 1"]
     assert "made with other settings (max_train=24 there, 30 here)" in "\n".join(lines)
+    # A new seed or method on other data would land in the same table: refused before it trains.
+    for method, seed in (("head-only", 3), ("lora-r1", 1)):
+        lines.clear()
+        new_cell = GridSettings(tasks=["mood"], methods=[method], seeds=[seed], task_files=files, backbone="tiny",
+                                in_process=True, progress=False)
+        assert run_grid(new_cell, log=lines.append).failed == [f"mood / {method} / seed {seed}"]
+        assert "made on other data (max_train=24 there, None here)" in "\n".join(lines)
+    assert not (mood / "head-only-seed3.json").exists() and not (mood / "lora-r1-seed1.json").exists()
 
 
 def test_cli_runs_a_cell_in_a_child_process(workspace, capsys):

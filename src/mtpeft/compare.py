@@ -443,6 +443,25 @@ def _conflict(cell: Cell, settings: GridSettings) -> str | None:
     return None
 
 
+# What makes two runs of a task comparable in one table: the same backbone and the same examples.
+DATA_SETTINGS = ("backbone", "max_train", "max_eval")
+
+
+def _other_data(cell: Cell, settings: GridSettings) -> str | None:
+    """Why a new run would not be comparable with its task's runs already in ``results``
+    (another backbone or training / evaluation subset), or None."""
+    wanted = settings.run_settings(cell.method)
+    for task in cell.tasks:
+        for path in sorted((Path(settings.results) / task).glob("*.json")):
+            found = json.loads(path.read_text()).get("grid_settings", {})
+            differing = {k: (found.get(k), wanted[k]) for k in DATA_SETTINGS if found.get(k) != wanted[k]}
+            if differing:
+                detail = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in differing.items())
+                return (f"{path} was made on other data ({detail}), and one table would mix them; "
+                        "pass the same settings, or another --results")
+    return None
+
+
 def run_grid(settings: GridSettings, grid_command: str | None = None, log=print) -> GridSummary:
     """Run every cell of the grid that has no result yet; one child process per cell unless ``in_process``."""
     summary = GridSummary()
@@ -462,6 +481,11 @@ def run_grid(settings: GridSettings, grid_command: str | None = None, log=print)
         if reason:
             summary.not_applicable.append(cell.label())
             log(f"{label}: not applicable ({reason})")
+            continue
+        conflict = _other_data(cell, settings)
+        if conflict:
+            summary.failed.append(cell.label())
+            log(f"{label}: {conflict}")
             continue
         log(f"{label}: running")
         if settings.in_process:
