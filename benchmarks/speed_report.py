@@ -78,18 +78,17 @@ def training(record: dict) -> list[str]:
             lines.append(f"- The same epoch compiled: **{c['train_seconds']:.0f} s**, compilation included "
                          f"({c['examples_per_s']:.0f} examples/s; target 60 s: {_met(c['train_seconds'], 60, higher=False)}; "
                          f"{epoch['compiled_speedup_vs_common_recipe']}x the common recipe), dev accuracy {c['dev_accuracy']:.2f}.")
-    floor = (epoch or {}).get("floor")
+    floor, source = (epoch or {}).get("floor"), ""
     floor_record = _load("train_speed_floor")
-    if floor is None and floor_record is not None:
-        floor = floor_record["sst2_epoch_floor"]
-        lines.append(f"- The epoch's floor, computed apart: {_provenance(floor_record)}")
+    if floor is None and floor_record is not None:  # computed apart, by --floor-only
+        floor, source = floor_record["sst2_epoch_floor"], f" ({_provenance(floor_record).rstrip('.')})"
     if floor:
         verdict = ("so no implementation can train the epoch in 60 s on this machine" if floor["seconds_at_peak"] > 60
                    else "so 60 s is within this machine's reach")
-        lines.append(f"- The epoch's floor: its {floor['examples']:,} sentences are {floor['real_tokens']:,} tokens, "
-                     f"{floor['padded_tokens']:,} in their padded batches; their {floor['training_tflop']} TFLOP of matmuls "
-                     f"take **{floor['seconds_at_peak']} s** at the measured peak of {floor['peak_tflops']} TFLOP/s with "
-                     f"nothing else costing time, {verdict}.")
+        lines.append(f"- The epoch's floor{source}: its {floor['examples']:,} sentences are {floor['real_tokens']:,} "
+                     f"tokens, {floor['padded_tokens']:,} in their padded batches; their {floor['training_tflop']} TFLOP "
+                     f"of matmuls take **{floor['seconds_at_peak']} s** at the measured peak of {floor['peak_tflops']} "
+                     f"TFLOP/s with nothing else costing time, {verdict}.")
     return lines
 
 
