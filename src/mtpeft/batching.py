@@ -1,7 +1,7 @@
 """Turning features into padded tensors, and features into length-bucketed batches.
 
 Padding every example to a fixed length wastes most of the compute on short inputs
-(SST-2 sentences are ~25 tokens). Batches are padded only to their longest member, and
+(SST-2 sentences average 13 tokens). Batches are padded only to their longest member, and
 training batches are drawn from buckets of similar length so that little padding is left.
 """
 

@@ -56,6 +56,8 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (0: only at epoch ends; -1: none).
         compile: run the backbone through ``torch.compile`` while training (``mtpeft.compiled``):
             faster steps after a compilation of about a minute; for long runs.
+        pad_to_multiple_of: training batches are padded to their longest input rounded up to
+            this (1: the longest input exactly).
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
     """
 
@@ -73,6 +75,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     checkpoint_every: int = 500
     compile: bool = False
+    pad_to_multiple_of: int = 8
     lora: LoraSettings | None = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
 

@@ -162,7 +162,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     indices = parallel.shard(batches[index])
                     if indices is None:
                         continue
-                    batch = {k: v.to(device) for k, v in collate([features[i] for i in indices], pad_id, kind.targets).items()}
+                    rows = collate([features[i] for i in indices], pad_id, kind.targets, config.pad_to_multiple_of)
+                    batch = {k: v.to(device) for k, v in rows.items()}
                     with autocast(device, use_bf16):
                         outputs = step_model(batch, task)
                     loss = kind.loss(spec, outputs, batch)
