@@ -200,7 +200,8 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
         spec = model.spec(task)
         kind = task_type(spec)
         indices = next(streams[task])
-        batch = {k: v.to(device) for k, v in collate([features[task][i] for i in indices], pad_id, kind.targets).items()}
+        rows = collate([features[task][i] for i in indices], pad_id, kind.targets, config.pad_to_multiple_of)
+        batch = {k: v.to(device) for k, v in rows.items()}
         with autocast(device, use_bf16):
             outputs = model(batch, task)  # rows routed to the shared adapter, then this task's head
         loss = kind.loss(spec, outputs, batch)
