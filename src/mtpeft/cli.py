@@ -476,8 +476,6 @@ def _task_data(values: list[str]) -> dict[str, str]:
 
 
 def _train_joint(args) -> int:
-    import torch
-
     from mtpeft.backbone import load_backbone
     from mtpeft.compare import fixed_subset, resolve_task
     from mtpeft.joint import build_joint_model, train_joint
@@ -507,13 +505,13 @@ def _train_joint(args) -> int:
     task_epochs = {t: args.epochs or s.recipe.get("epochs", config.epochs) for t, s in sources.items()}
     model = build_joint_model(load_backbone(args.backbone), [s.spec for s in sources.values()], lora, config.seed)
     model = model.to(resolve_device(args.device))
-    torch.manual_seed(config.seed)
-    result = train_joint(model, data, config, args.sampling, args.temperature if args.sampling == "temperature" else 1.0,
-                         task_epochs=task_epochs, progress=not args.no_progress, out_dir=Path(args.out) / "joint")
+    temperature = args.temperature if args.sampling == "temperature" else 1.0
+    result = train_joint(model, data, config, args.sampling, temperature, task_epochs=task_epochs,
+                         progress=not args.no_progress, out_dir=Path(args.out) / "joint")
     model.full_precision()
     model.save(args.out)
     record = {"command": "mtpeft " + shlex.join(args.argv), "tasks": list(args.tasks), "sampling": args.sampling,
-              "temperature": args.temperature, "task_epochs": task_epochs, "config": config.to_dict(),
+              "temperature": temperature, "task_epochs": task_epochs, "config": config.to_dict(),
               **result.to_dict()}
     write_json(Path(args.out) / "joint" / "training.json", record)
     record_in_manifest(Path(args.out) / "joint")
