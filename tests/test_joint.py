@@ -157,7 +157,7 @@ def test_train_joint_command_writes_a_bundle_that_serves(tokenizer, tmp_path, mo
             "--r", "2", "--no-progress", "--fp32"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith('mood: {"accuracy": ') and '\nsame: {"accuracy": ' in out
+    assert '\nmood: {"accuracy": ' in "\n" + out and '\nsame: {"accuracy": ' in out
     training = read_json(tmp_path / "joint" / "joint" / "training.json")
     assert training["tasks"] == ["mood", "same"] and training["sampling"] == "temperature"
     assert training["total_steps"] == 2 * (5 + 5) and training["config"]["seed"] == 4  # 2 epochs x 40 rows / 8
