@@ -48,7 +48,9 @@ def main(folder: str) -> None:
             "dates": sorted({r["date"][:10] for r in task_runs}),
             "commands": sorted({r["command"] for r in task_runs}),
         })
-    report = {"date": date.today().isoformat(), "source": str(folder), "method": METHOD, "rows": rows}
+    source = Path(folder).resolve()
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source  # no machine paths in the record
+    report = {"date": date.today().isoformat(), "source": str(shown), "method": METHOD, "rows": rows}
     out = ROOT / "results" / "default_recipe.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
 
