@@ -20,6 +20,7 @@ from mtpeft.report import (
     load_runs,
     replace_section,
     summarise,
+    task_table,
     write_report,
 )
 
@@ -200,6 +201,18 @@ def test_report_names_every_machine_the_runs_used():
     runs[2]["machine"] = {"cpu": "other cpu", "torch_threads": 2}
     assert environments(runs) == ("2 runs on test cpu (2 threads; torch 2, transformers 5, peft 0.21); "
                                   "1 run on other cpu (2 threads; torch 2, transformers 5, peft 0.21)")
+
+
+def test_report_keeps_gpu_runs_out_of_the_cpus_train_times(tmp_path):
+    runs = [_fixture_run("squad", "full", s, 65.0 + s, 1_000_770) for s in (1, 2, 3)]
+    for run in runs[1:]:
+        run["device"], run["machine"] = "cuda", {"cpu": "host cpu", "torch_threads": 16, "gpu": "NVIDIA H200"}
+        run["train"]["seconds"] = 1.0
+    (row,) = summarise(runs)["squad"]
+    assert row.train_seconds == [11.0] and row.gpu_seeds == 2 and len(row.seeds) == 3
+    assert "| 67.00 ± 1.00 | 3 (2 on a GPU) | 500 | 2 | 0.001 / 0.001 | 11 s |" in task_table("squad", [row], ["accuracy"])
+    assert environments(runs) == ("1 run on test cpu (2 threads; torch 2, transformers 5, peft 0.21); "
+                                  "2 runs on NVIDIA H200 (host host cpu; torch 2, transformers 5, peft 0.21)")
 
 
 def test_report_errors(tmp_path):

@@ -251,7 +251,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "platform": platform.platform(terse=True)}
+    found = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "platform": platform.platform(terse=True)}
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
 
 
 def peak_rss() -> tuple[int, str]:

@@ -65,6 +65,7 @@ class Row:
     seeds: list[int] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=dict)
     train_seconds: list[float] = field(default_factory=list)
+    gpu_seeds: int = 0  # seeds trained on a GPU: their times are left out of the CPU's
     train_examples: int | None = None
     epochs: float | None = None
     rates: str = "–"  # "adapter (or backbone) lr / head lr"
@@ -102,10 +103,12 @@ def summarise(runs: list[dict]) -> dict[str, list[Row]]:
                 adapter_bytes=run["adapter_bytes"], train_examples=run["data"].get("train_examples"), epochs=epochs,
                 rates=learning_rates(hyper, run["method_settings"].get("kind")))
         row.seeds.append(run["seed"])
+        on_gpu = str(run.get("device", "cpu")).startswith("cuda")
+        row.gpu_seeds += on_gpu
         for metric, value in run["metrics"].items():
             if metric != "examples" and isinstance(value, (int, float)):
                 row.metrics.setdefault(metric, []).append(float(value))
-        if run.get("train"):
+        if run.get("train") and not on_gpu:
             row.train_seconds.append(run["train"]["seconds"])
     return {task: sorted(rows.values(), key=lambda r: (order.get(r.method, len(order)), r.method))
             for task, rows in sorted(by_task.items())}
@@ -133,6 +136,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:,.0f} KiB"
 
 
+def _seeds_cell(row: Row) -> str:
+    return f"{len(row.seeds)} ({row.gpu_seeds} on a GPU)" if row.gpu_seeds else str(len(row.seeds))
+
+
 def task_table(task: str, rows: list[Row], metrics: list[str]) -> str:
     header = ["method", "trainable params", "x fewer than backbone",
               *[METRIC_NAMES.get(m, m) for m in metrics], "seeds", "train examples", "epochs", "lr / head lr", "train time",
@@ -141,7 +148,7 @@ def task_table(task: str, rows: list[Row], metrics: list[str]) -> str:
     for row in rows:
         seconds = statistics.fmean(row.train_seconds) if row.train_seconds else None
         cells = [row.method, f"{row.trainable:,}", f"{row.ratio:,.0f}" if row.ratio else "–",
-                 *[_metric_cell(row, m) for m in metrics], str(len(row.seeds)),
+                 *[_metric_cell(row, m) for m in metrics], _seeds_cell(row),
                  f"{row.train_examples:,}" if row.train_examples and row.trainable else "–",
                  f"{row.epochs:g}" if row.epochs and row.trainable else "–", row.rates if row.trainable else "–",
                  f"{seconds:,.0f} s" if seconds is not None else "–", _size(row.adapter_bytes)]
@@ -215,10 +222,16 @@ def plot_times(summary: dict[str, list[Row]], path: Path) -> Path:
 
 def environments(runs: list[dict]) -> str:
     """Each machine and library set the runs used, with its number of runs: train times are
-    comparable only within one of them."""
-    counts = Counter(f"{run['machine']['cpu']} ({run['machine']['torch_threads']} threads; "
-                     f"torch {run['versions'].get('torch')}, transformers {run['versions'].get('transformers')}, "
-                     f"peft {run['versions'].get('peft')})" for run in runs)
+    comparable only within one of them (the tables' times leave out runs on a GPU)."""
+    def place(run: dict) -> str:
+        machine = run["machine"]
+        if str(run.get("device", "cpu")).startswith("cuda"):
+            return f"{machine.get('gpu', 'a CUDA GPU')} (host {machine['cpu']}"
+        return f"{machine['cpu']} ({machine['torch_threads']} threads"
+
+    counts = Counter(f"{place(run)}; torch {run['versions'].get('torch')}, "
+                     f"transformers {run['versions'].get('transformers')}, peft {run['versions'].get('peft')})"
+                     for run in runs)
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{count} run{'s' * (count != 1)} on {name}" for name, count in counts.items())
