@@ -196,7 +196,7 @@ def sst2_data():
 
 def epoch_floor(data, config: TrainConfig, peak: dict) -> dict:
     """The least time one epoch can take on this machine: the matmul work of the epoch's own
-    batches (length-bucketed, padded to a multiple of 8, as training makes them; 2x a forward
+    batches (length-bucketed, padded as ``config.pad_to_multiple_of`` says, as training makes them; 2x a forward
     pass each) at the measured bf16 peak, with nothing else costing any time."""
     model = MultiTaskModel.from_backbone()
     spec = get_preset("sst2").spec
@@ -204,12 +204,14 @@ def epoch_floor(data, config: TrainConfig, peak: dict) -> dict:
     per_length: dict[int, int] = {}
     flops = padded_tokens = 0
     for batch in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed):
-        padded = -(-max(lengths[i] for i in batch) // 8) * 8
+        multiple = config.pad_to_multiple_of
+        padded = -(-max(lengths[i] for i in batch) // multiple) * multiple
         if padded not in per_length:
             per_length[padded] = 2 * matmul_flops_per_example(model.backbone, padded)
         flops += len(batch) * per_length[padded]
         padded_tokens += len(batch) * padded
-    return {"examples": len(lengths), "real_tokens": sum(lengths), "padded_tokens": padded_tokens,
+    return {"examples": len(lengths), "pad_to_multiple_of": config.pad_to_multiple_of,
+            "real_tokens": sum(lengths), "padded_tokens": padded_tokens,
             "training_tflop": round(flops / 1e12, 1), "peak_tflops": peak["tflops"],
             "seconds_at_peak": round(flops / (peak["tflops"] * 1e12), 1)}
 
