@@ -141,6 +141,33 @@ def test_a_saved_joint_model_loads_as_a_bundle_with_the_same_predictions(tokeniz
     torch.testing.assert_close(peft_a[first], ours["encoder.layer.0.attention.self.query.lora_A"])
 
 
+def test_one_task_of_a_joint_model_trains_alone_only_on_its_own_copy_of_the_adapter(tokenizer):
+    from mtpeft.train import train_task
+
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    model.bf16 = False
+    data = _data()
+    train_joint(model, data, TrainConfig(epochs=1, batch_size=4, lr=1e-2, bf16=False, seed=0), progress=False)
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, bf16=False, seed=1, checkpoint_every=-1)
+    with pytest.raises(ValueError, match=r"shares its adapter with \['sim'\].*unshare_adapter\('sent'\)"):
+        train_task(model, "sent", *data["sent"], config, progress=False, report_to=())
+
+    inputs, tasks = ["great item 3", ("a1 b", "a1 b"), "awful", ("a2 b", "zz")], ["sent", "sim", "sent", "sim"]
+    joint = model.predict(inputs, task=tasks)
+    model.unshare_adapter("sent")
+    assert model.adapter_alias == {"sim": SHARED_ADAPTER} and model.adapters["sent"].r == 4
+    assert len(model.lora_layers("sent")) == len(model.lora_layers(SHARED_ADAPTER)) == 4
+    assert [p.score for p in model.predict(inputs, task=tasks)] == pytest.approx([p.score for p in joint], abs=1e-6)
+
+    train_task(model, "sent", *data["sent"], config, progress=False, report_to=())
+    after = model.predict(inputs, task=tasks)
+    assert [p.score for p in after[1::2]] == pytest.approx([p.score for p in joint[1::2]], abs=1e-6)  # sim as it was
+    assert max(abs(a.score - b.score) for a, b in zip(after[::2], joint[::2])) > 1e-3  # sent trained
+    model.unshare_adapter("sim")  # the last task to use it: the shared adapter goes
+    assert model.adapter_alias == {} and model.shared_adapters == {} and model.lora_layers(SHARED_ADAPTER) == {}
+    assert [p.score for p in model.predict(inputs, task=tasks)] == pytest.approx([p.score for p in after], abs=1e-6)
+
+
 def test_train_joint_command_writes_a_bundle_that_serves(tokenizer, tmp_path, monkeypatch, capsys):
     from test_compare import write_task_files
     from tiny_bundle import saved_backbone

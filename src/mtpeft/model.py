@@ -116,7 +116,37 @@ class MultiTaskModel(nn.Module):
         del self.heads[name], self.specs[name], self.adapters[name]
         self.task_metrics.pop(name, None)
         self.extra_parameters.pop(name, None)
-        self.adapter_alias.pop(name, None)
+        self._drop_alias(name)
+
+    def unshare_adapter(self, name: str) -> None:
+        """Give ``name`` its own copy of the adapter it shares with other tasks (joint training).
+
+        Training one task of a joint model alone would otherwise change the shared adapter
+        under every other task; after this, ``train_task`` trains the copy and the others keep
+        theirs. A task with an adapter of its own is left as it is.
+        """
+        self.spec(name)
+        shared = self.adapter_alias.get(name)
+        if shared is None:
+            return
+        settings = self.shared_adapters[shared]
+        for layer in self.lora_layers(shared).values():
+            layer.add_adapter(name, settings.r, settings.alpha, settings.dropout, initialize=False,
+                              training=self.training)
+            with torch.no_grad():
+                layer.lora_A[name].weight.copy_(layer.lora_A[shared].weight)
+                layer.lora_B[name].weight.copy_(layer.lora_B[shared].weight)
+        self.adapters[name] = LoraSettings(r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
+                                           target_modules=list(settings.target_modules or []))
+        self._drop_alias(name)
+
+    def _drop_alias(self, name: str) -> None:
+        """``name`` stops using a shared adapter; the adapter goes when no task uses it."""
+        shared = self.adapter_alias.pop(name, None)
+        if shared is not None and shared not in self.adapter_alias.values():
+            for layer in self.lora_layers(shared).values():
+                layer.remove_adapter(shared)
+            del self.shared_adapters[shared]
 
     def spec(self, name: str) -> TaskSpec:
         try:

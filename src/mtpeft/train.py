@@ -85,6 +85,12 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     config = config or TrainConfig()
     spec = model.spec(task)
     kind = task_type(spec)
+    shared = model.adapter_alias.get(task)
+    if shared is not None:
+        others = sorted(t for t, a in model.adapter_alias.items() if a == shared and t != task)
+        raise ValueError(f"task {task!r} shares its adapter with {others}: training it alone would change "
+                         f"theirs too. model.unshare_adapter({task!r}) gives it its own copy first; "
+                         "train_joint trains them together")
     if config.max_train_examples:
         train_examples = train_examples[: config.max_train_examples]
     if eval_examples is not None and config.max_eval_examples:
