@@ -4,7 +4,9 @@
    (``MultiTaskModel.encode`` with one task name per row), then each row's own head;
 2. peft: the same four adapters, mixed batch through ``adapter_names=`` (inference only);
 3. peft, one adapter merged into the backbone (``merge_and_unload``): a plain forward pass,
-   the fastest a single-task batch can be in peft.
+   the fastest a single-task batch can be in peft;
+4. peft serving the same mixed batch with merged adapters: for each task, merge its adapter,
+   run its rows, unmerge (what merging costs a server that sees several tasks at once).
 
 Four tasks with different heads (classification, regression, pair classification, extractive
 QA), LoRA r=8 on query/value, batch 64 x 64 tokens (16 rows per task, shuffled), packaged
@@ -109,6 +111,18 @@ def main() -> None:
             return n
         return run
 
+    def peft_merge_per_task(model, autocast):
+        """How a peft user serves mixed traffic with merged adapters: per task, merge, run its rows, unmerge."""
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                for task, rows in groups.items():
+                    model.set_adapter(task)
+                    model.merge_adapter()
+                    model(**{k: v[rows] for k, v in plain.items()})
+                    model.unmerge_adapter()
+            return n
+        return run
+
     def plain_forward(model, autocast):
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -131,6 +145,7 @@ def main() -> None:
             "mtpeft_mixed_with_heads": ours_with_heads,
             "peft_mixed": peft_mixed(theirs, False),
             "peft_merged_single": plain_forward(merged, False),
+            "peft_merge_per_task": peft_merge_per_task(theirs, False),
         }, args.repeats)
         ours.bf16 = True
         theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
@@ -142,6 +157,8 @@ def main() -> None:
             "peft_mixed_bf16_weights": peft_mixed(theirs_bf16, False),
             "peft_merged_single_autocast": plain_forward(merged, True),
             "peft_merged_single_bf16_weights": plain_forward(merged_bf16, False),
+            # fp32 weights under autocast: merging into bf16 weights and back would drift.
+            "peft_merge_per_task_autocast": peft_merge_per_task(theirs, True),
         }, args.repeats)
     flops_per_example = matmul_flops_per_example(ours.backbone, args.tokens)
     ratios = {}
