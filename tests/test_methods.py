@@ -70,6 +70,19 @@ def test_a_presets_full_entry_applies_to_full_fine_tuning_only():
         assert config.epochs == 2.0 and config.head_lr != 5e-4
 
 
+def test_a_presets_methods_entry_applies_to_the_named_method_only():
+    from mtpeft.tasks.presets import get_preset
+
+    preset = {"epochs": 4.0, "lr": 1e-3, "methods": {"tiny": {"lr": 3e-3}}}
+    tiny = get_method("tiny").train_config(preset)
+    assert (tiny.lr, tiny.head_lr, tiny.epochs) == (3e-3, None, 4.0)  # adapter and head at 3e-3
+    assert get_method("tiny").train_config(preset, {"lr": 1e-4}).lr == 1e-4  # the user's word is last
+    for name in ("lora-r8", "lora-r1", "full"):
+        assert get_method(name).train_config(preset).lr in (1e-3, 5e-5)
+    assert "methods" not in get_preset("stsb").adapter_recipe()  # mtpeft train: not a TrainConfig field
+    assert get_method("tiny").train_config(get_preset("stsb").recipe).lr == 3e-3
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_method_trains_only_its_parameters(name, tokenizer, tmp_path):
     method = get_method(name)

@@ -16,7 +16,9 @@ holding one task, and the one training loop (``train.train_task``) trains whatev
 Learning rates: a method's ``recipe`` overrides the task preset's ``TrainConfig`` fields;
 when it sets ``lr`` (the adapter's or backbone's) the head keeps the preset's rate. A preset
 recipe's ``"full"`` entry holds fields that full fine-tuning trains with instead (a task
-whose adapters need more epochs than the whole model does).
+whose adapters need more epochs than the whole model does), and its ``"methods"`` entry,
+by method name, fields that one method trains with on that task (a rank-1 adapter that
+needs a higher rate there).
 """
 
 from __future__ import annotations
@@ -84,13 +86,14 @@ class Method:
     def train_config(self, preset_recipe: dict | None = None, overrides: dict | None = None) -> TrainConfig:
         """The preset's recipe, then this method's, then the user's ``overrides`` (None values ignored)."""
         preset_recipe = preset_recipe or {}
-        recipe = {k: v for k, v in preset_recipe.items() if k not in ("lora", "full")}
+        recipe = {k: v for k, v in preset_recipe.items() if k not in ("lora", "full", "methods")}
         task_lr = recipe.get("lr", TrainConfig.lr)
         recipe.update(self.recipe)
         if "lr" in self.recipe and "head_lr" not in self.recipe:
             recipe["head_lr"] = task_lr  # the adapter/backbone rate is the method's; the head keeps the task's
         if self.kind == "full":
             recipe.update(preset_recipe.get("full", {}))
+        recipe.update(preset_recipe.get("methods", {}).get(self.name, {}))
         recipe.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return TrainConfig(**recipe, lora=self.lora_settings())
 
