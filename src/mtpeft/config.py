@@ -58,7 +58,7 @@ class TrainConfig:
             faster steps after a compilation of about a minute; for long runs.
         pad_to_multiple_of: training batches are padded to their longest input rounded up to
             this. 1 (the longest input exactly) trains 1.16x faster on SST-2 than 8 on a CPU
-            (``benchmarks/padding.py``); 8 suits GPUs' tensor-core tiles.
+            (``benchmarks/padding.py``); GPUs' tensor cores may prefer 8 (not measured here).
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
     """
 
