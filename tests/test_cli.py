@@ -36,7 +36,8 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["train", "--task", "mood", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),
                  "--eval-data", str(tmp_path / "dev.csv"), "--out", str(run), "--backbone", str(backbone_dir),
-                 "--epochs", "6", "--lr", "5e-3", "--batch-size", "16", "--no-progress", "--fp32"])
+                 "--epochs", "6", "--lr", "5e-3", "--batch-size", "16", "--no-progress", "--fp32",
+                 "--pad-to-multiple-of", "8"])
     assert code == 0
     record = json.loads((run / "task.json").read_text())
     assert record["spec"]["labels"] == ["neg", "pos"]  # found in the data
@@ -45,6 +46,7 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert metrics["metrics"]["accuracy"] >= 85
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["epochs"] == 6 and config["command"].startswith("mtpeft ")
+    assert config["train"]["pad_to_multiple_of"] == 8
     capsys.readouterr()
 
     assert main(["evaluate", str(run), "--data", str(tmp_path / "dev.csv")]) == 0

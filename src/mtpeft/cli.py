@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
     recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    recipe.add_argument("--pad-to-multiple-of", type=int,
+                        help="pad each batch to its longest input rounded up to this (default 1: exactly)")
     recipe.add_argument("--compile", action="store_true",
                         help="torch.compile the backbone for training: faster steps after a one-off compilation "
                              "of about a minute (long runs)")
@@ -284,7 +286,7 @@ def _train(args) -> int:
         spec = TaskSpec.from_dict({**spec.to_dict(), "max_length": args.max_length})
     recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
-                "checkpoint_every"):
+                "checkpoint_every", "pad_to_multiple_of"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
     preset_lora = recipe.pop("lora", None)
