@@ -18,7 +18,7 @@ from pathlib import Path
 from speedkit import round_robin, write_result
 
 from mtpeft import MultiTaskModel
-from mtpeft.batching import bucketed_batches
+from mtpeft.batching import bucketed_batches, padded_length
 from mtpeft.config import TrainConfig
 from mtpeft.sources import load_task_data
 from mtpeft.tasks import task_type
@@ -33,8 +33,7 @@ def padded_tokens(lengths: list[int], config: TrainConfig) -> int:
     """Tokens of one epoch's training batches as ``train_task`` pads them."""
     total = 0
     for batch in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed):
-        longest = max(lengths[i] for i in batch)
-        total += len(batch) * -(-longest // config.pad_to_multiple_of) * config.pad_to_multiple_of
+        total += len(batch) * padded_length(max(lengths[i] for i in batch), config.pad_to_multiple_of)
     return total
 
 

@@ -37,7 +37,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from mtpeft import MultiTaskModel
 from mtpeft.backbone import resolve_backbone_path
-from mtpeft.batching import bucketed_batches
+from mtpeft.batching import bucketed_batches, padded_length
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.examples import Example
 from mtpeft.sources import load_task_data
@@ -196,16 +196,15 @@ def sst2_data():
 
 def epoch_floor(data, config: TrainConfig, peak: dict) -> dict:
     """The least time one epoch can take on this machine: the matmul work of the epoch's own
-    batches (length-bucketed, padded as ``config.pad_to_multiple_of`` says, as training makes them; 2x a forward
-    pass each) at the measured bf16 peak, with nothing else costing any time."""
+    batches (length-bucketed and padded as training makes them; 2x a forward pass each) at
+    the measured bf16 peak, with nothing else costing any time."""
     model = MultiTaskModel.from_backbone()
     spec = get_preset("sst2").spec
     lengths = [len(f["input_ids"]) for f in task_type(spec).encode(spec, model.tokenizer, data.train)]
     per_length: dict[int, int] = {}
     flops = padded_tokens = 0
     for batch in bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed):
-        multiple = config.pad_to_multiple_of
-        padded = -(-max(lengths[i] for i in batch) // multiple) * multiple
+        padded = padded_length(max(lengths[i] for i in batch), config.pad_to_multiple_of)
         if padded not in per_length:
             per_length[padded] = 2 * matmul_flops_per_example(model.backbone, padded)
         flops += len(batch) * per_length[padded]

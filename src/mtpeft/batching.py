@@ -27,10 +27,15 @@ def sequences(features: Sequence[dict]) -> list[dict]:
     return firsts + seconds
 
 
+def padded_length(longest: int, pad_to_multiple_of: int) -> int:
+    """``longest`` rounded up to a multiple of ``pad_to_multiple_of``: a batch's padded length."""
+    return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+
+
 def pad_sequences(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad token sequences to the longest (rounded up to ``pad_to_multiple_of``)."""
     longest = max(len(r["input_ids"]) for r in rows)
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    length = padded_length(longest, pad_to_multiple_of)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     has_types = rows[0].get("token_type_ids") is not None

@@ -36,6 +36,7 @@ from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.model import MultiTaskModel
 from mtpeft.storage import save_task, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
+from mtpeft.tasks.presets import RECIPE_SECTIONS
 
 KINDS = ("zero-shot", "head-only", "lora", "full", "peft", "bottleneck", "joint")
 PEFT_TYPES = ("ia3", "prompt-tuning", "prefix-tuning", "dora", "vera")
@@ -86,7 +87,7 @@ class Method:
     def train_config(self, preset_recipe: dict | None = None, overrides: dict | None = None) -> TrainConfig:
         """The preset's recipe, then this method's, then the user's ``overrides`` (None values ignored)."""
         preset_recipe = preset_recipe or {}
-        recipe = {k: v for k, v in preset_recipe.items() if k not in ("lora", "full", "methods")}
+        recipe = {k: v for k, v in preset_recipe.items() if k != "lora" and k not in RECIPE_SECTIONS}
         task_lr = recipe.get("lr", TrainConfig.lr)
         recipe.update(self.recipe)
         if "lr" in self.recipe and "head_lr" not in self.recipe:

@@ -87,6 +87,10 @@ def shown_metrics(task: str, runs: list[dict]) -> list[str]:
     return SHOWN_METRICS.get(task) or [runs[0]["primary_metric"]]
 
 
+def _on_gpu(run: dict) -> bool:
+    return str(run.get("device", "cpu")).startswith("cuda")
+
+
 def summarise(runs: list[dict]) -> dict[str, list[Row]]:
     """Rows per task, methods in registry order (others after, by name)."""
     order = {name: i for i, name in enumerate(method_names())}
@@ -103,7 +107,7 @@ def summarise(runs: list[dict]) -> dict[str, list[Row]]:
                 adapter_bytes=run["adapter_bytes"], train_examples=run["data"].get("train_examples"), epochs=epochs,
                 rates=learning_rates(hyper, run["method_settings"].get("kind")))
         row.seeds.append(run["seed"])
-        on_gpu = str(run.get("device", "cpu")).startswith("cuda")
+        on_gpu = _on_gpu(run)
         row.gpu_seeds += on_gpu
         for metric, value in run["metrics"].items():
             if metric != "examples" and isinstance(value, (int, float)):
@@ -225,7 +229,7 @@ def environments(runs: list[dict]) -> str:
     comparable only within one of them (the tables' times leave out runs on a GPU)."""
     def place(run: dict) -> str:
         machine = run["machine"]
-        if str(run.get("device", "cpu")).startswith("cuda"):
+        if _on_gpu(run):
             return f"{machine.get('gpu', 'a CUDA GPU')} (host {machine['cpu']}"
         return f"{machine['cpu']} ({machine['torch_threads']} threads"
 

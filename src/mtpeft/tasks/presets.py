@@ -29,6 +29,10 @@ class DataLayout:
     holdout_every: int | None = None  # no eval file: every k-th row of train_file is held out
 
 
+# Entries of a task's recipe that are not TrainConfig fields (see Preset.recipe).
+RECIPE_SECTIONS = ("full", "methods")
+
+
 @dataclass(frozen=True)
 class Preset:
     spec: TaskSpec
@@ -40,7 +44,7 @@ class Preset:
 
     def adapter_recipe(self) -> dict:
         """The recipe of an adapter (LoRA) run: ``TrainConfig`` fields, ``lora`` included."""
-        return {k: v for k, v in self.recipe.items() if k not in ("full", "methods")}
+        return {k: v for k, v in self.recipe.items() if k not in RECIPE_SECTIONS}
 
 
 def support_data_dir() -> Path:
