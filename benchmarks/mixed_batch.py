@@ -6,7 +6,10 @@
 3. peft, one adapter merged into the backbone (``merge_and_unload``): a plain forward pass,
    the fastest a single-task batch can be in peft;
 4. peft serving the same mixed batch with merged adapters: for each task, merge its adapter,
-   run its rows, unmerge (what merging costs a server that sees several tasks at once).
+   run its rows, unmerge (what merging costs a server that sees several tasks at once);
+5. context: mtpeft's joint model (the four tasks' heads on one shared adapter, as
+   ``mtpeft train-joint`` trains): every row uses the one adapter, so ``MultiTaskModel.run``
+   merges it into the backbone and the mixed batch is a plain forward pass plus the heads.
 
 Four tasks with different heads (classification, regression, pair classification, extractive
 QA), LoRA r=8 on query/value, batch 64 x 64 tokens (16 rows per task, shuffled), packaged
@@ -31,6 +34,8 @@ from transformers import AutoModel
 from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.backbone import load_backbone, resolve_backbone_path
 from mtpeft.config import LoraSettings
+from mtpeft.joint import build_joint_model
+from mtpeft.model import SHARED_ADAPTER
 
 TASKS = [
     TaskSpec(name="sentiment", type="classification", labels=["negative", "positive"]),
@@ -72,7 +77,11 @@ def build_models(seed: int = 0):
     merged_source = copy.deepcopy(theirs)
     merged_source.set_adapter(TASKS[0].name)
     merged = merged_source.merge_and_unload(adapter_names=[TASKS[0].name]).eval()
-    return ours, theirs, merged
+    # Its own backbone: merging changes the backbone's weights, which ``ours`` must not see.
+    joint = build_joint_model(load_backbone("default"), TASKS, LoraSettings(r=RANK, alpha=2 * RANK), seed=seed).eval()
+    for layer in joint.lora_layers().values():
+        torch.nn.init.normal_(layer.lora_B[SHARED_ADAPTER].weight, std=0.02)
+    return ours, theirs, merged, joint
 
 
 def main() -> None:
@@ -83,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    ours, theirs, merged = build_models()
+    ours, theirs, merged, joint = build_models()
     vocab = ours.tokenizer.vocab_size
     batch = {"input_ids": torch.randint(1000, vocab, (args.batch, args.tokens)),
              "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long),
@@ -102,6 +111,13 @@ def main() -> None:
         hidden = ours.encode(batch, row_tasks)
         for task, rows in groups.items():
             ours.heads[task](hidden[rows], batch["attention_mask"][rows])
+        return n
+
+    def joint_with_heads():
+        joint.merge_adapter(SHARED_ADAPTER)  # as MultiTaskModel.run does for rows that share one adapter
+        hidden = joint.encode(batch, row_tasks)
+        for task, rows in groups.items():
+            joint.heads[task](hidden[rows], batch["attention_mask"][rows])
         return n
 
     def peft_mixed(model, autocast):
@@ -135,6 +151,12 @@ def main() -> None:
     with torch.inference_mode():
         difference = (ours.encode(batch, row_tasks) - theirs(**plain, adapter_names=row_tasks).last_hidden_state).abs().max()
     assert difference < 1e-4, f"mtpeft and peft disagree by {difference}"
+    joint.bf16 = False
+    with torch.inference_mode():
+        unmerged = joint.encode(batch, row_tasks)
+        joint.merge_adapter(SHARED_ADAPTER)
+        joint_difference = (joint.encode(batch, row_tasks) - unmerged).abs().max()
+    assert joint_difference < 1e-4, f"the joint model's merged adapter changes its rows by {joint_difference}"
 
     peak = matmul_peak_tflops()
     results = {}
@@ -146,8 +168,9 @@ def main() -> None:
             "peft_mixed": peft_mixed(theirs, False),
             "peft_merged_single": plain_forward(merged, False),
             "peft_merge_per_task": peft_merge_per_task(theirs, False),
+            "mtpeft_joint_mixed_with_heads": joint_with_heads,
         }, args.repeats)
-        ours.bf16 = True
+        ours.bf16 = joint.bf16 = True
         theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
         merged_bf16 = copy.deepcopy(merged).to(torch.bfloat16)
         results["bf16"] = round_robin({
@@ -159,6 +182,7 @@ def main() -> None:
             "peft_merged_single_bf16_weights": plain_forward(merged_bf16, False),
             # fp32 weights under autocast: merging into bf16 weights and back would drift.
             "peft_merge_per_task_autocast": peft_merge_per_task(theirs, True),
+            "mtpeft_joint_mixed_with_heads": joint_with_heads,
         }, args.repeats)
     flops_per_example = matmul_flops_per_example(ours.backbone, args.tokens)
     ratios = {}
@@ -167,12 +191,15 @@ def main() -> None:
         for name, row in rows.items():
             if name.startswith("peft"):
                 ratios[f"{precision}: mtpeft_mixed / {name}"] = round(ours_rate / row["examples_per_s"], 2)
+        ratios[f"{precision}: mtpeft_joint_mixed_with_heads / mtpeft_mixed_with_heads"] = round(
+            rows["mtpeft_joint_mixed_with_heads"]["examples_per_s"] / rows["mtpeft_mixed_with_heads"]["examples_per_s"], 2)
         for row in rows.values():
             row["fraction_of_bf16_peak"] = round(row["examples_per_s"] * flops_per_example / (peak["tflops"] * 1e12), 3)
     write_result("mixed_batch", {
         "setup": {"tasks": [s.name for s in TASKS], "rank": RANK, "targets": ["query", "value"], "batch": args.batch,
                   "tokens": args.tokens, "repeats": args.repeats, "rows_per_task": args.batch // len(TASKS),
                   "check_fp32_max_abs_difference_vs_peft": float(difference),
+                  "check_fp32_joint_merged_vs_unmerged": float(joint_difference),
                   "forward_flops_per_example": flops_per_example},
         "bf16_matmul_peak": peak,
         "results": results,

@@ -141,6 +141,38 @@ def test_a_saved_joint_model_loads_as_a_bundle_with_the_same_predictions(tokeniz
     torch.testing.assert_close(peft_a[first], ours["encoder.layer.0.attention.self.query.lora_A"])
 
 
+def test_a_loaded_joint_bundle_shares_one_adapter_again_and_merges_it_for_mixed_batches(tokenizer, tmp_path):
+    from mtpeft.model import MultiTaskModel
+
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    train_joint(model, _data(), TrainConfig(epochs=1, batch_size=4, lr=1e-2, bf16=False, seed=0), progress=False)
+    model.save(tmp_path / "bundle")
+    loaded = MultiTaskModel.load(tmp_path / "bundle", backbone=tiny_bert(tokenizer))
+    assert loaded.adapter_alias == {"sent": SHARED_ADAPTER, "sim": SHARED_ADAPTER}
+    assert loaded.lora_layers("sent") == loaded.lora_layers("sim") == {}
+    assert len(loaded.lora_layers(SHARED_ADAPTER)) == 4
+
+    copies = MultiTaskModel.load(tmp_path / "bundle", backbone=tiny_bert(tokenizer))
+    copies.unshare_adapter("sent")
+    copies.unshare_adapter("sim")  # each task its own copy: a mixed batch runs two adapters, unmerged
+    assert copies.adapter_alias == {} and copies.adapters_equal(["sent", "sim"])
+    for m in (loaded, copies):
+        m.bf16 = False
+    inputs = ["great item 3", ("a1 b", "a1 b"), "awful", ("a2 b", "zz"), "fine", ("a3", "a3 b"), "bad 7", ("x", "y")]
+    tasks = ["sent", "sim"] * 4
+    shared, separate = loaded.predict(inputs, task=tasks), copies.predict(inputs, task=tasks)
+    assert loaded._merged_task() == SHARED_ADAPTER and copies._merged_task() is None
+    assert [p.score for p in shared] == pytest.approx([p.score for p in separate], abs=1e-5)
+
+    with torch.no_grad():
+        next(iter(copies.lora_layers("sim").values())).lora_B["sim"].weight.add_(0.1)  # "retrained"
+    assert not copies.adapters_equal(["sent", "sim"])
+    with pytest.raises(ValueError, match="do not hold equal LoRA adapters"):
+        copies.share_adapter(["sent", "sim"])
+    copies.save(tmp_path / "retrained")
+    assert MultiTaskModel.load(tmp_path / "retrained", backbone=tiny_bert(tokenizer)).adapter_alias == {}
+
+
 def test_one_task_of_a_joint_model_trains_alone_only_on_its_own_copy_of_the_adapter(tokenizer):
     from mtpeft.train import train_task
 
@@ -190,7 +222,7 @@ def test_train_joint_command_writes_a_bundle_that_serves(tokenizer, tmp_path, mo
     assert training["total_steps"] == 2 * (5 + 5) and training["config"]["seed"] == 4  # 2 epochs x 40 rows / 8
     assert "joint/training.json" in read_json(tmp_path / "joint" / "bundle.json")["files"]
     model = MultiTaskModel.load(tmp_path / "joint")  # the manifest's checksums hold
-    assert model.task_names == ["mood", "same"] and model.adapters["mood"].r == 2
+    assert model.task_names == ["mood", "same"] and model.shared_adapters[model.adapter_alias["mood"]].r == 2
     assert model.task_metrics["mood"] == training["metrics"]["mood"]
     predictions = model.predict(["the great item", ("order 3 came", "order 3 came")], task=["mood", "same"])
     assert [p.task for p in predictions] == ["mood", "same"]

@@ -42,12 +42,11 @@ from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.lora import inject_lora_layers
-from mtpeft.model import MultiTaskModel
+from mtpeft.model import SHARED_ADAPTER, MultiTaskModel
 from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.storage import remove_stale_temporaries
 from mtpeft.tasks import TaskSpec, task_type
 
-SHARED_ADAPTER = "_shared"  # not a valid task name, so it can never clash with one
 SAMPLINGS = ("proportional", "temperature")
 
 

@@ -25,6 +25,8 @@ from mtpeft.tasks import TaskSpec, task_type
 from mtpeft.tasks.base import encode_sequences, sequence_encoding_key
 from mtpeft.tasks.spec import UnknownTaskError
 
+SHARED_ADAPTER = "_shared"  # not a valid task name, so it can never clash with one
+
 ModelInput = str | tuple[str, str] | dict
 
 
@@ -139,6 +141,53 @@ class MultiTaskModel(nn.Module):
         self.adapters[name] = LoraSettings(r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
                                            target_modules=list(settings.target_modules or []))
         self._drop_alias(name)
+
+    def share_adapter(self, tasks: Sequence[str]) -> str:
+        """Make ``tasks``, each holding a copy of one adapter, use a single copy; returns its name.
+
+        A joint model saves its shared adapter into every task's folder, so each folder stands
+        alone; loading them back gives each task a copy. Shared again, one copy stays in memory,
+        and a batch that mixes these tasks runs through one adapter, which merges into the
+        backbone as a single task's does. Copies that differ (one retrained since) raise ValueError.
+        """
+        tasks = list(dict.fromkeys(tasks))
+        if len(tasks) < 2:
+            raise ValueError(f"sharing an adapter takes two or more tasks, got {tasks}")
+        if not self.adapters_equal(tasks):
+            raise ValueError(f"tasks {tasks} do not hold equal LoRA adapters of their own, so they cannot share one")
+        first, settings = tasks[0], self.adapters[tasks[0]]
+        name = next(n for n in (f"{SHARED_ADAPTER}{i or ''}" for i in range(len(self.shared_adapters) + 1))
+                    if n not in self.shared_adapters)
+        self.unmerge_adapters()
+        for layer in self.lora_layers(first).values():
+            layer.add_adapter(name, settings.r, settings.alpha, settings.dropout, initialize=False,
+                              training=self.training)
+            with torch.no_grad():
+                layer.lora_A[name].weight.copy_(layer.lora_A[first].weight)
+                layer.lora_B[name].weight.copy_(layer.lora_B[first].weight)
+        for task in tasks:
+            for layer in self.lora_layers(task).values():
+                layer.remove_adapter(task)
+            self.adapters[task] = None
+            self.adapter_alias[task] = name
+        self.shared_adapters[name] = settings
+        return name
+
+    def adapters_equal(self, tasks: Sequence[str]) -> bool:
+        """Whether every task in ``tasks`` has a LoRA adapter of its own, all with equal settings and weights."""
+        first = self.adapters.get(tasks[0]) if tasks else None
+        if first is None:
+            return False
+        layers = self.lora_layers(tasks[0])
+        for task in tasks[1:]:
+            if self.adapters.get(task) != first or task in self.adapter_alias:
+                return False
+            for layer in layers.values():
+                if task not in layer.lora_A or not (
+                        torch.equal(layer.lora_A[task].weight, layer.lora_A[tasks[0]].weight)
+                        and torch.equal(layer.lora_B[task].weight, layer.lora_B[tasks[0]].weight)):
+                    return False
+        return True
 
     def _drop_alias(self, name: str) -> None:
         """``name`` stops using a shared adapter; the adapter goes when no task uses it."""
@@ -313,8 +362,10 @@ class MultiTaskModel(nn.Module):
                 rows.extend(task_rows)
                 row_tasks.extend([task] * len(task_rows))
             batch = {k: v.to(device) for k, v in pad_sequences(rows, pad_id).items()}
-            if len(spans) == 1 and self.merge_min_rows and len(rows) >= self.merge_min_rows and not self.sharded:
-                self.merge_adapter(self.adapter_alias.get(row_tasks[0], row_tasks[0]))
+            # One adapter for every row (one task, or tasks sharing an adapter): merge it.
+            adapters = {self.adapter_alias.get(task, task) for task, *_ in spans}
+            if len(adapters) == 1 and self.merge_min_rows and len(rows) >= self.merge_min_rows and not self.sharded:
+                self.merge_adapter(adapters.pop())
             hidden = self.encode(batch, row_tasks)
             with autocast(device, use_bf16):
                 for task, start, end, group in spans:

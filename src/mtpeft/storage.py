@@ -355,4 +355,17 @@ def read_backbone_name(path: str | os.PathLike) -> str:
 
 
 def load_into(model: MultiTaskModel, path: str | os.PathLike) -> list[str]:
-    return [load_task(model, folder) for folder in task_folders(path)]
+    """Add the tasks saved at ``path``; tasks saved from one shared adapter share one copy again."""
+    records = {}
+    for folder in task_folders(path):
+        saved = read_task(folder)
+        records[install_task(model, saved)] = saved.record
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, record in records.items():
+        shared_with = tuple((record.get("adapter") or {}).get("shared_with") or ())
+        if shared_with:
+            groups.setdefault(shared_with, []).append(name)
+    for names in groups.values():
+        if len(names) > 1 and model.adapters_equal(names):  # a task retrained since keeps its own copy
+            model.share_adapter(names)
+    return list(records)
