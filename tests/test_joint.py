@@ -213,13 +213,14 @@ def test_train_joint_command_writes_a_bundle_that_serves(tokenizer, tmp_path, mo
     files = write_task_files(tmp_path)
     argv = ["train-joint", "--tasks", "mood,same", "--task-file", files[0], "--task-file", files[1],
             "--backbone", "tiny", "--out", "joint", "--epochs", "2", "--batch-size", "8", "--lr", "5e-3", "--seed", "4",
-            "--r", "2", "--no-progress", "--fp32"]
+            "--r", "2", "--no-progress", "--fp32", "--pad-to-multiple-of", "8"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert '\nmood: {"accuracy": ' in "\n" + out and '\nsame: {"accuracy": ' in out
     training = read_json(tmp_path / "joint" / "joint" / "training.json")
     assert training["tasks"] == ["mood", "same"] and training["sampling"] == "temperature"
     assert training["total_steps"] == 2 * (5 + 5) and training["config"]["seed"] == 4  # 2 epochs x 40 rows / 8
+    assert training["config"]["pad_to_multiple_of"] == 8
     assert "joint/training.json" in read_json(tmp_path / "joint" / "bundle.json")["files"]
     model = MultiTaskModel.load(tmp_path / "joint")  # the manifest's checksums hold
     assert model.task_names == ["mood", "same"] and model.shared_adapters[model.adapter_alias["mood"]].r == 2

@@ -13,6 +13,9 @@ from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.tasks.spec import TASK_TYPES, TaskSpec
 
 
+PAD_HELP = "pad each batch to its longest input rounded up to this (default 1: exactly)"
+
+
 def resolve_device(name: str) -> str:
     import torch
 
@@ -69,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
     recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    recipe.add_argument("--pad-to-multiple-of", type=int,
-                        help="pad each batch to its longest input rounded up to this (default 1: exactly)")
+    recipe.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
     recipe.add_argument("--compile", action="store_true",
                         help="torch.compile the backbone for training: faster steps after a one-off compilation "
                              "of about a minute (long runs)")
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     joint.add_argument("--alpha", type=float, help="LoRA alpha (default 2*r)")
     joint.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
     joint.add_argument("--fp32", action="store_true", help="no bf16")
+    joint.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
     joint.add_argument("--checkpoint-every", type=int,
                        help="steps between checkpoints in --out/joint (default 500; -1: none). A run that finds a "
                             "checkpoint there continues from it")
@@ -490,7 +493,8 @@ def _train_joint(args) -> int:
         raise ValueError(f"--tasks: name at least two different tasks to train together, got {args.tasks}")
     method = get_method(f"joint-{args.sampling}")
     overrides = {"epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
-                 "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+                 "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+                 "pad_to_multiple_of": args.pad_to_multiple_of}
     config = method.train_config({}, {**overrides, "bf16": False if args.fp32 else None})
     lora = method.lora_settings()
     if args.r is not None or args.alpha is not None or args.target_modules is not None:
