@@ -132,12 +132,7 @@ class MultiTaskModel(nn.Module):
         if shared is None:
             return
         settings = self.shared_adapters[shared]
-        for layer in self.lora_layers(shared).values():
-            layer.add_adapter(name, settings.r, settings.alpha, settings.dropout, initialize=False,
-                              training=self.training)
-            with torch.no_grad():
-                layer.lora_A[name].weight.copy_(layer.lora_A[shared].weight)
-                layer.lora_B[name].weight.copy_(layer.lora_B[shared].weight)
+        self._copy_adapter(shared, name, settings)
         self.adapters[name] = LoraSettings(r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
                                            target_modules=list(settings.target_modules or []))
         self._drop_alias(name)
@@ -159,12 +154,7 @@ class MultiTaskModel(nn.Module):
         name = next(n for n in (f"{SHARED_ADAPTER}{i or ''}" for i in range(len(self.shared_adapters) + 1))
                     if n not in self.shared_adapters)
         self.unmerge_adapters()
-        for layer in self.lora_layers(first).values():
-            layer.add_adapter(name, settings.r, settings.alpha, settings.dropout, initialize=False,
-                              training=self.training)
-            with torch.no_grad():
-                layer.lora_A[name].weight.copy_(layer.lora_A[first].weight)
-                layer.lora_B[name].weight.copy_(layer.lora_B[first].weight)
+        self._copy_adapter(first, name, settings)
         for task in tasks:
             for layer in self.lora_layers(task).values():
                 layer.remove_adapter(task)
@@ -172,6 +162,15 @@ class MultiTaskModel(nn.Module):
             self.adapter_alias[task] = name
         self.shared_adapters[name] = settings
         return name
+
+    def _copy_adapter(self, source: str, target: str, settings: LoraSettings) -> None:
+        """A new adapter ``target`` in every layer that holds ``source``, with ``source``'s weights."""
+        for layer in self.lora_layers(source).values():
+            layer.add_adapter(target, settings.r, settings.alpha, settings.dropout, initialize=False,
+                              training=self.training)
+            with torch.no_grad():
+                layer.lora_A[target].weight.copy_(layer.lora_A[source].weight)
+                layer.lora_B[target].weight.copy_(layer.lora_B[source].weight)
 
     def adapters_equal(self, tasks: Sequence[str]) -> bool:
         """Whether every task in ``tasks`` has a LoRA adapter of its own, all with equal settings and weights."""
