@@ -107,6 +107,20 @@ def test_grid_writes_complete_portable_runs_and_resumes(workspace):
     assert not (mood / "head-only-seed3.json").exists() and not (mood / "lora-r1-seed1.json").exists()
 
 
+def test_a_finished_run_counts_by_the_recipe_it_trained_with_not_by_its_flags(workspace):
+    root, files = workspace
+    grid = dict(tasks=["mood"], methods=["head-only"], seeds=[1], task_files=files, backbone="tiny",
+                in_process=True, progress=False, max_train=24)
+    assert run_grid(GridSettings(**grid, epochs=1.0), log=lambda line: None).done  # the recipe's own 1 epoch
+    assert run_grid(GridSettings(**grid), log=lambda line: None).skipped == ["mood / head-only / seed 1"]
+    record = json.loads(Path("mood.json").read_text())
+    record["recipe"]["epochs"] = 2  # the task's recipe changes: the old run no longer stands for it
+    Path("mood.json").write_text(json.dumps(record))
+    lines = []
+    assert run_grid(GridSettings(**grid), log=lines.append).failed == ["mood / head-only / seed 1"]
+    assert "made with other settings (epochs=1.0 there, 2 here)" in "\n".join(lines)
+
+
 def test_cli_runs_a_cell_in_a_child_process(workspace, capsys):
     root, files = workspace
     code = main(["compare", "--tasks", "same", "--methods", "zero-shot", "--task-file", files[1], "--backbone", "tiny",

@@ -434,20 +434,49 @@ def not_applicable(cell: Cell, settings: GridSettings) -> str | None:
     return None
 
 
+# What makes two runs of a task comparable in one table: the same backbone and the same examples.
+DATA_SETTINGS = ("backbone", "max_train", "max_eval")
+
+
+# The recipe fields a finished run is checked against (method settings come with the method's name).
+RECIPE_FIELDS = ("epochs", "lr", "head_lr", "batch_size")
+
+
+def _expected_recipe(cell: Cell, settings: GridSettings) -> dict | None:
+    """What a run of ``cell`` trains with (task recipe, then method's, then the grid's flags), or
+    None where the flags themselves are compared: zero-shot, joint cells, a task not resolvable here."""
+    if cell.method.kind in ("zero-shot", "joint"):
+        return None
+    try:
+        source = resolve_task(cell.tasks[0], settings.data_root, settings.data, settings.task_files)
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    config = cell.method.train_config(source.recipe, settings.overrides())
+    return {k: getattr(config, k) for k in RECIPE_FIELDS}
+
+
 def _conflict(cell: Cell, settings: GridSettings) -> str | None:
-    """Why an existing result cannot stand for this grid's run (other subsets, epochs, ...), or None."""
+    """Why an existing result cannot stand for this grid's run (other subsets, epochs, ...), or None.
+
+    Runs are compared by the recipe they trained with, not by the flags that set it: a run made
+    with ``--epochs 3`` stands for a grid whose task recipe now says 3 epochs, and a run made
+    before a task's recipe changed no longer counts as done.
+    """
     wanted = settings.run_settings(cell.method)
+    recipe = _expected_recipe(cell, settings)
     for path in cell.result_paths(settings.results):
-        found = json.loads(path.read_text()).get("grid_settings", {})
-        differing = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        run = json.loads(path.read_text())
+        found = run.get("grid_settings", {})
+        if recipe is None:
+            differing = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        else:
+            hyper = run.get("hyperparameters", {})
+            differing = {k: (found.get(k), wanted[k]) for k in DATA_SETTINGS if found.get(k) != wanted[k]}
+            differing.update({k: (hyper.get(k), v) for k, v in recipe.items() if hyper.get(k) != v})
         if differing:
             detail = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in differing.items())
             return (f"{path} was made with other settings ({detail}); delete it or pass another --results")
     return None
-
-
-# What makes two runs of a task comparable in one table: the same backbone and the same examples.
-DATA_SETTINGS = ("backbone", "max_train", "max_eval")
 
 
 def _other_data(cell: Cell, settings: GridSettings) -> str | None:
