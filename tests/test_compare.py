@@ -119,6 +119,15 @@ def test_a_finished_run_counts_by_the_recipe_it_trained_with_not_by_its_flags(wo
     lines = []
     assert run_grid(GridSettings(**grid), log=lines.append).failed == ["mood / head-only / seed 1"]
     assert "made with other settings (epochs=1.0 there, 2 here)" in "\n".join(lines)
+    record["recipe"]["epochs"] = 1
+    Path("mood.json").write_text(json.dumps(record))
+    lines.clear()  # the backbone's dropout is part of the recipe too
+    dropout = GridSettings(**grid, backbone_dropout=True)
+    assert run_grid(dropout, log=lines.append).failed == ["mood / head-only / seed 1"]
+    assert "(backbone_dropout=None there, True here)" in "\n".join(lines)
+    args = build_parser().parse_args(dropout.cell_argv(["mood"], "head-only", 1))
+    assert args.backbone_dropout is True
+    assert build_parser().parse_args(GridSettings(**grid).cell_argv(["mood"], "head-only", 1)).backbone_dropout is None
 
 
 def test_cli_runs_a_cell_in_a_child_process(workspace, capsys):

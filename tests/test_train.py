@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from conftest import tiny_bert
+
 from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.examples import Example
@@ -184,3 +186,18 @@ def test_interrupted_training_leaves_the_models_precision_setting(backbone, monk
     with pytest.raises(KeyboardInterrupt):
         train_task(model, "sent", _sentiment(0, 80), None, TrainConfig(**{**FAST, "bf16": False}), progress=False)
     assert model.bf16 is None
+
+
+def test_backbone_dropout_is_a_recipe_setting_for_the_run_only(tokenizer):
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    seen, learned = [], {}
+    for dropout in (None, True):
+        model = _model(tiny_bert(tokenizer), spec)
+        model.backbone.embeddings.register_forward_hook(lambda module, args, out: seen.append(module.training))
+        seen.clear()
+        config = TrainConfig(**{**FAST, "epochs": 1, "backbone_dropout": dropout})
+        train_task(model, "sent", _sentiment(0, 20), None, config, progress=False)
+        assert set(seen) == {dropout is True}  # the frozen backbone's dropout layers train only when asked
+        assert model.backbone_dropout is False and not model.backbone.training  # the model's own choice again
+        learned[dropout] = model.task_parameters("sent")["head.out.weight"].clone()
+    assert not torch.equal(learned[None], learned[True])  # the same seed and batches, other noise

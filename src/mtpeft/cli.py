@@ -14,6 +14,8 @@ from mtpeft.tasks.spec import TASK_TYPES, TaskSpec
 
 
 PAD_HELP = "pad each batch to its longest input rounded up to this (default 1: exactly)"
+DROPOUT_HELP = ("keep the frozen backbone's dropout on while training an adapter (default: off; full fine-tuning "
+                "always has it on)")
 
 
 def resolve_device(name: str) -> str:
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     recipe.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
+    recipe.add_argument("--backbone-dropout", action="store_true", default=None, help=DROPOUT_HELP)
     recipe.add_argument("--compile", action="store_true",
                         help="torch.compile the backbone for training: faster steps after a one-off compilation "
                              "of about a minute (long runs)")
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     joint.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
     joint.add_argument("--fp32", action="store_true", help="no bf16")
     joint.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
+    joint.add_argument("--backbone-dropout", action="store_true", default=None, help=DROPOUT_HELP)
     joint.add_argument("--checkpoint-every", type=int,
                        help="steps between checkpoints in --out/joint (default 500; -1: none). A run that finds a "
                             "checkpoint there continues from it")
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr", type=float, help="override the adapter's (full: the backbone's) learning rate")
     compare.add_argument("--head-lr", type=float, help="override the head's learning rate")
     compare.add_argument("--batch-size", type=int, help="override the batch size")
+    compare.add_argument("--backbone-dropout", action="store_true", default=None, help=DROPOUT_HELP)
     compare.add_argument("--joint-temperature", type=float, default=2.0, help="T of joint-temperature sampling (default 2)")
     compare.add_argument("--keep-weights", action="store_true", help="keep each run's trained weights under --work")
     compare.add_argument("--in-process", action="store_true", help="run every cell in this process (no child processes)")
@@ -289,7 +294,7 @@ def _train(args) -> int:
         spec = TaskSpec.from_dict({**spec.to_dict(), "max_length": args.max_length})
     recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
-                "checkpoint_every", "pad_to_multiple_of"):
+                "checkpoint_every", "pad_to_multiple_of", "backbone_dropout"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
     preset_lora = recipe.pop("lora", None)
@@ -462,7 +467,7 @@ def _compare(args) -> int:
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_root=args.data_root, data=_task_data(args.data),
         task_files=args.task_file, results=args.results, work=args.work, backbone=args.backbone, device=args.device,
         max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
-        batch_size=args.batch_size, joint_temperature=args.joint_temperature, keep_weights=args.keep_weights,
+        batch_size=args.batch_size, backbone_dropout=args.backbone_dropout, joint_temperature=args.joint_temperature, keep_weights=args.keep_weights,
         in_process=args.in_process, progress=not args.no_progress)
     grid_command = args.grid_command or "mtpeft " + shlex.join(args.argv)
     summary = run_grid(settings, grid_command, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -494,7 +499,7 @@ def _train_joint(args) -> int:
     method = get_method(f"joint-{args.sampling}")
     overrides = {"epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
                  "seed": args.seed, "checkpoint_every": args.checkpoint_every,
-                 "pad_to_multiple_of": args.pad_to_multiple_of}
+                 "pad_to_multiple_of": args.pad_to_multiple_of, "backbone_dropout": args.backbone_dropout}
     config = method.train_config({}, {**overrides, "bf16": False if args.fp32 else None})
     lora = method.lora_settings()
     if args.r is not None or args.alpha is not None or args.target_modules is not None:

@@ -69,6 +69,7 @@ class GridSettings:
         work: checkpoints and weights of runs in progress.
         max_train, max_eval: fixed random subsets of the training / evaluation examples.
         epochs, lr, head_lr, batch_size: override every method's recipe.
+        backbone_dropout: True keeps the frozen backbone's dropout on while adapters train.
         joint_temperature: T of ``joint-temperature`` sampling.
         keep_weights: keep each finished run's weights under ``work`` (default: deleted).
         in_process: run cells in this process instead of one child process each.
@@ -90,6 +91,7 @@ class GridSettings:
     lr: float | None = None
     head_lr: float | None = None
     batch_size: int | None = None
+    backbone_dropout: bool | None = None
     joint_temperature: float = 2.0
     keep_weights: bool = False
     in_process: bool = False
@@ -119,7 +121,8 @@ class GridSettings:
         return settings
 
     def overrides(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "head_lr": self.head_lr, "batch_size": self.batch_size}
+        return {"epochs": self.epochs, "lr": self.lr, "head_lr": self.head_lr, "batch_size": self.batch_size,
+                "backbone_dropout": self.backbone_dropout}
 
     def cell_argv(self, tasks: list[str], method: str, seed: int) -> list[str]:
         """``mtpeft`` arguments that run exactly this cell (recorded as the run's command)."""
@@ -130,6 +133,8 @@ class GridSettings:
                             ("--lr", self.lr), ("--head-lr", self.head_lr), ("--batch-size", self.batch_size)):
             if value is not None:
                 argv += [flag, str(value)]
+        if self.backbone_dropout:
+            argv.append("--backbone-dropout")
         if get_method(method).kind == "joint":
             argv += ["--joint-temperature", str(self.joint_temperature)]
         for task in tasks:
@@ -439,7 +444,7 @@ DATA_SETTINGS = ("backbone", "max_train", "max_eval")
 
 
 # The recipe fields a finished run is checked against (method settings come with the method's name).
-RECIPE_FIELDS = ("epochs", "lr", "head_lr", "batch_size")
+RECIPE_FIELDS = ("epochs", "lr", "head_lr", "batch_size", "backbone_dropout")
 
 
 def _expected_recipe(cell: Cell, settings: GridSettings) -> dict | None:

@@ -59,6 +59,9 @@ class TrainConfig:
         pad_to_multiple_of: training batches are padded to their longest input rounded up to
             this. 1 (the longest input exactly) trains 1.16x faster on SST-2 than 8 on a CPU
             (``benchmarks/padding.py``); GPUs' tensor cores may prefer 8 (not measured here).
+        backbone_dropout: keep the backbone's dropout layers on while training. ``None``: the
+            model's own choice (``MultiTaskModel.backbone_dropout``: off for a frozen backbone,
+            on for full fine-tuning).
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
     """
 
@@ -77,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     compile: bool = False
     pad_to_multiple_of: int = 1
+    backbone_dropout: bool | None = None
     lora: LoraSettings | None = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:

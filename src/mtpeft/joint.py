@@ -191,6 +191,9 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
         for _ in range(done):
             next(streams[task])
     seen, loss_value = position.seen, float("nan")
+    model_dropout = model.backbone_dropout
+    if config.backbone_dropout is not None:
+        model.backbone_dropout = config.backbone_dropout
     model.train()
     started = time.perf_counter() - position.elapsed
     bar = tqdm(schedule[position.step:], desc="train joint", unit="step", disable=not progress, file=sys.stderr,
@@ -223,6 +226,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
         checkpoint.unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
     model.eval()
+    model.backbone_dropout = model_dropout
     for param in trainable:
         param.requires_grad_(False)
     metrics = {}

@@ -119,6 +119,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     optimizer = _optimizer(model, task, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model_bf16, model.bf16 = model.bf16, use_bf16  # encode() computes in the run's precision
+    model_dropout = model.backbone_dropout
+    if config.backbone_dropout is not None:
+        model.backbone_dropout = config.backbone_dropout
     pad_id = model.tokenizer.pad_token_id
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
@@ -195,6 +198,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     finally:
         bar.close()
         model.bf16 = model_bf16
+        model.backbone_dropout = model_dropout
     elapsed = time.perf_counter() - started
     model.eval()
     for param in trainable.values():
