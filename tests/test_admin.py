@@ -279,3 +279,30 @@ def test_management_with_an_adapter_store(tokenizer, root):
         answer = c.post("/v1/predict", json={"input": QA, "task": "faq-answer"}).json()["results"][0]["prediction"]
         assert answer == v1.predict(QA, task="faq-answer").to_dict()
         assert len(model.specs) == 1  # capacity 1: only the task of the last batch is active
+
+
+def test_a_joint_models_tasks_loaded_one_at_a_time_share_its_adapter(tokenizer, served, root):
+    from mtpeft.config import LoraSettings
+    from mtpeft.joint import build_joint_model
+    from mtpeft.model import SHARED_ADAPTER
+    from mtpeft.tasks import TaskSpec
+
+    specs = [TaskSpec(name="mood", type="classification", labels=["neg", "pos"]),
+             TaskSpec(name="topic", type="classification", labels=["billing", "delivery", "other"])]
+    joint = build_joint_model(tiny_bert(tokenizer), specs, LoraSettings(r=4, alpha=8), seed=0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in joint.lora_layers(SHARED_ADAPTER).values():
+            layer.lora_B[SHARED_ADAPTER].weight.normal_(std=0.5)  # a trained adapter, not the zero start
+    joint.save(root / "joint")
+    with TestClient(create_app(served, admin_root=root, api_key=KEY)) as c:
+        for task in ("mood", "topic"):
+            response = c.post("/v1/admin/tasks", json={"path": "joint", "task": task}, headers=AUTH)
+            assert response.status_code == 200, response.text
+        assert served.adapter_alias == {"mood": SHARED_ADAPTER, "topic": SHARED_ADAPTER}
+        body = {"inputs": TEXTS, "task": ["mood", "topic"] * 3}
+        got = c.post("/v1/predict", json=body).json()["results"]
+    joint.bf16 = served.bf16
+    want = joint.predict(TEXTS, task=["mood", "topic"] * 3)
+    for row, prediction in zip(got, want, strict=True):
+        assert close([row["prediction"]["probabilities"]], [prediction.to_dict()["probabilities"]], tol=1e-3)

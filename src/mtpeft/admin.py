@@ -53,6 +53,7 @@ from mtpeft.storage import (
     read_json,
     read_task,
     read_task_record,
+    share_saved_adapters,
 )
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.spec import UnknownTaskError
@@ -240,7 +241,7 @@ class TaskManager:
         if self.store is None:
             if name is not None:
                 self.model.remove_task(name)
-            install_task(self.model, saved)
+            share_saved_adapters(self.model, {install_task(self.model, saved): saved.record})
         else:
             pinned = name in self.store.pinned_tasks
             if name is not None:

@@ -143,24 +143,32 @@ class MultiTaskModel(nn.Module):
         A joint model saves its shared adapter into every task's folder, so each folder stands
         alone; loading them back gives each task a copy. Shared again, one copy stays in memory,
         and a batch that mixes these tasks runs through one adapter, which merges into the
-        backbone as a single task's does. Copies that differ (one retrained since) raise ValueError.
+        backbone as a single task's does. A task may already use a shared adapter (one loaded
+        earlier): the others join it. Copies that differ (one retrained since) raise ValueError.
         """
         tasks = list(dict.fromkeys(tasks))
         if len(tasks) < 2:
             raise ValueError(f"sharing an adapter takes two or more tasks, got {tasks}")
         if not self.adapters_equal(tasks):
-            raise ValueError(f"tasks {tasks} do not hold equal LoRA adapters of their own, so they cannot share one")
-        first, settings = tasks[0], self.adapters[tasks[0]]
-        name = next(n for n in (f"{SHARED_ADAPTER}{i or ''}" for i in range(len(self.shared_adapters) + 1))
-                    if n not in self.shared_adapters)
+            raise ValueError(f"tasks {tasks} do not hold equal LoRA adapters, so they cannot share one")
         self.unmerge_adapters()
-        self._copy_adapter(first, name, settings)
+        name = next((self.adapter_alias[t] for t in tasks if t in self.adapter_alias), None)
+        if name is None:
+            first, settings = tasks[0], self.adapters[tasks[0]]
+            name = next(n for n in (f"{SHARED_ADAPTER}{i or ''}" for i in range(len(self.shared_adapters) + 1))
+                        if n not in self.shared_adapters)
+            self._copy_adapter(first, name, settings)
+            self.shared_adapters[name] = settings
         for task in tasks:
-            for layer in self.lora_layers(task).values():
-                layer.remove_adapter(task)
+            if self.adapter_alias.get(task) == name:
+                continue
+            if task in self.adapter_alias:
+                self._drop_alias(task)  # an equal copy shared under another name
+            else:
+                for layer in self.lora_layers(task).values():
+                    layer.remove_adapter(task)
             self.adapters[task] = None
             self.adapter_alias[task] = name
-        self.shared_adapters[name] = settings
         return name
 
     def _copy_adapter(self, source: str, target: str, settings: LoraSettings) -> None:
@@ -172,19 +180,28 @@ class MultiTaskModel(nn.Module):
                 layer.lora_A[target].weight.copy_(layer.lora_A[source].weight)
                 layer.lora_B[target].weight.copy_(layer.lora_B[source].weight)
 
+    def adapter_of(self, task: str) -> str | None:
+        """The name of the LoRA adapter ``task``'s rows use: its own, a shared one, or None (head only)."""
+        self.spec(task)
+        if task in self.adapter_alias:
+            return self.adapter_alias[task]
+        return task if self.adapters.get(task) is not None else None
+
     def adapters_equal(self, tasks: Sequence[str]) -> bool:
-        """Whether every task in ``tasks`` has a LoRA adapter of its own, all with equal settings and weights."""
-        first = self.adapters.get(tasks[0]) if tasks else None
-        if first is None:
+        """Whether every task in ``tasks`` uses a LoRA adapter (its own or a shared one), all with
+        equal settings and weights."""
+        names = [self.adapter_of(t) for t in tasks]
+        if not names or None in names:
             return False
-        layers = self.lora_layers(tasks[0])
-        for task in tasks[1:]:
-            if self.adapters.get(task) != first or task in self.adapter_alias:
-                return False
+        settings = [self.shared_adapters[n] if n in self.shared_adapters else self.adapters[n] for n in names]
+        if any(s != settings[0] for s in settings[1:]):
+            return False
+        layers = self.lora_layers(names[0])
+        for name in names[1:]:
             for layer in layers.values():
-                if task not in layer.lora_A or not (
-                        torch.equal(layer.lora_A[task].weight, layer.lora_A[tasks[0]].weight)
-                        and torch.equal(layer.lora_B[task].weight, layer.lora_B[tasks[0]].weight)):
+                if name not in layer.lora_A or not (
+                        torch.equal(layer.lora_A[name].weight, layer.lora_A[names[0]].weight)
+                        and torch.equal(layer.lora_B[name].weight, layer.lora_B[names[0]].weight)):
                     return False
         return True
 

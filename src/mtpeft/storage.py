@@ -360,12 +360,21 @@ def load_into(model: MultiTaskModel, path: str | os.PathLike) -> list[str]:
     for folder in task_folders(path):
         saved = read_task(folder)
         records[install_task(model, saved)] = saved.record
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name, record in records.items():
-        shared_with = tuple((record.get("adapter") or {}).get("shared_with") or ())
-        if shared_with:
-            groups.setdefault(shared_with, []).append(name)
-    for names in groups.values():
-        if len(names) > 1 and model.adapters_equal(names):  # a task retrained since keeps its own copy
-            model.share_adapter(names)
+    share_saved_adapters(model, records)
     return list(records)
+
+
+def share_saved_adapters(model: MultiTaskModel, records: dict[str, dict]) -> None:
+    """Tasks just installed (``records``: name -> task.json) that were saved from one shared
+    adapter (a joint model's) share one copy again with those of their partners the model
+    holds, whether loaded with them or earlier, while all copies are still equal: a task
+    retrained since keeps its own."""
+    groups = set()
+    for record in records.values():
+        shared_with = (record.get("adapter") or {}).get("shared_with") or ()
+        loaded = tuple(t for t in shared_with if t in model.specs)
+        if len(loaded) > 1:
+            groups.add(loaded)
+    for tasks in sorted(groups):
+        if len({model.adapter_of(t) for t in tasks}) > 1 and model.adapters_equal(tasks):
+            model.share_adapter(tasks)
