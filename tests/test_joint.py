@@ -175,15 +175,14 @@ def test_a_loaded_joint_bundle_shares_one_adapter_again_and_merges_it_for_mixed_
 
 def test_tasks_of_a_joint_model_loaded_one_at_a_time_share_one_adapter(tokenizer, tmp_path):
     from mtpeft.model import MultiTaskModel
-    from mtpeft.storage import install_task, read_task, share_saved_adapters
+    from mtpeft.storage import install_task, read_task
 
     model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
     train_joint(model, _data(), TrainConfig(epochs=1, batch_size=4, lr=1e-2, bf16=False, seed=0), progress=False)
     model.save(tmp_path / "bundle")
     served = MultiTaskModel(tiny_bert(tokenizer))
     for name in ("sent", "sim"):  # as a server's task loads add them: one folder at a time
-        saved = read_task(tmp_path / "bundle" / name)
-        share_saved_adapters(served, {install_task(served, saved): saved.record})
+        install_task(served, read_task(tmp_path / "bundle" / name))
     assert served.adapter_alias == {"sent": SHARED_ADAPTER, "sim": SHARED_ADAPTER}
     assert served.lora_layers("sent") == served.lora_layers("sim") == {}
 
@@ -191,16 +190,26 @@ def test_tasks_of_a_joint_model_loaded_one_at_a_time_share_one_adapter(tokenizer
     served.remove_task("sim")
     assert served.adapter_alias == {"sent": SHARED_ADAPTER}
     saved = read_task(tmp_path / "bundle" / "sim")
-    share_saved_adapters(served, {install_task(served, saved): saved.record})
+    install_task(served, saved)
     assert served.adapter_alias == {"sent": SHARED_ADAPTER, "sim": SHARED_ADAPTER}
     # ... unless its weights changed since: a retrained version keeps its own copy.
     served.remove_task("sim")
     with torch.no_grad():
         key = next(k for k in saved.adapter if k.endswith("lora_B.weight"))
         saved.adapter[key] += 0.1
-    share_saved_adapters(served, {install_task(served, saved): saved.record})
+    install_task(served, saved)
     assert served.adapter_alias == {"sent": SHARED_ADAPTER} and served.adapter_of("sim") == "sim"
     assert not served.adapters_equal(["sent", "sim"])
+
+    # The adapter cache swaps tasks in one at a time too.
+    from mtpeft.adapter_cache import AdapterStore
+
+    store = AdapterStore.from_bundle(MultiTaskModel(tiny_bert(tokenizer)), tmp_path / "bundle", capacity=2)
+    inputs, tasks = ["great item 3", ("a1 b", "a1 b"), "awful", ("a2 b", "zz")], ["sent", "sim"] * 2
+    got = store.predict(inputs, task=tasks)
+    assert store.model.adapter_alias == {"sent": SHARED_ADAPTER, "sim": SHARED_ADAPTER}
+    model.bf16 = store.model.bf16
+    assert [p.score for p in got] == pytest.approx([p.score for p in model.predict(inputs, task=tasks)], abs=1e-3)
 
 
 def test_one_task_of_a_joint_model_trains_alone_only_on_its_own_copy_of_the_adapter(tokenizer):

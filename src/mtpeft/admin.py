@@ -53,7 +53,6 @@ from mtpeft.storage import (
     read_json,
     read_task,
     read_task_record,
-    share_saved_adapters,
 )
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.spec import UnknownTaskError
@@ -241,7 +240,7 @@ class TaskManager:
         if self.store is None:
             if name is not None:
                 self.model.remove_task(name)
-            share_saved_adapters(self.model, {install_task(self.model, saved): saved.record})
+            install_task(self.model, saved)
         else:
             pinned = name in self.store.pinned_tasks
             if name is not None:

@@ -231,7 +231,12 @@ def read_task(folder: str | os.PathLike, digests: dict[str, str] | None = None, 
 
 
 def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
-    """Add a task read by ``read_task`` to ``model``; returns its name. On a mismatch the model is left as it was."""
+    """Add a task read by ``read_task`` to ``model``; returns its name. On a mismatch the model is left as it was.
+
+    A task saved from a joint model's shared adapter shares it again with the partners the
+    model holds, however the tasks arrive: a whole bundle, the admin API one at a time, or
+    the adapter cache swapping them in.
+    """
     spec = saved.spec
     model.identity.check_matches(saved.record["backbone"], f"task {spec.name!r} in {saved.source}")
     model.add_task(spec, saved.lora, head_only=saved.lora is None, initialize=False)  # weights copied in below
@@ -252,6 +257,7 @@ def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
         model.remove_task(spec.name)
         raise
     model.task_metrics[spec.name] = saved.record.get("metrics", {})
+    _share_with_partners(model, spec.name, saved.record)
     return spec.name
 
 
@@ -356,25 +362,14 @@ def read_backbone_name(path: str | os.PathLike) -> str:
 
 def load_into(model: MultiTaskModel, path: str | os.PathLike) -> list[str]:
     """Add the tasks saved at ``path``; tasks saved from one shared adapter share one copy again."""
-    records = {}
-    for folder in task_folders(path):
-        saved = read_task(folder)
-        records[install_task(model, saved)] = saved.record
-    share_saved_adapters(model, records)
-    return list(records)
+    return [install_task(model, read_task(folder)) for folder in task_folders(path)]
 
 
-def share_saved_adapters(model: MultiTaskModel, records: dict[str, dict]) -> None:
-    """Tasks just installed (``records``: name -> task.json) that were saved from one shared
-    adapter (a joint model's) share one copy again with those of their partners the model
-    holds, whether loaded with them or earlier, while all copies are still equal: a task
-    retrained since keeps its own."""
-    groups = set()
-    for record in records.values():
-        shared_with = (record.get("adapter") or {}).get("shared_with") or ()
-        loaded = tuple(t for t in shared_with if t in model.specs)
-        if len(loaded) > 1:
-            groups.add(loaded)
-    for tasks in sorted(groups):
-        if len({model.adapter_of(t) for t in tasks}) > 1 and model.adapters_equal(tasks):
-            model.share_adapter(tasks)
+def _share_with_partners(model: MultiTaskModel, task: str, record: dict) -> None:
+    """``task``, just installed and saved from one shared adapter (a joint model's), shares one
+    copy again with those of its partners the model holds whose copies still equal its own: a
+    task retrained since keeps its own."""
+    partners = [t for t in (record.get("adapter") or {}).get("shared_with") or () if t in model.specs and t != task]
+    equal = [t for t in partners if model.adapters_equal([task, t])]
+    if any(model.adapter_of(t) != model.adapter_of(task) for t in equal):
+        model.share_adapter([*equal, task])
