@@ -467,8 +467,8 @@ def _compare(args) -> int:
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_root=args.data_root, data=_task_data(args.data),
         task_files=args.task_file, results=args.results, work=args.work, backbone=args.backbone, device=args.device,
         max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
-        batch_size=args.batch_size, backbone_dropout=args.backbone_dropout, joint_temperature=args.joint_temperature, keep_weights=args.keep_weights,
-        in_process=args.in_process, progress=not args.no_progress)
+        batch_size=args.batch_size, backbone_dropout=args.backbone_dropout, joint_temperature=args.joint_temperature,
+        keep_weights=args.keep_weights, in_process=args.in_process, progress=not args.no_progress)
     grid_command = args.grid_command or "mtpeft " + shlex.join(args.argv)
     summary = run_grid(settings, grid_command, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 1 if summary.failed else 0
