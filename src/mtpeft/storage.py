@@ -362,7 +362,7 @@ def read_backbone_name(path: str | os.PathLike) -> str:
 
 def load_into(model: MultiTaskModel, path: str | os.PathLike) -> list[str]:
     """Add the tasks saved at ``path``; tasks saved from one shared adapter share one copy again."""
-    return [install_task(model, read_task(folder)) for folder in task_folders(path)]
+    return [load_task(model, folder) for folder in task_folders(path)]
 
 
 def _share_with_partners(model: MultiTaskModel, task: str, record: dict) -> None:
