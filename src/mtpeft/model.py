@@ -326,7 +326,8 @@ class MultiTaskModel(nn.Module):
     def train(self, mode: bool = True) -> MultiTaskModel:
         """Heads and adapters follow ``mode``; the backbone keeps its dropout off unless
         ``backbone_dropout`` is set (full fine-tuning, or ``TrainConfig.backbone_dropout``): on a
-        frozen backbone it gained LoRA nothing on SST-2 and STS-B and slowed training (RESULTS.md).
+        frozen backbone it gained LoRA nothing beyond the seeds' spread (SST-2, STS-B, SQuAD) and
+        slowed training (RESULTS.md).
 
         Training uses the backbone's eager attention: PyTorch's fused CPU attention is fast
         forward but its backward is not (packaged MiniLM, batch 32 x 64 tokens, bf16: ~100
