@@ -300,3 +300,26 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights(tokenizer, tmp_pat
     for name, weight in expected.items():
         torch.testing.assert_close(weights[name], weight, rtol=0, atol=0)
     assert not (tmp_path / CHECKPOINT_FILE).exists()  # the finished run removes it
+
+
+@pytest.mark.parametrize("run_bf16", [False, True])
+def test_joint_training_computes_in_the_runs_precision_and_gives_the_model_its_settings_back(
+        tokenizer, monkeypatch, run_bf16):
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    model.bf16 = not run_bf16  # the model's own setting, unlike the run's
+    dtypes = []
+    model.backbone.embeddings.register_forward_hook(
+        lambda module, args, out: dtypes.append(out.dtype) if torch.is_grad_enabled() else None)
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-2, bf16=run_bf16, backbone_dropout=True, seed=0)
+    train_joint(model, _data(), config, progress=False)
+    assert set(dtypes) == {torch.bfloat16 if run_bf16 else torch.float32}  # the frozen backbone ran as asked
+    assert (model.bf16, model.backbone_dropout) == (not run_bf16, False)
+
+    def interrupt(where, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("mtpeft.joint.fault_point", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(model, _data(), config, progress=False)
+    assert (model.bf16, model.backbone_dropout) == (not run_bf16, False)  # also after an interrupted run

@@ -191,42 +191,40 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
         for _ in range(done):
             next(streams[task])
     seen, loss_value = position.seen, float("nan")
-    model_dropout = model.backbone_dropout
-    if config.backbone_dropout is not None:
-        model.backbone_dropout = config.backbone_dropout
-    model.train()
-    started = time.perf_counter() - position.elapsed
-    bar = tqdm(schedule[position.step:], desc="train joint", unit="step", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    for step, task in enumerate(bar, start=position.step + 1):
-        spec = model.spec(task)
-        kind = task_type(spec)
-        indices = next(streams[task])
-        rows = collate([features[task][i] for i in indices], pad_id, kind.targets, config.pad_to_multiple_of)
-        batch = {k: v.to(device) for k, v in rows.items()}
-        with autocast(device, use_bf16):
-            outputs = model(batch, task)  # rows routed to the shared adapter, then this task's head
-        loss = kind.loss(spec, outputs, batch)
-        loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps[task] += 1
-        seen += len(indices)
-        loss_value = float(loss.detach())
-        fault_point("step", step)
-        if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
-                and step < total_steps:
-            save_checkpoint(checkpoint, {n: p.detach() for n, p in named.items()}, optimizer.state_dict(), scheduler,
-                            RunPosition(step=step, seen=seen, elapsed=time.perf_counter() - started), fingerprint, step)
-    bar.close()
+    with model.training_run(use_bf16, config.backbone_dropout):  # restored also after an error
+        model.train()
+        started = time.perf_counter() - position.elapsed
+        bar = tqdm(schedule[position.step:], desc="train joint", unit="step", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        for step, task in enumerate(bar, start=position.step + 1):
+            spec = model.spec(task)
+            kind = task_type(spec)
+            indices = next(streams[task])
+            rows = collate([features[task][i] for i in indices], pad_id, kind.targets, config.pad_to_multiple_of)
+            batch = {k: v.to(device) for k, v in rows.items()}
+            with autocast(device, use_bf16):
+                outputs = model(batch, task)  # rows routed to the shared adapter, then this task's head
+            loss = kind.loss(spec, outputs, batch)
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps[task] += 1
+            seen += len(indices)
+            loss_value = float(loss.detach())
+            fault_point("step", step)
+            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                    and step < total_steps:
+                reached = RunPosition(step=step, seen=seen, elapsed=time.perf_counter() - started)
+                save_checkpoint(checkpoint, {n: p.detach() for n, p in named.items()}, optimizer.state_dict(),
+                                scheduler, reached, fingerprint, step)
+        bar.close()
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
     model.eval()
-    model.backbone_dropout = model_dropout
     for param in trainable:
         param.requires_grad_(False)
     metrics = {}

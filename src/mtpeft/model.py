@@ -7,7 +7,8 @@ backbone forward with each row's adapter -> each row's head -> task post-process
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -322,6 +323,19 @@ class MultiTaskModel(nn.Module):
         self.spec(task)
         hidden = self.encode(batch, task)
         return self.heads[task](hidden, batch["attention_mask"])
+
+    @contextmanager
+    def training_run(self, bf16: bool, backbone_dropout: bool | None) -> Iterator[None]:
+        """A training run's precision and backbone dropout (``None``: the model's own) for the
+        length of the run; the model's settings come back afterwards, also after an error."""
+        saved = self.bf16, self.backbone_dropout
+        self.bf16 = bf16  # encode() holds and runs the backbone in this precision
+        if backbone_dropout is not None:
+            self.backbone_dropout = backbone_dropout
+        try:
+            yield
+        finally:
+            self.bf16, self.backbone_dropout = saved
 
     def train(self, mode: bool = True) -> MultiTaskModel:
         """Heads and adapters follow ``mode``; the backbone keeps its dropout off unless

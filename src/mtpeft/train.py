@@ -118,10 +118,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     trainable = model.task_parameters(task)  # again: sharding replaces the parameters
     optimizer = _optimizer(model, task, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    model_bf16, model.bf16 = model.bf16, use_bf16  # encode() computes in the run's precision
-    model_dropout = model.backbone_dropout
-    if config.backbone_dropout is not None:
-        model.backbone_dropout = config.backbone_dropout
     pad_id = model.tokenizer.pad_token_id
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
@@ -144,7 +140,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     if parallel.zero_stage is not None and parallel.is_main:
         print(f"DeepSpeed ZeRO stage {parallel.zero_stage} over {parallel.world_size} processes", file=sys.stderr)
     tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
-    model.train()
     step, seen, epoch, loss_value = position.step, position.seen, position.epoch, float("nan")
     saves = 0
     started = time.perf_counter() - position.elapsed
@@ -160,8 +155,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                         RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started),
                         fingerprint, saves)
 
-    try:  # an interrupted run leaves the model in the precision it came in
-        with compiled(model.backbone, config.compile):
+    try:  # an interrupted run leaves the model's precision and dropout as they came in
+        with model.training_run(use_bf16, config.backbone_dropout), compiled(model.backbone, config.compile):
+            model.train()  # after the run's dropout setting is in place
             while step < total_steps:
                 batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
                 skip = position.batch_in_epoch if epoch == position.epoch else 0
@@ -197,8 +193,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     save_position(0, epoch)
     finally:
         bar.close()
-        model.bf16 = model_bf16
-        model.backbone_dropout = model_dropout
     elapsed = time.perf_counter() - started
     model.eval()
     for param in trainable.values():
