@@ -224,6 +224,10 @@ def test_report_names_every_machine_the_runs_used():
     runs[2]["machine"] = {"cpu": "other cpu", "torch_threads": 2}
     assert environments(runs) == ("2 runs on test cpu (2 threads; torch 2, transformers 5, peft 0.21); "
                                   "1 run on other cpu (2 threads; torch 2, transformers 5, peft 0.21)")
+    runs[1]["train"]["bf16"] = False  # a CPU without fast bf16: same name, fp32 and slower
+    assert environments(runs) == ("1 run on test cpu (2 threads; torch 2, transformers 5, peft 0.21); "
+                                  "1 run on test cpu (2 threads, fp32; torch 2, transformers 5, peft 0.21); "
+                                  "1 run on other cpu (2 threads; torch 2, transformers 5, peft 0.21)")
 
 
 def test_report_keeps_gpu_runs_out_of_the_cpus_train_times(tmp_path):

@@ -226,12 +226,14 @@ def plot_times(summary: dict[str, list[Row]], path: Path) -> Path:
 
 def environments(runs: list[dict]) -> str:
     """Each machine and library set the runs used, with its number of runs: train times are
-    comparable only within one of them (the tables' times leave out runs on a GPU)."""
+    comparable only within one of them (the tables' times leave out runs on a GPU). A CPU
+    without fast bf16 trains in fp32, slower, under the same model name: that is named too."""
     def place(run: dict) -> str:
         machine = run["machine"]
         if _on_gpu(run):
             return f"{machine.get('gpu', 'a CUDA GPU')} (host {machine['cpu']}"
-        return f"{machine['cpu']} ({machine['torch_threads']} threads"
+        fp32 = ", fp32" if (run.get("train") or {}).get("bf16") is False else ""
+        return f"{machine['cpu']} ({machine['torch_threads']} threads{fp32}"
 
     counts = Counter(f"{place(run)}; torch {run['versions'].get('torch')}, "
                      f"transformers {run['versions'].get('transformers')}, peft {run['versions'].get('peft')})"
