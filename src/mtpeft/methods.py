@@ -264,6 +264,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("tiny", "lora", {"r": 1, "alpha": 2.0, "targets": None},
            description="LoRA r=1 on query/value with a linear head: >= 2000x fewer trainable parameters than MiniLM"),
     *[_lora(r) for r in (1, 2, 4, 8, 16)],
+    _lora(2, all_linear=True),  # every layer within the 0.5 % budget of lora-r8 on query/value
     _lora(8, all_linear=True),
     Method("dora", "peft", {"type": "dora", "r": 8, "alpha": 16.0},
            description="DoRA (peft) r=8 on query/value: LoRA plus a learned magnitude per output"),
