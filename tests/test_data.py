@@ -184,3 +184,20 @@ def test_hub_dataset_without_a_hub_fails_naming_it(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="someone/not-a-dataset"):
         load_hub_dataset("someone/not-a-dataset", "train")
+
+
+def test_unicode_line_separators_inside_texts_do_not_split_rows(tmp_path):
+    """Only \\n, \\r\\n and \\r end a row: U+2028, U+0085, form feeds... are text (json.dumps with
+    ensure_ascii=False writes U+2028 and U+0085 raw, and scraped sentences hold them)."""
+    texts = ["first\u2028line", "next\x85line", "page\x0cbreak", "group\x1dsep"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"sentence": t, "label": 1}, ensure_ascii=False) + "\n" for t in texts),
+                     encoding="utf-8")
+    examples = load_examples(jsonl, SENTIMENT).examples
+    assert [e.text for e in examples] == texts
+    assert examples[-1].source == f"{jsonl}:4"
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("sentence\tlabel\r\n" + "".join(f"{t}\t0\r\n" for t in texts), encoding="utf-8")
+    examples = load_examples(tsv, SENTIMENT).examples
+    assert [e.text for e in examples] == texts
+    assert examples[-1].source == f"{tsv}:5"

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,16 @@ def _decode(path: Path) -> str:
         raise DataError(f"{path}:{line}", None, f"bytes that are not UTF-8 at byte {err.start}") from None
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines ended by \\n, \\r\\n or \\r only: ``str.splitlines`` also ends them at U+2028, U+0085,
+    form feeds and other characters that are text inside a TSV field or a JSON string."""
+    lines = _LINE_END.split(text)
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, row)`` for each row of a .tsv, .csv, .jsonl or .json (list of objects) file.
 
@@ -63,7 +74,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     text = _decode(path)
     if suffix in (".tsv", ".tab"):
-        lines = text.splitlines()
+        lines = _lines(text)
         if not lines:
             raise DataError(f"{path}:1", None, "empty file, expected a header line")
         header = lines[0].split("\t")
@@ -88,7 +99,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{path}:{start}", dict(zip(header, values))
             start = reader.line_num + 1
     elif suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             if not line.strip():
                 continue
             try:
