@@ -201,3 +201,13 @@ def test_unicode_line_separators_inside_texts_do_not_split_rows(tmp_path):
     examples = load_examples(tsv, SENTIMENT).examples
     assert [e.text for e in examples] == texts
     assert examples[-1].source == f"{tsv}:5"
+
+
+@pytest.mark.parametrize("rows", [[1], [None], [["a", 1]], ["a text"]])
+def test_json_list_rows_that_are_not_objects_name_the_row(tmp_path, rows):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"sentence": "fine", "label": 1}, *rows]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.json\[1\]: expected a JSON object") as err:
+        load_examples(path, SENTIMENT)
+    assert err.value.where == f"{path}[1]"
+

@@ -115,6 +115,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield from squad_records(path, data)
         elif isinstance(data, list):
             for i, row in enumerate(data):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}[{i}]", None, f"expected a JSON object, found {type(row).__name__}")
                 yield f"{path}[{i}]", row
         else:
             raise DataError(str(path), None, "expected a list of objects or a SQuAD file ({'data': [...]})")
