@@ -211,3 +211,27 @@ def test_json_list_rows_that_are_not_objects_name_the_row(tmp_path, rows):
         load_examples(path, SENTIMENT)
     assert err.value.where == f"{path}[1]"
 
+
+@pytest.mark.parametrize("answers", [
+    {"text": "Bob", "answer_start": 3},  # one answer, not in a list: checked like any other
+    {"text": ["Bob"]},  # the `datasets` layout without answer_start
+    {"text": ["Bob", "Bob"], "answer_start": [10]},  # lists of different lengths
+    {"text": "Bob", "answer_start": [10]},
+])
+def test_malformed_answer_dicts_are_data_errors(tmp_path, answers):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"question": "Who?", "context": "Alice met Bob.", "answers": answers},
+            {"question": "Who?", "context": "Alice met Bob.", "answers": [{"text": "Bob", "answer_start": 10}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_examples(path, QA)
+    assert err.value.where == f"{path}:1" and err.value.field == "answers"
+    report = load_examples(path, QA, skip_bad_rows=True)
+    assert len(report.examples) == 1 and len(report.skipped) == 1
+
+
+def test_single_answer_dict_is_one_answer(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    row = {"question": "Who?", "context": "Alice met Bob.", "answers": {"text": "Bob", "answer_start": 10}}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert load_examples(path, QA).examples[0].answers == [{"text": "Bob", "answer_start": 10}]

@@ -186,8 +186,15 @@ def _answers(where: str, spec: TaskSpec, value: Any, context: str) -> list[dict]
             value = json.loads(value)
         except json.JSONDecodeError:
             raise DataError(where, spec.label_column, "answers must be a list of {text, answer_start} (JSON)") from None
-    if isinstance(value, dict) and "text" in value:  # the `datasets` SQuAD layout: lists in a dict
-        value = [{"text": t, "answer_start": s} for t, s in zip(value["text"], value["answer_start"])]
+    if isinstance(value, dict) and "text" in value:
+        texts, starts = value["text"], value.get("answer_start")
+        if not isinstance(texts, list):  # one answer, not in a list
+            value = [value]
+        elif not isinstance(starts, list) or len(starts) != len(texts):  # the `datasets` SQuAD layout: lists in a dict
+            raise DataError(where, spec.label_column, f"answers {value!r} need 'answer_start' as a list as long as "
+                                                      "'text' (or a list of {text, answer_start})")
+        else:
+            value = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
     if not isinstance(value, list) or not value:
         raise DataError(where, spec.label_column, "expected a non-empty list of answers")
     answers = []
