@@ -43,3 +43,19 @@ def test_regression_correlations():
     assert scores["spearman"] == pytest.approx(100.0)
     assert 95 < scores["pearson"] < 100
     assert regression_metrics([1.0, 1.0], [0.0, 1.0])["pearson"] == 0.0  # constant predictions
+
+
+def test_qa_score_counts_every_example_even_with_repeated_or_missing_ids():
+    """Examples sharing an id (or an id equal to another row's position) are still scored one by one."""
+    from mtpeft.examples import Example
+    from mtpeft.predictions import AnswerPrediction
+    from mtpeft.tasks import TaskSpec, task_type
+
+    spec = TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", doc_stride=32)
+    examples = [Example("Who?", "Alice met Bob.", answers=[{"text": "Bob", "answer_start": 10}], id="q1"),
+                Example("Who?", "Carol met Dan.", answers=[{"text": "Dan", "answer_start": 10}], id="q1"),
+                Example("Who?", "Eve met Fay.", answers=[{"text": "Fay", "answer_start": 8}], id="3"),
+                Example("Who?", "Gil met Hal.", answers=[{"text": "Hal", "answer_start": 8}])]  # no id: position 3
+    predictions = [AnswerPrediction("qa", a, 0, 0, 1.0) for a in ("Bob", "met", "Fay", "met")]
+    scores = task_type(spec).score(spec, predictions, examples)
+    assert scores["exact_match"] == pytest.approx(50.0)

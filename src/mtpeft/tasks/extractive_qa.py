@@ -106,7 +106,8 @@ class ExtractiveQA:
         return predictions
 
     def score(self, spec: TaskSpec, predictions, examples) -> dict[str, float]:
-        keys = [ex.id or str(i) for i, ex in enumerate(examples)]
+        # Keyed by position: ids need not be unique (or present), and every example counts once.
+        keys = [f"#{i} {ex.id}".rstrip() for i, ex in enumerate(examples)]
         return squad_metrics({k: p.answer for k, p in zip(keys, predictions)},
                              {k: [a["text"] for a in ex.answers] for k, ex in zip(keys, examples)})
 
