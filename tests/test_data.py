@@ -235,3 +235,18 @@ def test_single_answer_dict_is_one_answer(tmp_path):
     row = {"question": "Who?", "context": "Alice met Bob.", "answers": {"text": "Bob", "answer_start": 10}}
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     assert load_examples(path, QA).examples[0].answers == [{"text": "Bob", "answer_start": 10}]
+
+
+def test_head_and_tail_keeps_the_end_of_the_text_when_the_tail_starts_mid_word(tokenizer):
+    """The tail's first token, cut from the middle of a word, can re-tokenise into more tokens;
+    the kept text must still fit, or truncation drops the text's last tokens (its verdict)."""
+    from mtpeft.examples import Example
+    from mtpeft.tasks.base import encode_sequences
+
+    spec = TaskSpec(name="r", type="classification", labels=["neg", "pos"], max_length=16, truncation="head+tail",
+                    head_tokens=4)
+    text = "the WOW!!! film's WOW!!! the qwertyuiop film's xyzzyplugh xyzzyplugh qwertyuiop film's didn't"
+    ids = encode_sequences(spec, tokenizer, [Example(text)])[0]["input_ids"]
+    assert len(ids) <= 16
+    assert tokenizer.convert_ids_to_tokens(ids)[-4:] == ["didn", "'", "t", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(ids)[1:3] == ["the", "wow"]

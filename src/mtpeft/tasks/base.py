@@ -97,8 +97,15 @@ def _head_and_tail(tokenizer: PreTrainedTokenizerBase, text: str, max_length: in
     head = min(head_tokens, budget)
     tail = budget - head
     head_end = offsets[head - 1][1] if head else 0
-    tail_start = offsets[len(offsets) - tail][0] if tail else len(text)
-    return text[:head_end] + " " + text[tail_start:]
+    while True:
+        tail_start = offsets[len(offsets) - tail][0] if tail else len(text)
+        cut = text[:head_end] + " " + text[tail_start:]
+        # A tail that starts inside a word can re-tokenise into more tokens; the tokenizer's
+        # truncation would then drop the text's last tokens, which head+tail exists to keep.
+        over = len(tokenizer(cut, add_special_tokens=False, verbose=False)["input_ids"]) - budget
+        if over <= 0 or tail == 0:
+            return cut
+        tail = max(0, tail - over)
 
 
 def pooled_head(spec: TaskSpec, hidden_size: int, num_outputs: int) -> nn.Module:
