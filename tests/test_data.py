@@ -250,3 +250,15 @@ def test_head_and_tail_keeps_the_end_of_the_text_when_the_tail_starts_mid_word(t
     assert len(ids) <= 16
     assert tokenizer.convert_ids_to_tokens(ids)[-4:] == ["didn", "'", "t", "[SEP]"]
     assert tokenizer.convert_ids_to_tokens(ids)[1:3] == ["the", "wow"]
+
+
+@pytest.mark.parametrize("start", [-4, True])
+def test_qa_answer_offset_must_be_a_non_negative_integer(tmp_path, start):
+    """Python slicing finds "Bob" at offset -4 (counted from the end): no file means that."""
+    path = tmp_path / "qa.jsonl"
+    context = "Alice met Bob." if start == -4 else "Bob met Alice."
+    text = "Bob" if start == -4 else "ob"
+    row = {"question": "Who?", "context": context, "answers": [{"text": text, "answer_start": start}]}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="does not appear in the context at offset"):
+        load_examples(path, QA)

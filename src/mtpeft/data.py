@@ -202,7 +202,9 @@ def _answers(where: str, spec: TaskSpec, value: Any, context: str) -> list[dict]
         if not isinstance(answer, dict) or "text" not in answer or "answer_start" not in answer:
             raise DataError(where, spec.label_column, f"answer {answer!r} needs 'text' and 'answer_start'")
         text, start = str(answer["text"]), answer["answer_start"]
-        if not isinstance(start, int) or context[start:start + len(text)] != text:
+        # Not bool (an int to Python) nor negative (slicing would count from the end of the context).
+        if not isinstance(start, int) or isinstance(start, bool) or (start < 0 and text) \
+                or context[start:start + len(text)] != text:
             raise DataError(where, spec.label_column,
                             f"answer {text!r} does not appear in the context at offset {start!r}")
         answers.append({"text": text, "answer_start": start})
