@@ -155,6 +155,26 @@ def test_a_lone_surrogate_is_422_not_500(client, path, body):
     assert "nicode" in response.text  # the detail, or the field errors of a union
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/predict", '{"input": 1e999}'),
+    ("/v1/predict", '{"input": "a", "task": NaN}'),
+    ("/v1/predict", '{"inputs": [[-Infinity, "b"]]}'),
+    ("/v1/predict", "NaN"),
+    ("/v1/support", '{"message": NaN}'),
+    ("/v1/support", '{"message": "where is my parcel?", "top_k": Infinity}'),
+])
+def test_non_finite_numbers_in_a_request_are_422_not_500(client, path, body):
+    """Python's json reads NaN, Infinity and 1e999; echoing them back in the field errors must
+    still give strict JSON (no NaN tokens), not a failed response."""
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    for content_type in ("application/json", "application/problem+json"):  # the fast path and FastAPI's
+        response = client.post(path, content=body, headers={"content-type": content_type})
+        assert response.status_code == 422, response.text
+        assert json.loads(response.text, parse_constant=refuse)["detail"].startswith("invalid request")
+
+
 @pytest.mark.parametrize("body", [
     {"inputs": ["tell me a joke", "I love it, great service", ["x", "y"], QA], "task": ["sentiment", None, None, None]},
     {"input": "x", "task": "nope"},

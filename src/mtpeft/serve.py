@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -230,6 +231,18 @@ def _check_texts(i: int, value, settings: ServeSettings) -> None:
                                      f"over max_text_chars={settings.max_text_chars}")
 
 
+def _finite(value):
+    """``value`` with NaN and infinities (which Python's json reads from a request, and field
+    errors echo back) as strings: strict JSON has no token for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _where(loc) -> str:
     """A field's place for a message: ``input.str``, not pydantic's ``input.function-after[_unicode(), str]``."""
     return ".".join(re.sub(r"function-after\[\w+\(\), ([^\]]+)\]", r"\1", str(part)) for part in loc)
@@ -321,7 +334,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         errors = err.errors()
         first = "; ".join(f"{_where(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:3])
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        return JSONOut({"detail": f"invalid request: {first}{more}", "errors": jsonable_encoder(errors)}, 422)
+        return JSONOut({"detail": f"invalid request: {first}{more}", "errors": _finite(jsonable_encoder(errors))}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
