@@ -73,6 +73,18 @@ def test_task_folder_holds_peft_layout_and_no_backbone_weights(backbone, tmp_pat
     assert record["spec"]["type"] == "regression" and record["backbone"]["name"] == "tiny-bert"
 
 
+def test_a_head_only_task_saved_over_an_adapter_leaves_no_stale_adapter(backbone, tmp_path):
+    model = _model(backbone)
+    model.save(tmp_path)
+    model.remove_task("sentiment")
+    model.add_task(TaskSpec(name="sentiment", type="classification", labels=["neg", "pos"]), head_only=True)
+    model.save(tmp_path, tasks=["sentiment"])
+    assert sorted(p.name for p in (tmp_path / "sentiment").iterdir()) == ["README.md", "head.safetensors", "task.json"]
+    manifest = json.loads((tmp_path / BUNDLE_FILE).read_text())
+    assert not [f for f in manifest["files"] if f.startswith("sentiment/adapter")]
+    assert MultiTaskModel.load(tmp_path / "sentiment", backbone=backbone).adapters["sentiment"] is None
+
+
 def test_peft_loads_our_adapter_with_the_same_hidden_states(backbone, tokenizer, tmp_path):
     from peft import PeftModel
 

@@ -172,6 +172,9 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         record["trainable_parameters"] += sum(w.numel() for w in weights.values())
         record["adapter"]["shared_with"] = sorted(t for t, a in model.adapter_alias.items() if a == adapter)
     write_json(folder / TASK_FILE, record)
+    if lora is None:  # saved over a task that had an adapter: PEFT would still load the old one
+        for stale in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            (folder / stale).unlink(missing_ok=True)
     atomic_write(folder / MODEL_CARD, render_model_card(record, _peft_base_name(model)).encode())
     return folder
 
