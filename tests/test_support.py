@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_bert
 from mtpeft import TaskSpec
 from mtpeft.data import DataError
-from mtpeft.faq import FaqIndex, load_faq, packaged_faq_path
+from mtpeft.faq import FaqIndex, faq_entries, load_faq, packaged_faq_path
 from mtpeft.predictions import LabelPrediction, ScorePrediction
 from mtpeft.support import SupportPipeline, answer, match_score
 from tiny_bundle import FAQ, support_model
@@ -130,3 +130,9 @@ def test_one_call_answer_builds_the_index_once(model, tmp_path):
     assert len(first.similar) == 2 and first.to_dict() == second.to_dict()
     from mtpeft.support import _PIPELINES
     assert len(_PIPELINES[model]) == 1
+
+
+def test_faq_id_zero_is_kept_and_missing_ids_are_numbered():
+    entries = faq_entries([{"id": 0, "question": "a?", "context": "A."}, {"question": "b?", "context": "B."},
+                           {"id": "", "question": "c?", "context": "C."}])
+    assert [e.id for e in entries] == ["0", "faq-2", "faq-3"]

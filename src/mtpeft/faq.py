@@ -68,7 +68,8 @@ def faq_entries(records: Iterable[tuple[str, dict]] | Sequence[dict | FaqEntry])
                 raise DataError(where, None, f"expected an object with 'question' and 'context', found {type(row).__name__}")
             question = _text(where, row, ("question",))
             context = _text(where, row, CONTEXT_COLUMNS)
-            entry = FaqEntry(str(row.get("id") or f"faq-{len(entries) + 1}"), question.strip(), context)
+            given = row.get("id")  # an id of 0 is an id; a missing or empty one is numbered
+            entry = FaqEntry(f"faq-{len(entries) + 1}" if given in (None, "") else str(given), question.strip(), context)
         if entry.id in seen:
             raise DataError(where, "id", f"duplicate FAQ id {entry.id!r}")
         seen.add(entry.id)
