@@ -19,6 +19,15 @@ STS = TaskSpec(name="sts", type="regression", text_column="a", text_pair_column=
                label_range=[0, 5])
 
 
+def test_task_spec_defaults_fit_the_task_type():
+    qa = TaskSpec(name="faq", type="extractive-qa", text_pair_column="context")  # valid with its defaults
+    assert (qa.max_length, qa.doc_stride) == (384, 128)
+    assert SENTIMENT.max_length == 128
+    assert TaskSpec.from_dict(qa.to_dict()) == qa
+    with pytest.raises(ValueError, match="doc_stride=128 must be smaller"):
+        TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=128)
+
+
 def test_tsv_is_read_without_quote_handling(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text('sentence\tlabel\nhe said " hello \t1\n"quoted" start \t0\n', encoding="utf-8")

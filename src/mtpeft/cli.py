@@ -264,8 +264,6 @@ def _custom_spec(args) -> TaskSpec:
         fields["head_dropout"] = args.head_dropout
     if args.max_length:
         fields["max_length"] = args.max_length
-    elif qa:
-        fields["max_length"] = 384
     return TaskSpec(**fields)
 
 

@@ -38,7 +38,8 @@ class TaskSpec:
         text_column: column of the text, first sentence, or QA question.
         text_pair_column: column of the second sentence or QA context.
         label_column: column of the label, score, or QA answers.
-        max_length: tokens per input (per window for QA).
+        max_length: tokens per input (per window for QA); by default 384 for extractive QA
+            (SQuAD's usual window), 128 otherwise.
         truncation: ``head`` keeps the start of long texts; ``head+tail`` keeps
             ``head_tokens`` from the start and the rest from the end (long reviews put their
             verdict at the end).
@@ -61,7 +62,7 @@ class TaskSpec:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    max_length: int = 128
+    max_length: int | None = None
     truncation: str = "head"
     head_tokens: int = 128
     doc_stride: int = 128
@@ -93,6 +94,8 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: pair_encoding must be one of {PAIR_ENCODINGS}, got {self.pair_encoding!r}")
         if self.pair_encoding == "bi" and (self.type == "extractive-qa" or not self.text_pair_column):
             raise ValueError(f"task {self.name!r}: pair_encoding='bi' needs a pair task (text_pair_column) that is not QA")
+        if self.max_length is None:
+            self.max_length = 384 if self.type == "extractive-qa" else 128
         if self.max_length < 8:
             raise ValueError(f"task {self.name!r}: max_length={self.max_length} is too small (>= 8)")
         if self.type == "extractive-qa" and self.doc_stride >= self.max_length - self.max_question_length - 3:
