@@ -65,6 +65,21 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert [line["label"] for line in lines] == ["neg", "pos"]
 
 
+def test_custom_qa_task_takes_its_window_from_the_command_line(backbone_dir, tmp_path):
+    rows = [{"question": f"who met {name}?", "context": f"{other} met {name} at the station on day {i}.",
+             "answers": [{"text": other, "answer_start": 0}]}
+            for i, (name, other) in enumerate([("Bob", "Alice"), ("Dan", "Carol"), ("Fay", "Eve")] * 4)]
+    data = tmp_path / "faq.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    run = tmp_path / "run"
+    code = main(["train", "--task", "faq", "--task-type", "extractive-qa", "--data", str(data), "--out", str(run),
+                 "--backbone", str(backbone_dir), "--max-length", "96", "--doc-stride", "20", "--epochs", "1",
+                 "--no-progress", "--fp32"])
+    assert code == 0
+    spec = json.loads((run / "task.json").read_text())["spec"]
+    assert (spec["max_length"], spec["doc_stride"], spec["text_pair_column"]) == (96, 20, "context")
+
+
 def test_bad_data_fails_with_file_and_line(backbone_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "fine", "label": "a"}\n{"text": "", "label": "b"}\n', encoding="utf-8")

@@ -24,8 +24,10 @@ def test_task_spec_defaults_fit_the_task_type():
     assert (qa.max_length, qa.doc_stride) == (384, 128)
     assert SENTIMENT.max_length == 128
     assert TaskSpec.from_dict(qa.to_dict()) == qa
-    with pytest.raises(ValueError, match="doc_stride=128 must be smaller"):
-        TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=128)
+    short = TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=96)
+    assert short.doc_stride == 28  # a third would be 32; the window leaves 29 tokens of context beside the question
+    with pytest.raises(ValueError, match="doc_stride=64 must be smaller"):
+        TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=128, doc_stride=64)
 
 
 def test_tsv_is_read_without_quote_handling(tmp_path):

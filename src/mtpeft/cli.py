@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     custom.add_argument("--labels", type=_csv_list, help="comma-separated class names (default: the values found in the data)")
     custom.add_argument("--label-range", type=_range, help="regression: low,high of the scores")
     custom.add_argument("--max-length", type=int, help="tokens per input (default 128; QA 384)")
+    custom.add_argument("--doc-stride", type=int, help="QA: tokens shared by consecutive context windows "
+                                                       "(default a third of --max-length)")
     custom.add_argument("--head-dropout", type=float, help="dropout before the head's linear layer (default 0.1)")
     recipe = train.add_argument_group("recipe (defaults: the task's preset, else TrainConfig's)")
     recipe.add_argument("--epochs", type=float)
@@ -264,6 +266,8 @@ def _custom_spec(args) -> TaskSpec:
         fields["head_dropout"] = args.head_dropout
     if args.max_length:
         fields["max_length"] = args.max_length
+    if args.doc_stride:
+        fields["doc_stride"] = args.doc_stride
     return TaskSpec(**fields)
 
 
@@ -288,8 +292,9 @@ def _train(args) -> int:
 
     preset = get_preset(args.task) if args.task in preset_names() and not args.task_type else None
     spec = preset.spec if preset else _custom_spec(args)
-    if preset and args.max_length:
-        spec = TaskSpec.from_dict({**spec.to_dict(), "max_length": args.max_length})
+    window = {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v}
+    if preset and window:
+        spec = TaskSpec.from_dict({**spec.to_dict(), **window})
     recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
                 "checkpoint_every", "pad_to_multiple_of", "backbone_dropout"):

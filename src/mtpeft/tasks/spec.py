@@ -44,7 +44,8 @@ class TaskSpec:
             ``head_tokens`` from the start and the rest from the end (long reviews put their
             verdict at the end).
         head_tokens: tokens kept from the start with ``head+tail``.
-        doc_stride: QA: tokens of overlap between consecutive context windows.
+        doc_stride: QA: tokens of overlap between consecutive context windows; by default a
+            third of ``max_length`` (128 at 384), kept below what a window leaves for context.
         max_answer_length: QA: longest answer span, in tokens.
         max_question_length: QA: questions are cut to this many tokens.
         label_range: regression: ``[low, high]`` of the gold scores, used to scale targets.
@@ -65,7 +66,7 @@ class TaskSpec:
     max_length: int | None = None
     truncation: str = "head"
     head_tokens: int = 128
-    doc_stride: int = 128
+    doc_stride: int | None = None
     max_answer_length: int = 30
     max_question_length: int = 64
     label_range: list[float] | None = None
@@ -98,6 +99,8 @@ class TaskSpec:
             self.max_length = 384 if self.type == "extractive-qa" else 128
         if self.max_length < 8:
             raise ValueError(f"task {self.name!r}: max_length={self.max_length} is too small (>= 8)")
+        if self.doc_stride is None:
+            self.doc_stride = max(1, min(self.max_length // 3, self.max_length - self.max_question_length - 4))
         if self.type == "extractive-qa" and self.doc_stride >= self.max_length - self.max_question_length - 3:
             raise ValueError(
                 f"task {self.name!r}: doc_stride={self.doc_stride} must be smaller than "
