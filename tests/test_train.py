@@ -167,7 +167,8 @@ def test_training_writes_run_folder(backbone, tmp_path):
             "config.json", "metrics.json"} <= names
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1)])
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1), dict(eval_batch_size=0),
+                                 dict(max_train_examples=-1), dict(max_train_examples=0), dict(max_eval_examples=-3)])
 def test_bad_train_config_names_the_option(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)

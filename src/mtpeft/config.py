@@ -92,6 +92,13 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        # None means all: 0 would read as "all" too, and a negative count would cut from the end.
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for all), got {value}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
 
