@@ -323,3 +323,10 @@ def test_joint_training_computes_in_the_runs_precision_and_gives_the_model_its_s
     with pytest.raises(KeyboardInterrupt):
         train_joint(model, _data(), config, progress=False)
     assert (model.bf16, model.backbone_dropout) == (not run_bf16, False)  # also after an interrupted run
+
+
+def test_a_task_without_training_examples_is_a_clear_error(tokenizer):
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    data = {**_data(), "sim": ([], None)}
+    with pytest.raises(ValueError, match="'sim': no training examples"):
+        train_joint(model, data, TrainConfig(epochs=1, batch_size=4, bf16=False), progress=False)

@@ -202,3 +202,11 @@ def test_backbone_dropout_is_a_recipe_setting_for_the_run_only(tokenizer):
         assert model.backbone_dropout is False and not model.backbone.training  # the model's own choice again
         learned[dropout] = model.task_parameters("sent")["head.out.weight"].clone()
     assert not torch.equal(learned[None], learned[True])  # the same seed and batches, other noise
+
+
+def test_no_training_examples_is_a_clear_error(backbone):
+    # An empty data file (or one whose rows were all skipped) used to end in the tokenizer's IndexError.
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    model = _model(backbone, spec)
+    with pytest.raises(ValueError, match="no training examples"):
+        train_task(model, "sent", [], _sentiment(1, 4), TrainConfig(**FAST), progress=False)

@@ -152,6 +152,8 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     features, lengths = {}, {}
     for task, (train, _) in data.items():
         spec = model.spec(task)
+        if not train:
+            raise ValueError(f"task {task!r}: no training examples (an empty data file, or every row skipped)")
         features[task] = task_type(spec).encode(spec, model.tokenizer, train)
         lengths[task] = [len(f["input_ids"]) for f in features[task]]
     probabilities = sampling_probabilities({t: len(f) for t, f in features.items()}, sampling, temperature)

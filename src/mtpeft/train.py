@@ -95,6 +95,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         train_examples = train_examples[: config.max_train_examples]
     if eval_examples is not None and config.max_eval_examples:
         eval_examples = eval_examples[: config.max_eval_examples]
+    if not train_examples:
+        raise ValueError(f"task {task!r}: no training examples (an empty data file, or every row skipped)")
     torch.manual_seed(config.seed)
 
     for param in model.parameters():
