@@ -100,3 +100,19 @@ def test_input_lines_parse_to_texts_pairs_and_questions():
     assert parse_input_line("first\tsecond") == ("first", "second")
     assert parse_input_line('["a", "b"]') == ("a", "b")
     assert parse_input_line('{"question": "q", "context": "c"}') == {"question": "q", "context": "c"}
+
+
+def test_a_lora_flag_changes_only_its_own_setting_of_the_presets_adapter(backbone_dir, tmp_path):
+    # faq-answer's recipe has LoRA r=16, alpha 32 on every linear layer; --alpha used to drop it
+    # for r=8 on query/value, and --lora-dropout alone was ignored.
+    from mtpeft.tasks.presets import support_data_dir
+
+    run = tmp_path / "run"
+    code = main(["train", "--task", "faq-answer", "--data", str(support_data_dir()), "--out", str(run),
+                 "--backbone", str(backbone_dir), "--alpha", "64", "--lora-dropout", "0.1", "--epochs", "1",
+                 "--max-train-examples", "4", "--max-eval-examples", "2", "--batch-size", "4",
+                 "--no-progress", "--fp32", "--no-tensorboard"])
+    assert code == 0
+    adapter = json.loads((run / "task.json").read_text())["adapter"]
+    assert (adapter["r"], adapter["alpha"], adapter["dropout"]) == (16, 64, 0.1)
+    assert {"query", "value", "key", "dense"} <= set(adapter["target_modules"])  # still every linear layer

@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--max-train-examples", type=int, help="train on the first N examples only")
     recipe.add_argument("--max-eval-examples", type=int, help="evaluate on the first N examples only")
     recipe.add_argument("--r", type=int, help="LoRA rank (default: the preset's, else 8)")
-    recipe.add_argument("--alpha", type=float, help="LoRA alpha (default 2*r)")
-    recipe.add_argument("--lora-dropout", type=float, default=0.0)
-    recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
+    recipe.add_argument("--alpha", type=float, help="LoRA alpha (default: the preset's with its rank, else 2*r)")
+    recipe.add_argument("--lora-dropout", type=float, help="dropout on the adapter's input (default: the preset's, else 0)")
+    recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear "
+                                                                 "(default: the preset's, else query/value)")
     recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     recipe.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
@@ -281,6 +282,17 @@ def _labels_in(data: str, column: str) -> list[str]:
     return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
 
 
+def _lora_settings(args, preset: LoraSettings | None) -> LoraSettings:
+    """The adapter of ``mtpeft train``: the preset's (else the defaults), with each LoRA flag given
+    replacing its one setting. A new ``--r`` without ``--alpha`` takes alpha = 2 * r."""
+    base = preset or LoraSettings(r=8, alpha=16.0)
+    r = args.r if args.r is not None else base.r
+    alpha = args.alpha if args.alpha is not None else base.alpha if args.r is None else 2.0 * r
+    return LoraSettings(r=r, alpha=alpha,
+                        dropout=args.lora_dropout if args.lora_dropout is not None else base.dropout,
+                        target_modules=args.target_modules if args.target_modules is not None else base.target_modules)
+
+
 def _train(args) -> int:
     import torch
 
@@ -301,14 +313,7 @@ def _train(args) -> int:
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
     preset_lora = recipe.pop("lora", None)
-    if args.head_only:
-        lora = None
-    elif preset_lora is not None and args.r is None and args.alpha is None and args.target_modules is None:
-        lora = preset_lora
-    else:
-        r = args.r or 8
-        lora = LoraSettings(r=r, alpha=args.alpha or 2.0 * r, dropout=args.lora_dropout,
-                            target_modules=args.target_modules)
+    lora = None if args.head_only else _lora_settings(args, preset_lora)
     config = TrainConfig(**recipe, lora=lora, bf16=False if args.fp32 else None, compile=args.compile)
 
     data = load_task_data(spec, args.data, args.eval_data, preset.layout if preset else None, args.skip_bad_rows)
