@@ -60,6 +60,16 @@ def test_train_config_layers_preset_method_and_user_settings():
     assert get_method("head-only").train_config(preset).head_lr == 3e-3
 
 
+def test_a_method_with_its_own_lr_keeps_the_tasks_head_lr():
+    # A task file's recipe may set the head's rate apart; vera/ia3/full set only the adapter's
+    # (or backbone's) rate, and used to give the head the task's lr instead of its head_lr.
+    preset = {"epochs": 4.0, "lr": 1e-3, "head_lr": 2e-3}
+    for name in ("vera", "ia3", "full"):
+        config = get_method(name).train_config(preset)
+        assert config.lr == get_method(name).recipe["lr"] and config.head_lr == 2e-3, name
+    assert get_method("head-only").train_config(preset).head_lr == 3e-3  # the method's own head rate wins
+
+
 def test_a_presets_full_entry_applies_to_full_fine_tuning_only():
     preset = {"epochs": 2.0, "lr": 1e-3, "full": {"epochs": 1.0, "head_lr": 5e-4}}
     full = get_method("full").train_config(preset)

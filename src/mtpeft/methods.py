@@ -88,10 +88,11 @@ class Method:
         """The preset's recipe, then this method's, then the user's ``overrides`` (None values ignored)."""
         preset_recipe = preset_recipe or {}
         recipe = {k: v for k, v in preset_recipe.items() if k != "lora" and k not in RECIPE_SECTIONS}
-        task_lr = recipe.get("lr", TrainConfig.lr)
+        # The task's head rate: its own head_lr where the recipe sets one, else its lr.
+        task_head_lr = recipe.get("head_lr") or recipe.get("lr", TrainConfig.lr)
         recipe.update(self.recipe)
         if "lr" in self.recipe and "head_lr" not in self.recipe:
-            recipe["head_lr"] = task_lr  # the adapter/backbone rate is the method's; the head keeps the task's
+            recipe["head_lr"] = task_head_lr  # the adapter/backbone rate is the method's; the head keeps the task's
         if self.kind == "full":
             recipe.update(preset_recipe.get("full", {}))
         recipe.update(preset_recipe.get("methods", {}).get(self.name, {}))
