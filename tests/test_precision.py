@@ -42,6 +42,24 @@ def test_bf16_round_trip_restores_the_exact_fp32_weights(backbone, tokenizer):
         assert torch.equal(param, before[name]), name
 
 
+def test_an_adapter_added_while_the_backbone_is_in_bf16_keeps_the_fp32_originals(backbone, tokenizer):
+    # Wrapping a layer for a new adapter renames its weight (query.weight -> query.base_layer.weight);
+    # the fp32 originals were kept by the old names, so going back to fp32 raised KeyError.
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), head_only=True)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    model.bf16 = True
+    with torch.no_grad():
+        model.encode(_batch(tokenizer), "a")  # the backbone is now held in bf16
+    model.add_task(TaskSpec(name="b", type="classification", labels=["x", "y"]),
+                   LoraSettings(r=4, target_modules=["query", "value", "dense"]))
+    model.full_precision()
+    frozen = [p for n, p in model.backbone.named_parameters() if ".lora_" not in n]
+    assert len(frozen) == len(before)
+    for param, original in zip(frozen, before):
+        assert param.dtype == torch.float32 and torch.equal(param, original)
+
+
 def test_bf16_hidden_states_agree_with_fp32(backbone, tokenizer):
     model = _model(backbone)
     batch = _batch(tokenizer)

@@ -54,8 +54,9 @@ class MultiTaskModel(nn.Module):
         # Inference on a single-task batch of at least this many rows folds the task's LoRA
         # into the backbone weights (one matmul per layer instead of three); 0 never merges.
         self.merge_min_rows = 8
-        # fp32 originals of the frozen backbone weights while the backbone computes in bf16.
-        self._fp32_backbone: dict[str, torch.Tensor] = {}
+        # fp32 originals of the frozen backbone weights while the backbone computes in bf16, by
+        # parameter: a layer wrapped for a new adapter meanwhile renames its weight, not the parameter.
+        self._fp32_backbone: list[tuple[nn.Parameter, torch.Tensor]] = []
         # Sharded over processes (FSDP, mtpeft.distributed): the weights are FSDP's to gather
         # and cast, so they are never re-held in another precision or merged here.
         self.sharded = False
@@ -287,15 +288,14 @@ class MultiTaskModel(nn.Module):
         if dtype == held:
             return
         self.unmerge_adapters()
-        weights = self._frozen_backbone_weights()
         if dtype == torch.bfloat16:
-            for name, param in weights.items():
+            for param in self._frozen_backbone_weights().values():
                 if param.dtype == torch.float32:
-                    self._fp32_backbone[name] = param.data
+                    self._fp32_backbone.append((param, param.data))
                     param.data = param.data.to(torch.bfloat16)
         else:
-            for name, original in self._fp32_backbone.items():
-                weights[name].data = original
+            for param, original in self._fp32_backbone:
+                param.data = original
             self._fp32_backbone.clear()
 
     def full_precision(self) -> MultiTaskModel:
