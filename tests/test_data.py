@@ -30,6 +30,16 @@ def test_task_spec_defaults_fit_the_task_type():
         TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=128, doc_stride=64)
 
 
+@pytest.mark.parametrize("bad", [dict(head_tokens=-3), dict(max_question_length=0), dict(max_answer_length=0),
+                                 dict(doc_stride=-5), dict(head_dropout=1.5)])
+def test_task_spec_refuses_negative_counts_naming_the_field(bad):
+    # head_tokens=-3 cut a head+tail text at its end, max_question_length=0 kept whole questions,
+    # a negative doc_stride failed in the tokenizer with an OverflowError.
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=128,
+                 **{"doc_stride": 32, "max_question_length": 32, **bad})
+
+
 def test_tsv_is_read_without_quote_handling(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text('sentence\tlabel\nhe said " hello \t1\n"quoted" start \t0\n', encoding="utf-8")

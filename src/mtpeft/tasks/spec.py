@@ -99,6 +99,15 @@ class TaskSpec:
             self.max_length = 384 if self.type == "extractive-qa" else 128
         if self.max_length < 8:
             raise ValueError(f"task {self.name!r}: max_length={self.max_length} is too small (>= 8)")
+        # Counts that would otherwise silently index from the end (head+tail cut points, question
+        # cut) or fail deep inside the tokenizer (a negative stride).
+        for field_name, least in (("head_tokens", 0), ("max_answer_length", 1), ("max_question_length", 1)):
+            if getattr(self, field_name) < least:
+                raise ValueError(f"task {self.name!r}: {field_name} must be >= {least}, got {getattr(self, field_name)}")
+        if self.doc_stride is not None and self.doc_stride < 0:
+            raise ValueError(f"task {self.name!r}: doc_stride must be >= 0, got {self.doc_stride}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"task {self.name!r}: head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.doc_stride is None:
             self.doc_stride = max(1, min(self.max_length // 3, self.max_length - self.max_question_length - 4))
         if self.type == "extractive-qa" and self.doc_stride >= self.max_length - self.max_question_length - 3:
