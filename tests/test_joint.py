@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,8 +103,18 @@ def test_compare_runs_a_joint_cell(tokenizer, tmp_path, monkeypatch):
     files = write_task_files(tmp_path)
     settings = GridSettings(tasks=["mood", "same"], methods=["joint-temperature"], seeds=[3], task_files=files,
                             backbone="tiny", in_process=True, progress=False, epochs=1, batch_size=4)
+    from mtpeft import joint
+    checkpoint_dirs = []
+
+    def train_joint_checkpointing(*args, out_dir=None, **kwargs):
+        checkpoint_dirs.append(out_dir)
+        return train_joint(*args, out_dir=out_dir, **kwargs)
+
+    monkeypatch.setattr(joint, "train_joint", train_joint_checkpointing)
     summary = run_grid(settings, log=lambda line: None)
     assert summary.failed == [] and len(summary.done) == 1
+    # The cell checkpoints into its work folder, so a killed cell continues where it stopped.
+    assert checkpoint_dirs == [Path("runs/compare/mood+same/joint-temperature-seed3")]
     for task in ("mood", "same"):
         run = json.loads((tmp_path / "results" / "compare" / task / "joint-temperature-seed3.json").read_text())
         assert run["joint"]["tasks"] == ["mood", "same"] and run["hyperparameters"]["temperature"] == 2.0

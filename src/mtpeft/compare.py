@@ -378,7 +378,7 @@ def _run_joint(cell: Cell, settings: GridSettings, sources: dict, data: dict, ba
     sampling = method.settings["sampling"]
     temperature = settings.joint_temperature if sampling == "temperature" else 1.0
     result = train_joint(model, {t: (d[0], d[1]) for t, d in data.items()}, config, sampling, temperature,
-                         task_epochs=task_epochs, progress=settings.progress)
+                         task_epochs=task_epochs, progress=settings.progress, out_dir=work)
     write_safetensors(work / "weights" / "shared_adapter.safetensors",
                       {n: p.detach() for n, p in shared_parameters(model).items()})
     shared_bytes = weights_bytes(work / "weights")
