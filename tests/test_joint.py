@@ -90,6 +90,14 @@ def test_joint_training_shares_one_adapter_and_keeps_the_backbone(tokenizer):
         assert not torch.allclose(model.encode(batch, None), both)
 
 
+def test_joint_training_takes_the_first_n_examples_as_train_task_does(tokenizer):
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    config = TrainConfig(epochs=1, batch_size=4, bf16=False, max_train_examples=4, max_eval_examples=3)
+    result = train_joint(model, _data(), config, progress=False)
+    assert result.total_steps == 2  # one batch of 4 per task, not 6 + 2
+    assert {t: m["examples"] for t, m in result.metrics.items()} == {"sent": 3, "sim": 3}
+
+
 def test_compare_runs_a_joint_cell(tokenizer, tmp_path, monkeypatch):
     import json
 

@@ -148,6 +148,10 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     deleted at the end.
     """
     config = config or TrainConfig()
+    # Each task's first N examples, as train_task takes them.
+    data = {t: (train[: config.max_train_examples] if config.max_train_examples else train,
+                evaluation[: config.max_eval_examples] if evaluation and config.max_eval_examples else evaluation)
+            for t, (train, evaluation) in data.items()}
     torch.manual_seed(config.seed)
     features, lengths = {}, {}
     for task, (train, _) in data.items():
