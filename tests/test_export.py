@@ -37,6 +37,20 @@ def test_exported_classifier_matches(backbone, tmp_path):
     assert not any("lora" in k for k in exported.state_dict())
 
 
+def test_exported_last_token_pooling_finds_the_last_real_token_on_either_padding_side(backbone, tmp_path):
+    import sys
+
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="last", type="classification", labels=["a", "b"], pooling="last"))
+    export_task(model, "last", tmp_path / "last")
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "last", trust_remote_code=True)
+    assert exported.config.pooling == "last"
+    pool = sys.modules[type(exported).__module__]._pool
+    hidden = torch.randn(3, 4, 5)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])  # right-padded, left-padded, full
+    torch.testing.assert_close(pool(hidden, mask, "last"), hidden[[0, 1, 2], [1, 3, 3]])
+
+
 def test_exported_qa_matches(backbone, tmp_path):
     model = _model(backbone)
     export_task(model, "qa", tmp_path / "qa")

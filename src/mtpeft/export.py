@@ -52,7 +52,8 @@ def _pool(hidden, mask, how):
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
     if how == "cls":
         return hidden[:, 0]
-    last = mask.long().sum(1).clamp(min=1) - 1
+    # The last real token on either padding side (a decoder's tokenizer may pad on the left).
+    last = (mask.long() * torch.arange(mask.size(1), device=mask.device)).argmax(1)
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
