@@ -163,6 +163,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             while step < total_steps:
                 batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
                 skip = position.batch_in_epoch if epoch == position.epoch else 0
+                steps_before = step
                 for index in range(skip, len(batches)):
                     if step >= total_steps:
                         break
@@ -190,6 +191,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     fault_point("step", step)
                     if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
                         save_position(index + 1, epoch)
+                if skip == 0 and step == steps_before:  # every batch smaller than the process count
+                    raise ValueError(f"task {task!r}: {len(features)} training examples in batches of "
+                                     f"{config.batch_size} leave no batch to split over {parallel.world_size} processes")
                 epoch += 1
                 if checkpoint is not None and step < total_steps:
                     save_position(0, epoch)
