@@ -265,11 +265,12 @@ def _custom_spec(args) -> TaskSpec:
         fields["labels"] = _labels_in(args.data, fields["label_column"])
     if args.head_dropout is not None:
         fields["head_dropout"] = args.head_dropout
-    if args.max_length:
-        fields["max_length"] = args.max_length
-    if args.doc_stride:
-        fields["doc_stride"] = args.doc_stride
-    return TaskSpec(**fields)
+    return TaskSpec(**fields, **_window_flags(args))
+
+
+def _window_flags(args) -> dict:
+    """``--max-length`` and ``--doc-stride`` where given: they apply to built-in tasks too."""
+    return {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v}
 
 
 def _labels_in(data: str, column: str) -> list[str]:
@@ -304,9 +305,8 @@ def _train(args) -> int:
 
     preset = get_preset(args.task) if args.task in preset_names() and not args.task_type else None
     spec = preset.spec if preset else _custom_spec(args)
-    window = {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v}
-    if preset and window:
-        spec = TaskSpec.from_dict({**spec.to_dict(), **window})
+    if preset and _window_flags(args):
+        spec = TaskSpec.from_dict({**spec.to_dict(), **_window_flags(args)})
     recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
                 "checkpoint_every", "pad_to_multiple_of", "backbone_dropout"):
