@@ -187,6 +187,13 @@ def test_best_threshold_maximises_accuracy():
     assert best_threshold(cosines, [1, 1, 1, 1, 1, 1]) < 0.1  # everything positive
 
 
+def test_best_threshold_never_splits_tied_cosines():
+    cosines, labels = torch.tensor([0.1, 0.5, 0.5, 0.5, 0.9]), [0, 0, 0, 1, 1]
+    threshold = best_threshold(cosines, labels)
+    correct = sum(int(c >= threshold) == y for c, y in zip(cosines.tolist(), labels))
+    assert correct == 4  # the three 0.5 pairs share a side; 0.5 -> 0 gets 4 right, 0.5 -> 1 only 3
+
+
 def test_zero_shot_rules(tokenizer):
     model = MultiTaskModel(tiny_bert(tokenizer))
     model.bf16 = False

@@ -97,6 +97,9 @@ def best_threshold(cosines: torch.Tensor, labels: Sequence[int]) -> float:
     zeros_below = torch.cat([torch.zeros(1), torch.cumsum(1 - gold, 0).float()])  # (n + 1,)
     ones_below = torch.cat([torch.zeros(1), torch.cumsum(gold, 0).float()])
     correct = zeros_below + (positives - ones_below)
+    # A cut between two equal cosines cannot be made by one threshold: tied pairs fall on one side.
+    values_t = torch.tensor(values)
+    correct[1:n][values_t[1:] == values_t[:-1]] = -1
     k = int(torch.argmax(correct))
     if k == 0:
         return values[0] - 1e-6
