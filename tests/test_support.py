@@ -128,11 +128,23 @@ def test_one_call_answer_builds_the_index_once(model, tmp_path):
     first = answer(model, "refund time?", faq=path, top_k=2)
     second = answer(model, "refund time?", faq=path, top_k=2)
     assert len(first.similar) == 2 and first.to_dict() == second.to_dict()
-    from mtpeft.support import _PIPELINES
-    assert len(_PIPELINES[model]) == 1
+    from mtpeft.support import _pipelines
+    assert len(_pipelines(model)) == 1
 
 
 def test_faq_id_zero_is_kept_and_missing_ids_are_numbered():
     entries = faq_entries([{"id": 0, "question": "a?", "context": "A."}, {"question": "b?", "context": "B."},
                            {"id": "", "question": "c?", "context": "C."}])
     assert [e.id for e in entries] == ["0", "faq-2", "faq-3"]
+
+
+def test_one_call_answer_does_not_keep_the_model_alive(tokenizer):
+    import gc
+    import weakref
+
+    model = support_model(tiny_bert(tokenizer))
+    answer(model, "refund time?", top_k=2)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -22,7 +22,6 @@ the HTTP server passes its own ``run``/``embed`` so these rows share micro-batch
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -157,7 +156,10 @@ class SupportPipeline:
         return SupportReply(message, sentiment, similar, answer)
 
 
-_PIPELINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _pipelines(model: MultiTaskModel) -> dict:
+    """The model's cached pipelines, kept on the model: a global map from models to pipelines
+    (which hold their model) would keep every model alive for the life of the process."""
+    return vars(model).setdefault("_support_pipelines", {})
 
 
 def answer(model: MultiTaskModel, message: str, faq: str | os.PathLike | None = None, **settings) -> SupportReply:
@@ -166,7 +168,7 @@ def answer(model: MultiTaskModel, message: str, faq: str | os.PathLike | None = 
     ``settings`` go to ``SupportPipeline`` (task names, ``top_k``, ``answer_threshold``).
     """
     key = (str(faq or packaged_faq_path()), tuple(sorted(settings.items())))
-    cache = _PIPELINES.setdefault(model, {})
+    cache = _pipelines(model)
     if key not in cache:
         cache[key] = SupportPipeline(model, faq, **settings)
     return cache[key].answer(message)
