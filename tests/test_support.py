@@ -148,3 +148,12 @@ def test_one_call_answer_does_not_keep_the_model_alive(tokenizer):
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_numbered_ids_never_clash_with_ids_given_by_other_rows():
+    entries = faq_entries([{"question": "a?", "context": "A."}, {"id": "faq-1", "question": "b?", "context": "B."},
+                           {"id": "faq-4", "question": "c?", "context": "C."}, {"question": "d?", "context": "D."}])
+    ids = [e.id for e in entries]
+    assert ids[1:3] == ["faq-1", "faq-4"] and len(set(ids)) == 4
+    with pytest.raises(DataError, match="duplicate FAQ id 'x'"):
+        faq_entries([{"id": "x", "question": "a?", "context": "A."}, {"id": "x", "question": "b?", "context": "B."}])

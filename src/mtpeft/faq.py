@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,24 +57,37 @@ def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
 
 
 def faq_entries(records: Iterable[tuple[str, dict]] | Sequence[dict | FaqEntry]) -> list[FaqEntry]:
-    """Validated entries from ``(where, row)`` records, or from plain dict rows (``FaqEntry`` passes through)."""
+    """Validated entries from ``(where, row)`` records, or from plain dict rows (``FaqEntry`` passes through).
+
+    A row without an id is numbered ``faq-N`` by its place, skipping ids that other rows give.
+    """
+    rows = [record if isinstance(record, tuple) else (f"FAQ row {i}", record) for i, record in enumerate(records)]
+    parsed = [(where, _entry(where, row)) for where, row in rows]
+    taken = {entry.id for _, entry in parsed if entry.id}
     entries, seen = [], set()
-    for i, record in enumerate(records):
-        where, row = record if isinstance(record, tuple) else (f"FAQ row {i}", record)
-        if isinstance(row, FaqEntry):
-            entry = row
-        else:
-            if not isinstance(row, dict):
-                raise DataError(where, None, f"expected an object with 'question' and 'context', found {type(row).__name__}")
-            question = _text(where, row, ("question",))
-            context = _text(where, row, CONTEXT_COLUMNS)
-            given = row.get("id")  # an id of 0 is an id; a missing or empty one is numbered
-            entry = FaqEntry(f"faq-{len(entries) + 1}" if given in (None, "") else str(given), question.strip(), context)
+    for number, (where, entry) in enumerate(parsed, start=1):
+        if not entry.id:
+            while f"faq-{number}" in taken:
+                number += 1
+            entry = replace(entry, id=f"faq-{number}")
+            taken.add(entry.id)
         if entry.id in seen:
             raise DataError(where, "id", f"duplicate FAQ id {entry.id!r}")
         seen.add(entry.id)
         entries.append(entry)
     return entries
+
+
+def _entry(where: str, row: dict | FaqEntry) -> FaqEntry:
+    """One row as an entry; its id is empty when the row gives none (an id of 0 is an id)."""
+    if isinstance(row, FaqEntry):
+        return row
+    if not isinstance(row, dict):
+        raise DataError(where, None, f"expected an object with 'question' and 'context', found {type(row).__name__}")
+    question = _text(where, row, ("question",))
+    context = _text(where, row, CONTEXT_COLUMNS)
+    given = row.get("id")
+    return FaqEntry("" if given is None else str(given), question.strip(), context)
 
 
 def _text(where: str, row: dict, columns: tuple[str, ...]) -> str:
