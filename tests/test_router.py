@@ -120,6 +120,15 @@ def test_bad_phrasing_rows_name_file_and_line(tmp_path):
         read_phrasings(path)
 
 
+def test_phrasings_files_may_start_with_a_bom_and_bad_bytes_name_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"task": "sentiment", "text": "so happy"}\r\n{"task": null, "text": "caf\xc3\xa9"}\r\n')
+    assert read_phrasings(path) == [("sentiment", "so happy"), (None, "caf\u00e9")]
+    path.write_bytes(b'{"task": null, "text": "ok"}\n{"task": null, "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: .*not UTF-8"):
+        read_phrasings(path)
+
+
 def test_router_examples_skip_phrasings_of_absent_tasks(model, tmp_path):
     extra = tmp_path / "extra.jsonl"
     extra.write_text('{"task": "sentiment", "text": "so happy"}\n{"task": "translate", "text": "in French"}\n')

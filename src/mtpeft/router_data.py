@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mtpeft.data import _decode, _lines
 from mtpeft.examples import Example
 from mtpeft.tasks import TaskSpec
 
@@ -36,20 +37,20 @@ def read_phrasings(path: str | os.PathLike) -> list[tuple[str | None, str]]:
         raise FileNotFoundError(f"{path}: no phrasings file (JSON Lines of {{'task': ..., 'text': ...}})")
     rows = []
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{file}:{number}: invalid JSON: {err.msg}") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                    raise ValueError(f"{file}:{number}: expected {{'task': NAME or null, 'text': non-empty text}}")
-                task = row.get("task")
-                if task is not None and not isinstance(task, str):
-                    raise ValueError(f"{file}:{number}: 'task' must be a task name or null, got {task!r}")
-                rows.append((task, row["text"]))
+        # decoded as data files are: a BOM (Windows editors write one) is no JSON, bad bytes name their line
+        for number, line in enumerate(_lines(_decode(file)), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file}:{number}: invalid JSON: {err.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise ValueError(f"{file}:{number}: expected {{'task': NAME or null, 'text': non-empty text}}")
+            task = row.get("task")
+            if task is not None and not isinstance(task, str):
+                raise ValueError(f"{file}:{number}: 'task' must be a task name or null, got {task!r}")
+            rows.append((task, row["text"]))
     return rows
 
 
