@@ -157,3 +157,18 @@ def test_numbered_ids_never_clash_with_ids_given_by_other_rows():
     assert ids[1:3] == ["faq-1", "faq-4"] and len(set(ids)) == 4
     with pytest.raises(DataError, match="duplicate FAQ id 'x'"):
         faq_entries([{"id": "x", "question": "a?", "context": "A."}, {"id": "x", "question": "b?", "context": "B."}])
+
+
+def test_equal_scores_rank_in_faq_order_whatever_k():
+    import torch
+
+    from mtpeft.faq import FaqEntry
+
+    entries = [FaqEntry(f"e{i}", f"q{i}?", "c.") for i in range(40)]
+    vectors = torch.zeros(40, 2)
+    vectors[:, 1] = 1.0
+    vectors[[0, 1, 39]] = torch.tensor([1.0, 0.0])  # three entries tie for first
+    index = FaqIndex(entries, vectors)
+    query = torch.tensor([1.0, 0.0])
+    assert [e.id for e, _ in index.search(query, 3)] == ["e0", "e1", "e39"]
+    assert [e.id for e, _ in index.search(query, 1)] == ["e0"]

@@ -116,7 +116,8 @@ class FaqIndex:
         return cls(entries, embed_texts(model, texts, max_length=INDEX_TOKENS))
 
     def search(self, query: torch.Tensor, k: int) -> list[tuple[FaqEntry, float]]:
-        """The ``k`` entries closest to the (H,) unit ``query``, best first."""
+        """The ``k`` entries closest to the (H,) unit ``query``, best first; equal scores in FAQ order
+        (``topk`` orders ties arbitrarily, so the answer's entry could change with ``k``)."""
         scores = self.vectors @ query  # (N,)
-        top = torch.topk(scores, min(k, len(self.entries)))
-        return [(self.entries[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        top = torch.sort(scores, descending=True, stable=True)
+        return [(self.entries[i], float(s)) for s, i in zip(top.values[:k].tolist(), top.indices[:k].tolist())]
