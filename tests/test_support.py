@@ -172,3 +172,9 @@ def test_equal_scores_rank_in_faq_order_whatever_k():
     query = torch.tensor([1.0, 0.0])
     assert [e.id for e, _ in index.search(query, 3)] == ["e0", "e1", "e39"]
     assert [e.id for e, _ in index.search(query, 1)] == ["e0"]
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_answer_refuses_a_top_k_below_one(pipeline, top_k):
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        pipeline.answer("how long does a refund take?", top_k=top_k)

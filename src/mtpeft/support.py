@@ -139,9 +139,12 @@ class SupportPipeline:
         """
         if not isinstance(message, str) or not message.strip():
             raise ValueError("the message is empty; pass the customer's text")
+        top_k = self.top_k if top_k is None else top_k
+        if top_k < 1:  # 0 would leave no entry to answer from
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         run = run or self.model.run
         embed = embed or (lambda texts: embed_texts(self.model, texts))
-        hits = self.index.search(embed([message])[0], top_k or self.top_k)
+        hits = self.index.search(embed([message])[0], top_k)
         items = [(self.sentiment_task, Example(text=message))]
         items += [(self.similarity_task, Example(text=message, text_pair=entry.question)) for entry, _ in hits]
         sentiment, *matches = run(items)
