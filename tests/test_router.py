@@ -59,6 +59,15 @@ def test_below_threshold_no_task_with_candidates(model):
     assert decision.confidence == pytest.approx(1 / 3, abs=1e-4)
 
 
+def test_fit_refuses_a_bad_threshold_before_embedding_the_examples(model, monkeypatch):
+    def embedded(*args, **kwargs):
+        raise AssertionError("the examples were embedded before the threshold was checked")
+
+    monkeypatch.setattr(LearnedRouter, "features", staticmethod(embedded))
+    with pytest.raises(ValueError, match="router threshold must be in"):
+        LearnedRouter.fit(model, EXAMPLES, threshold=1.5)
+
+
 def test_explicit_task_wins_and_none_entries_are_routed(router):
     decisions = decide(["tell me a joke", "I love it, great service"], ["faq-answer", None], router)
     assert [(d.task, d.source) for d in decisions] == [("faq-answer", "explicit"), ("sentiment", "router")]

@@ -141,14 +141,18 @@ class ShapeRouter:
         return decisions
 
 
+def check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"router threshold must be in [0, 1], got {threshold}")
+
+
 class LearnedRouter:
     """Softmax over ``[embedding, lexical, shape one-hot] @ weight.T + bias`` with shape masking."""
 
     def __init__(self, model: MultiTaskModel, classes: list[str], shapes: dict[str, str], weight: torch.Tensor,
                  bias: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, info: dict | None = None,
                  lexical_dims: int = LEXICAL_DIMS) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"router threshold must be in [0, 1], got {threshold}")
+        check_threshold(threshold)
         self.model, self.classes, self.shapes = model, list(classes), dict(shapes)
         self.weight, self.bias = weight.float(), bias.float()  # (C, H + D + 3), (C,)
         self.threshold, self.lexical_dims = threshold, lexical_dims
@@ -219,6 +223,7 @@ class LearnedRouter:
         """Train on ``(task, input)`` pairs; ``task=None`` (or ``NO_TASK``) marks off-topic inputs."""
         from sklearn.linear_model import LogisticRegression
 
+        check_threshold(threshold)  # before embedding every example, not after
         labels = [NO_TASK if t is None else t for t, _ in examples]
         unknown = sorted(set(labels) - set(model.specs) - {NO_TASK})
         if unknown:
