@@ -178,3 +178,10 @@ def test_equal_scores_rank_in_faq_order_whatever_k():
 def test_answer_refuses_a_top_k_below_one(pipeline, top_k):
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         pipeline.answer("how long does a refund take?", top_k=top_k)
+
+
+def test_an_empty_faq_path_is_an_error_not_the_demo_faq(model):
+    with pytest.raises(FileNotFoundError, match="the FAQ path is empty"):
+        SupportPipeline(model, "")
+    with pytest.raises(FileNotFoundError):
+        answer(model, "refund time?", faq="")

@@ -50,6 +50,8 @@ def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
     Every row needs ``question`` and ``context`` (or ``answer``) text; ``id`` is optional.
     A bad row raises ``DataError`` naming the file, the line and the field.
     """
+    if not str(path).strip():  # Path("") is ".", which would read as a missing file named "."
+        raise FileNotFoundError("the FAQ path is empty; name a .jsonl, .json, .csv or .tsv file")
     entries = faq_entries(read_records(path))
     if not entries:
         raise DataError(str(path), None, "no FAQ entries; expected rows with 'question' and 'context' (or 'answer')")

@@ -119,8 +119,11 @@ class SupportPipeline:
         self.similarity_spec = _check_task(model, similarity_task, "similarity",
                                            ("pair-classification", "regression"), pair=True)
         _check_task(model, qa_task, "QA", ("extractive-qa",), pair=None)
-        entries = load_faq(faq or packaged_faq_path()) if faq is None or isinstance(faq, (str, os.PathLike)) \
-            else faq_entries(faq)
+        if faq is None or isinstance(faq, (str, os.PathLike)):
+            # only None means the demo FAQ: an empty path (an unset variable) must not serve it to customers
+            entries = load_faq(packaged_faq_path() if faq is None else faq)
+        else:
+            entries = faq_entries(faq)
         if not entries:
             raise ValueError("the FAQ is empty; pass entries with a question and a context")
         self.top_k, self.answer_threshold = top_k, answer_threshold
@@ -170,7 +173,7 @@ def answer(model: MultiTaskModel, message: str, faq: str | os.PathLike | None = 
 
     ``settings`` go to ``SupportPipeline`` (task names, ``top_k``, ``answer_threshold``).
     """
-    key = (str(faq or packaged_faq_path()), tuple(sorted(settings.items())))
+    key = (str(packaged_faq_path() if faq is None else faq), tuple(sorted(settings.items())))
     cache = _pipelines(model)
     if key not in cache:
         cache[key] = SupportPipeline(model, faq, **settings)
