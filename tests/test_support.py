@@ -185,3 +185,10 @@ def test_an_empty_faq_path_is_an_error_not_the_demo_faq(model):
         SupportPipeline(model, "")
     with pytest.raises(FileNotFoundError):
         answer(model, "refund time?", faq="")
+
+
+def test_a_malformed_json_faq_names_its_file_and_line(tmp_path):
+    path = tmp_path / "faq.json"
+    path.write_text('[{"question": "a?", "context": "A."},\n{"question": "b?" "context": "B."}]')
+    with pytest.raises(DataError, match=r"faq.json:2: invalid JSON: Expecting ',' delimiter"):
+        load_faq(path)

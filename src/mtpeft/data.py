@@ -110,7 +110,10 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}:{number}", None, f"expected a JSON object, found {type(row).__name__}")
             yield f"{path}:{number}", row
     elif suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:  # as for .jsonl: name the file and line, not only a character offset
+            raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
         if isinstance(data, dict) and "data" in data:
             yield from squad_records(path, data)
         elif isinstance(data, list):
