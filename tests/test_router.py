@@ -12,7 +12,7 @@ from mtpeft.backbone import BackboneMismatchError
 from mtpeft.cli import main
 from mtpeft.router import (NO_TASK, ROUTER_DIR, LearnedRouter, RouteDecision, ShapeRouter, decide, input_shape,
                            lexical_features, load_router)
-from mtpeft.router_data import packaged_phrasings_dir, read_phrasings, router_examples
+from mtpeft.router_data import packaged_phrasings_dir, read_phrasings, router_examples, spread
 from tiny_bundle import QA, ROUTER_EXAMPLES as EXAMPLES, path_backbone, saved_backbone, support_model
 
 
@@ -59,13 +59,15 @@ def test_below_threshold_no_task_with_candidates(model):
     assert decision.confidence == pytest.approx(1 / 3, abs=1e-4)
 
 
-def test_fit_refuses_a_bad_threshold_before_embedding_the_examples(model, monkeypatch):
+def test_fit_refuses_a_bad_threshold_or_c_before_embedding_the_examples(model, monkeypatch):
     def embedded(*args, **kwargs):
         raise AssertionError("the examples were embedded before the threshold was checked")
 
     monkeypatch.setattr(LearnedRouter, "features", staticmethod(embedded))
     with pytest.raises(ValueError, match="router threshold must be in"):
         LearnedRouter.fit(model, EXAMPLES, threshold=1.5)
+    with pytest.raises(ValueError, match="C must be > 0, got 0"):
+        LearnedRouter.fit(model, EXAMPLES, c=0)
 
 
 def test_explicit_task_wins_and_none_entries_are_routed(router):
@@ -162,3 +164,10 @@ def test_train_router_cli_writes_router_into_the_bundle(tokenizer, tmp_path, cap
     assert record["threshold"] == 0.4 and NO_TASK in record["classes"]
     manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert {"router/router.json", "router/router.safetensors"} <= set(manifest["files"])
+
+
+def test_spread_takes_items_evenly_and_refuses_no_room():
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert spread([1, 2], 5) == [1, 2]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        spread([1, 2], 0)

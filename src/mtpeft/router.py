@@ -224,6 +224,8 @@ class LearnedRouter:
         from sklearn.linear_model import LogisticRegression
 
         check_threshold(threshold)  # before embedding every example, not after
+        if not c > 0:  # sklearn would say so too, but only after every example is embedded
+            raise ValueError(f"router regularisation C must be > 0, got {c}")
         labels = [NO_TASK if t is None else t for t, _ in examples]
         unknown = sorted(set(labels) - set(model.specs) - {NO_TASK})
         if unknown:

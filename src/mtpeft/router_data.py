@@ -65,6 +65,8 @@ def example_input(example: Example, spec: TaskSpec) -> ModelInput:
 
 def spread(items: list, limit: int) -> list:
     """At most ``limit`` items, taken evenly across the list (files are often sorted by label)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1 item, got {limit}")
     if len(items) <= limit:
         return list(items)
     step = len(items) / limit
