@@ -228,3 +228,26 @@ def test_no_training_examples_is_a_clear_error(backbone):
     model = _model(backbone, spec)
     with pytest.raises(ValueError, match="no training examples"):
         train_task(model, "sent", [], _sentiment(1, 4), TrainConfig(**FAST), progress=False)
+
+
+def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokenizer, tmp_path, monkeypatch):
+    # 40 examples / 16 per batch x 1 epoch = 3 steps, a checkpoint at step 3: the last one.
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 3})
+    train, held_out = _sentiment(0, 20), _sentiment(1, 4)
+    whole = train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config, progress=False,
+                       out_dir=tmp_path / "whole", report_to=())
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while evaluating, after the last checkpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mtpeft.train.evaluate_task", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config, progress=False,
+                       out_dir=tmp_path / "resumed", report_to=())
+    resumed = train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config, progress=False,
+                         out_dir=tmp_path / "resumed", report_to=())
+    assert resumed.steps == whole.steps == 3
+    assert resumed.final_loss == whole.final_loss
+    assert resumed.metrics == whole.metrics

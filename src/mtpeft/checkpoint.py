@@ -23,13 +23,15 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 
 @dataclass
 class RunPosition:
-    """Where a run is: optimizer steps done, epoch, batches of that epoch consumed."""
+    """Where a run is: optimizer steps done, epoch, batches of that epoch consumed, and the
+    last step's loss (a run that resumes at its last step reports it as its final loss)."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     seen: int = 0
     elapsed: float = 0.0
+    loss: float = float("nan")
 
 
 class CheckpointMismatchError(ValueError):

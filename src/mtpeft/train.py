@@ -142,7 +142,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     if parallel.zero_stage is not None and parallel.is_main:
         print(f"DeepSpeed ZeRO stage {parallel.zero_stage} over {parallel.world_size} processes", file=sys.stderr)
     tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
-    step, seen, epoch, loss_value = position.step, position.seen, position.epoch, float("nan")
+    step, seen, epoch, loss_value = position.step, position.seen, position.epoch, position.loss
     saves = 0
     started = time.perf_counter() - position.elapsed
     bar = tqdm(total=total_steps, initial=step, desc=f"train {task}", unit="step",
@@ -154,7 +154,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         saves += 1
         weights, optimizer_state = parallel.checkpoint_state(trainable, optimizer)
         save_checkpoint(writer, weights, optimizer_state, scheduler,
-                        RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started),
+                        RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started, loss_value),
                         fingerprint, saves)
 
     try:  # an interrupted run leaves the model's precision and dropout as they came in
