@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 
 import pytest
 
@@ -116,3 +117,14 @@ def test_a_lora_flag_changes_only_its_own_setting_of_the_presets_adapter(backbon
     adapter = json.loads((run / "task.json").read_text())["adapter"]
     assert (adapter["r"], adapter["alpha"], adapter["dropout"]) == (16, 64, 0.1)
     assert {"query", "value", "key", "dense"} <= set(adapter["target_modules"])  # still every linear layer
+
+
+def test_train_records_the_command_it_was_given(backbone_dir, tmp_path):
+    # main(argv) from a script or notebook recorded the host process's argv (here: pytest's).
+    _write_sentiment(tmp_path / "train.csv", 8, 0)
+    argv = ["train", "--task", "mood", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),
+            "--eval-data", str(tmp_path / "train.csv"), "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir),
+            "--epochs", "1", "--no-progress", "--fp32", "--report-to", "", "--checkpoint-every", "-1"]
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["command"] == "mtpeft " + shlex.join(argv)

@@ -325,7 +325,7 @@ def _train(args) -> int:
     torch.manual_seed(config.seed)  # the adapter's and head's initial weights
     model.add_task(spec, lora, head_only=args.head_only)
     run_info = {"data": data.description, "skipped_rows": len(data.skipped), "backbone": args.backbone,
-                "command": "mtpeft " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+                "command": "mtpeft " + shlex.join(args.argv)}
     result = train_task(model, spec.name, data.train, data.eval, config, out_dir=args.out,
                         progress=not args.no_progress, run_info=run_info,
                         report_to=[t for t in args.report_to if not (args.no_tensorboard and t == "tensorboard")])
