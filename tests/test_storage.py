@@ -150,6 +150,16 @@ def test_model_card_is_readable_by_huggingface_hub(backbone, tmp_path):
     assert "| accuracy | 91.50 |" in card.text and "trainable parameters" in card.text
 
 
+def test_model_card_front_matter_names_the_metrics(backbone, tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = _model(backbone)
+    model.task_metrics["sentiment"] = {"accuracy": 91.5, "f1": 90.1, "examples": 10}
+    model.save(tmp_path)
+    assert ModelCard.load(tmp_path / "sentiment" / "README.md").data.metrics == ["accuracy", "f1"]
+    assert ModelCard.load(tmp_path / "faq" / "README.md").data.metrics is None  # not evaluated
+
+
 def test_bundle_files_are_verified_against_their_sha256(backbone, tmp_path):
     from mtpeft.storage import BundleIntegrityError
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 
+COUNTS = ("examples",)  # numbers in a task's metrics that count, not score
+
 
 def render_model_card(record: dict, base_model: str) -> str:
     spec = record["spec"]
     adapter = record.get("adapter")
-    metrics = {k: v for k, v in record.get("metrics", {}).items() if isinstance(v, (int, float))}
+    metrics = {k: v for k, v in record.get("metrics", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scores = [k for k in metrics if k not in COUNTS]
     front = [
         "---",
         "library_name: peft" if adapter else "library_name: mtpeft",
@@ -22,6 +26,7 @@ def render_model_card(record: dict, base_model: str) -> str:
         "- mtpeft",
         f"- {spec['type']}",
         *(["- lora"] if adapter else []),
+        *(["metrics:", *(f"- {json.dumps(k)}" for k in scores)] if scores else []),
         "---",
     ]
     lines = [f"# {spec['name']}", "", spec.get("description") or f"A {spec['type']} task trained with mtpeft.", ""]
