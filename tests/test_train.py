@@ -168,7 +168,8 @@ def test_training_writes_run_folder(backbone, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1), dict(eval_batch_size=0),
-                                 dict(max_train_examples=-1), dict(max_train_examples=0), dict(max_eval_examples=-3)])
+                                 dict(max_train_examples=-1), dict(max_train_examples=0), dict(max_eval_examples=-3),
+                                 dict(max_grad_norm=-1.0), dict(warmup_ratio=-0.1), dict(warmup_ratio=6.0)])
 def test_bad_train_config_names_the_option(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
