@@ -252,3 +252,24 @@ def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokeniz
     assert resumed.steps == whole.steps == 3
     assert resumed.final_loss == whole.final_loss
     assert resumed.metrics == whole.metrics
+
+
+def test_a_checkpoint_does_not_resume_on_another_backbone(tokenizer, tmp_path, monkeypatch):
+    # Same settings, same shapes, other weights: the adapter would go on training for a backbone it never saw.
+    from mtpeft.checkpoint import CheckpointMismatchError
+
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
+
+    def interrupt(where, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mtpeft.train.fault_point", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", _sentiment(0, 20), None, config,
+                       progress=False, out_dir=tmp_path, report_to=())
+    with pytest.raises(CheckpointMismatchError, match="backbone"):
+        train_task(_model(tiny_bert(tokenizer, seed=1), spec), "sent", _sentiment(0, 20), None, config,
+                   progress=False, out_dir=tmp_path, report_to=())

@@ -38,6 +38,11 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
+def backbone_key(identity) -> str:
+    """The backbone a run trains on, for its fingerprint: its weights, not the name it was loaded by."""
+    return json.dumps({k: v for k, v in identity.to_dict().items() if k != "name"}, sort_keys=True)
+
+
 def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
                     position: RunPosition, fingerprint: dict, save_count: int) -> None:
     """Write the checkpoint to ``path`` (``None``: a process that does not write).
