@@ -249,6 +249,9 @@ def test_report_errors(tmp_path):
     (tmp_path / "t" / "x.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ReportError, match="not an mtpeft compare run"):
         load_runs(tmp_path)
+    (tmp_path / "t" / "x.json").write_text(json.dumps([1, 2]))  # valid JSON, but no run's object
+    with pytest.raises(ReportError, match="not an mtpeft compare run"):
+        load_runs(tmp_path)
     with pytest.raises(ReportError, match="broken quality section"):
         replace_section(f"{END}\n{START}\n", "x")
     assert replace_section("", f"{START}\nnew\n{END}").startswith("# Results")

@@ -45,8 +45,9 @@ def load_runs(folder: str | Path) -> list[dict]:
             run = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ReportError(f"{path}: not valid JSON ({err})") from None
-        if run.get("format") != RESULT_FORMAT:
-            raise ReportError(f"{path}: not an mtpeft compare run (format {run.get('format')!r})")
+        found = run.get("format") if isinstance(run, dict) else f"none: a JSON {type(run).__name__}"
+        if found != RESULT_FORMAT:
+            raise ReportError(f"{path}: not an mtpeft compare run (format {found!r})")
         runs.append(run)
     if not runs:
         raise ReportError(f"no run results under {folder} (expected {folder}/<task>/<method>-seed<k>.json)")
