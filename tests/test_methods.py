@@ -93,6 +93,14 @@ def test_a_presets_methods_entry_applies_to_the_named_method_only():
     assert get_method("tiny").train_config(get_preset("stsb").recipe).lr == 3e-3
 
 
+def test_an_unknown_recipe_field_is_a_clear_error():
+    # A task file's recipe with a typo ended in TrainConfig's TypeError traceback.
+    with pytest.raises(ValueError, match="'epoch'"):
+        get_method("lora-r8").train_config({"epoch": 2})
+    with pytest.raises(ValueError, match="'lrate'"):
+        get_method("full").train_config({"full": {"lrate": 1e-5}})
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_method_trains_only_its_parameters(name, tokenizer, tmp_path):
     method = get_method(name)

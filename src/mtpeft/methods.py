@@ -24,7 +24,7 @@ needs a higher rate there).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -97,6 +97,10 @@ class Method:
             recipe.update(preset_recipe.get("full", {}))
         recipe.update(preset_recipe.get("methods", {}).get(self.name, {}))
         recipe.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown recipe fields {unknown}; "
+                             f"a recipe holds TrainConfig fields ({', '.join(f.name for f in fields(TrainConfig))})")
         return TrainConfig(**recipe, lora=self.lora_settings())
 
     def build(self, backbone: Backbone, spec: TaskSpec, seed: int = 0) -> MultiTaskModel:
