@@ -81,6 +81,15 @@ def test_custom_qa_task_takes_its_window_from_the_command_line(backbone_dir, tmp
     assert (spec["max_length"], spec["doc_stride"], spec["text_pair_column"]) == (96, 20, "context")
 
 
+def test_a_zero_window_flag_is_not_ignored(backbone_dir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine", "label": "a"}\n{"text": "bad", "label": "b"}\n', encoding="utf-8")
+    code = main(["train", "--task", "t", "--task-type", "classification", "--labels", "a,b", "--data", str(data),
+                 "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir), "--max-length", "0", "--no-progress"])
+    assert code == 2
+    assert "max_length=0 is too small" in capsys.readouterr().err
+
+
 def test_bad_data_fails_with_file_and_line(backbone_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "fine", "label": "a"}\n{"text": "", "label": "b"}\n', encoding="utf-8")

@@ -270,7 +270,7 @@ def _custom_spec(args) -> TaskSpec:
 
 def _window_flags(args) -> dict:
     """``--max-length`` and ``--doc-stride`` where given: they apply to built-in tasks too."""
-    return {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v}
+    return {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v is not None}
 
 
 def _labels_in(data: str, column: str) -> list[str]:
