@@ -273,3 +273,25 @@ def test_a_checkpoint_does_not_resume_on_another_backbone(tokenizer, tmp_path, m
     with pytest.raises(CheckpointMismatchError, match="backbone"):
         train_task(_model(tiny_bert(tokenizer, seed=1), spec), "sent", _sentiment(0, 20), None, config,
                    progress=False, out_dir=tmp_path, report_to=())
+
+
+def test_a_checkpoint_does_not_resume_on_other_data_of_the_same_size(tokenizer, tmp_path, monkeypatch):
+    # A data file replaced by another with as many rows: resuming would train on a mix of both.
+    from mtpeft.checkpoint import CheckpointMismatchError
+
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
+
+    def interrupt(where, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mtpeft.train.fault_point", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", _sentiment(0, 20), None, config,
+                       progress=False, out_dir=tmp_path, report_to=())
+    flipped = [Example(text=ex.text, label=1 - ex.label) for ex in _sentiment(0, 20)]
+    with pytest.raises(CheckpointMismatchError, match="features"):
+        train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", flipped, None, config,
+                   progress=False, out_dir=tmp_path, report_to=())

@@ -9,7 +9,10 @@ resumed run ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +44,18 @@ class CheckpointMismatchError(ValueError):
 def backbone_key(identity) -> str:
     """The backbone a run trains on, for its fingerprint: its weights, not the name it was loaded by."""
     return json.dumps({k: v for k, v in identity.to_dict().items() if k != "name"}, sort_keys=True)
+
+
+def features_digest(features: Sequence[dict], targets: Iterable[str]) -> str:
+    """What a run trains on, for its fingerprint: every feature's token ids and targets, so a
+    data file replaced by another with as many rows does not resume into a mix of the two."""
+    digest = hashlib.sha256()
+    for feature in features:
+        for key in ("input_ids", "input_ids_b", *targets):
+            value = feature.get(key)
+            digest.update(array("q", value).tobytes() if isinstance(value, list) else repr(value).encode())
+            digest.update(b"|")
+    return f"{len(features)} {digest.hexdigest()[:16]}"
 
 
 def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,

@@ -37,7 +37,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.backbone import Backbone
 from mtpeft.batching import bucketed_batches, collate
-from mtpeft.checkpoint import CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, load_checkpoint, save_checkpoint
+from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, features_digest, load_checkpoint,
+                               save_checkpoint)
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
@@ -178,7 +179,8 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     fingerprint = {"tasks": json.dumps({t: model.spec(t).to_dict() for t in features}, sort_keys=True),
                    "config": json.dumps({k: v for k, v in config.to_dict().items() if k != "compile"}, sort_keys=True),
                    "sampling": f"{sampling} T={temperature}", "total_steps": str(total_steps),
-                   "features": json.dumps({t: len(f) for t, f in features.items()}),
+                   "features": json.dumps({t: features_digest(f, task_type(model.spec(t)).targets)
+                                          for t, f in features.items()}),
                    "backbone": backbone_key(model.identity)}
     position = RunPosition()
     if out_dir is not None and Path(out_dir).is_dir():

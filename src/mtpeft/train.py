@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.batching import bucketed_batches, collate
-from mtpeft.checkpoint import CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, load_checkpoint, save_checkpoint
+from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, features_digest, load_checkpoint,
+                               save_checkpoint)
 from mtpeft.compiled import compiled
 from mtpeft.config import TrainConfig
 from mtpeft.distributed import DataParallel, parameter_count
@@ -127,7 +128,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     # Compiling changes the kernels, not the optimisation path: a run may resume with or without it.
     recipe = {k: v for k, v in config.to_dict().items() if k != "compile"}
     fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True),
-                   "config": json.dumps(recipe, sort_keys=True), "features": str(len(features)),
+                   "config": json.dumps(recipe, sort_keys=True), "features": features_digest(features, kind.targets),
                    "backbone": backbone_key(model.identity)}
     position, saved_optimizer = RunPosition(), None
     if out_dir is not None and Path(out_dir).is_dir():
