@@ -321,6 +321,32 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights(tokenizer, tmp_pat
     assert not (tmp_path / CHECKPOINT_FILE).exists()  # the finished run removes it
 
 
+def test_a_joint_run_that_fails_in_evaluation_resumes_without_training_again(tokenizer, tmp_path, monkeypatch):
+    from mtpeft import joint
+    from mtpeft.checkpoint import CHECKPOINT_FILE
+
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-2, bf16=False, seed=0, checkpoint_every=100)
+
+    def run():
+        model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+        return train_joint(model, _data(), config, progress=False, out_dir=tmp_path)
+
+    def broken_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(joint, "evaluate_task", broken_evaluation)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    assert (tmp_path / CHECKPOINT_FILE).exists()  # the finished training, though no step divides by 100
+
+    trained = []
+    monkeypatch.setattr(joint, "fault_point", lambda kind, at: trained.append(at))
+    result = run()
+    assert trained == [] and result.metrics and result.final_loss == result.final_loss  # no step again, loss kept
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
 @pytest.mark.parametrize("run_bf16", [False, True])
 def test_joint_training_computes_in_the_runs_precision_and_gives_the_model_its_settings_back(
         tokenizer, monkeypatch, run_bf16):

@@ -199,7 +199,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     for task, done in steps.items():  # replay each task's batches up to the checkpoint
         for _ in range(done):
             next(streams[task])
-    seen, loss_value = position.seen, float("nan")
+    seen, loss_value = position.seen, position.loss
     with model.training_run(use_bf16, config.backbone_dropout):  # restored also after an error
         model.train()
         started = time.perf_counter() - position.elapsed
@@ -224,14 +224,13 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
             seen += len(indices)
             loss_value = float(loss.detach())
             fault_point("step", step)
-            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
-                    and step < total_steps:
-                reached = RunPosition(step=step, seen=seen, elapsed=time.perf_counter() - started)
+            # The last step too: an evaluation that fails then resumes without training again.
+            if checkpoint is not None and config.checkpoint_every and \
+                    (step % config.checkpoint_every == 0 or step == total_steps):
+                reached = RunPosition(step=step, seen=seen, elapsed=time.perf_counter() - started, loss=loss_value)
                 save_checkpoint(checkpoint, {n: p.detach() for n, p in named.items()}, optimizer.state_dict(),
                                 scheduler, reached, fingerprint, step)
         bar.close()
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
     model.eval()
     for param in trainable:
@@ -240,6 +239,8 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     for task, (_, evaluation) in data.items():
         metrics[task] = evaluate_task(model, task, evaluation, config.eval_batch_size) if evaluation else {}
         model.task_metrics[task] = metrics[task]
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return JointResult(
         metrics=metrics, steps=steps, probabilities=probabilities, total_steps=total_steps,
         train_seconds=round(elapsed, 3), examples_per_second=round(seen / elapsed, 2), final_loss=loss_value,
