@@ -231,10 +231,11 @@ def test_no_training_examples_is_a_clear_error(backbone):
         train_task(model, "sent", [], _sentiment(1, 4), TrainConfig(**FAST), progress=False)
 
 
-def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokenizer, tmp_path, monkeypatch):
-    # 40 examples / 16 per batch x 1 epoch = 3 steps, a checkpoint at step 3: the last one.
+@pytest.mark.parametrize("every", [3, 100])
+def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokenizer, tmp_path, monkeypatch, every):
+    # 40 examples / 16 per batch x 1 epoch = 3 steps; the last step is checkpointed whether or not `every` divides it.
     spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
-    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 3})
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": every})
     train, held_out = _sentiment(0, 20), _sentiment(1, 4)
     whole = train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config, progress=False,
                        out_dir=tmp_path / "whole", report_to=())
@@ -247,8 +248,11 @@ def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokeniz
         with pytest.raises(KeyboardInterrupt):
             train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config, progress=False,
                        out_dir=tmp_path / "resumed", report_to=())
+    trained = []
+    monkeypatch.setattr("mtpeft.train.fault_point", lambda where, at: trained.append(where))
     resumed = train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config, progress=False,
                          out_dir=tmp_path / "resumed", report_to=())
+    assert "step" not in trained  # nothing trained again
     assert resumed.steps == whole.steps == 3
     assert resumed.final_loss == whole.final_loss
     assert resumed.metrics == whole.metrics

@@ -77,8 +77,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     """Train ``task``'s adapter and head on ``train_examples``; evaluate; save to ``out_dir``.
 
     Only the task's own parameters train: the backbone and other tasks stay frozen. With
-    ``out_dir``, a checkpoint is written every ``config.checkpoint_every`` steps and at each
-    epoch end, and a run that finds one there continues from it. ``save=False`` keeps
+    ``out_dir``, a checkpoint is written every ``config.checkpoint_every`` steps, at each
+    epoch end and after the last step (kept until the results are saved), and a run that
+    finds one there continues from it. ``save=False`` keeps
     ``out_dir`` to checkpoints, config.json and metrics.json: methods whose weights are not a
     LoRA adapter (``mtpeft.methods``) write their own. ``report_to`` names the trackers
     (``mtpeft.tracking``) that record the run in ``out_dir``; empty: none.
@@ -191,7 +192,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     if step % 10 == 0 or step == total_steps:
                         bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.0f}")
                     fault_point("step", step)
-                    if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                    # The last step too: an evaluation that fails then resumes without training again.
+                    if checkpoint is not None and (config.checkpoint_every and step % config.checkpoint_every == 0
+                                                   or step == total_steps):
                         save_position(index + 1, epoch)
                 if skip == 0 and step == steps_before:  # every batch smaller than the process count
                     raise ValueError(f"task {task!r}: {len(features)} training examples in batches of "
