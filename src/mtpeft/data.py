@@ -43,7 +43,8 @@ class LoadReport:
 # ------------------------------------------------------------------ raw records
 
 
-def _decode(path: Path) -> str:
+def decode_file(path: Path) -> str:
+    """A text file's contents; a byte-order mark is dropped, bytes that are not UTF-8 name their line."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")  # GLUE's MRPC header starts with a BOM
@@ -55,7 +56,7 @@ def _decode(path: Path) -> str:
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-def _lines(text: str) -> list[str]:
+def split_lines(text: str) -> list[str]:
     """Lines ended by \\n, \\r\\n or \\r only: ``str.splitlines`` also ends them at U+2028, U+0085,
     form feeds and other characters that are text inside a TSV field or a JSON string."""
     lines = _LINE_END.split(text)
@@ -72,9 +73,9 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     suffix = path.suffix.lower()
-    text = _decode(path)
+    text = decode_file(path)
     if suffix in (".tsv", ".tab"):
-        lines = _lines(text)
+        lines = split_lines(text)
         if not lines:
             raise DataError(f"{path}:1", None, "empty file, expected a header line")
         header = lines[0].split("\t")
@@ -99,7 +100,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{path}:{start}", dict(zip(header, values))
             start = reader.line_num + 1
     elif suffix == ".jsonl":
-        for number, line in enumerate(_lines(text), start=1):
+        for number, line in enumerate(split_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -141,7 +142,7 @@ def squad_records(path: Path, data: dict, articles: slice | None = None) -> Iter
 
 def read_squad(path: str | Path, articles: slice | None = None) -> Iterator[tuple[str, dict]]:
     path = Path(path)
-    return squad_records(path, json.loads(_decode(path)), articles)
+    return squad_records(path, json.loads(decode_file(path)), articles)
 
 
 # ------------------------------------------------------------------ examples

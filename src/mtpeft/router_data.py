@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtpeft.data import _decode, _lines
+from mtpeft.data import decode_file, split_lines
 from mtpeft.examples import Example
 from mtpeft.tasks import TaskSpec
 
@@ -38,7 +38,7 @@ def read_phrasings(path: str | os.PathLike) -> list[tuple[str | None, str]]:
     rows = []
     for file in files:
         # decoded as data files are: a BOM (Windows editors write one) is no JSON, bad bytes name their line
-        for number, line in enumerate(_lines(_decode(file)), start=1):
+        for number, line in enumerate(split_lines(decode_file(file)), start=1):
             if not line.strip():
                 continue
             try:
