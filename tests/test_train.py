@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -299,3 +300,28 @@ def test_a_checkpoint_does_not_resume_on_other_data_of_the_same_size(tokenizer, 
     with pytest.raises(CheckpointMismatchError, match="features"):
         train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", flipped, None, config,
                    progress=False, out_dir=tmp_path, report_to=())
+
+
+def test_a_run_resumes_with_other_evaluation_and_checkpoint_settings(tokenizer, tmp_path, monkeypatch):
+    from mtpeft.checkpoint import CheckpointMismatchError
+
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
+    train, held_out = _sentiment(0, 20), _sentiment(1, 4)
+
+    def interrupt(where, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mtpeft.train.fault_point", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config,
+                       progress=False, out_dir=tmp_path, report_to=())
+    with pytest.raises(CheckpointMismatchError):  # a training setting still may not change
+        train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, replace(config, lr=config.lr / 2),
+                   progress=False, out_dir=tmp_path, report_to=())
+    evaluation_only = replace(config, eval_batch_size=3, max_eval_examples=5, checkpoint_every=7)
+    result = train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, evaluation_only,
+                        progress=False, out_dir=tmp_path, report_to=())
+    assert result.steps == 3 and result.metrics["examples"] == 5

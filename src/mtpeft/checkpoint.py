@@ -41,6 +41,15 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
+# Settings a run may change when it resumes: they change neither what it trains on nor how.
+RESUMABLE_SETTINGS = ("compile", "eval_batch_size", "max_eval_examples", "checkpoint_every")
+
+
+def recipe_key(config) -> str:
+    """A run's training settings, for its fingerprint: all but ``RESUMABLE_SETTINGS``."""
+    return json.dumps({k: v for k, v in config.to_dict().items() if k not in RESUMABLE_SETTINGS}, sort_keys=True)
+
+
 def backbone_key(identity) -> str:
     """The backbone a run trains on, for its fingerprint: its weights, not the name it was loaded by."""
     return json.dumps({k: v for k, v in identity.to_dict().items() if k != "name"}, sort_keys=True)

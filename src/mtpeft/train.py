@@ -22,7 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, features_digest, load_checkpoint,
-                               save_checkpoint)
+                               recipe_key, save_checkpoint)
 from mtpeft.compiled import compiled
 from mtpeft.config import TrainConfig
 from mtpeft.distributed import DataParallel, parameter_count
@@ -126,11 +126,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
 
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
     # What must not change between a run and its resumption.
-    # Compiling changes the kernels, not the optimisation path: a run may resume with or without it.
-    recipe = {k: v for k, v in config.to_dict().items() if k != "compile"}
-    fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True),
-                   "config": json.dumps(recipe, sort_keys=True), "features": features_digest(features, kind.targets),
-                   "backbone": backbone_key(model.identity)}
+    fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True), "config": recipe_key(config),
+                   "features": features_digest(features, kind.targets), "backbone": backbone_key(model.identity)}
     position, saved_optimizer = RunPosition(), None
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)
