@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 
@@ -173,6 +174,19 @@ def test_non_finite_numbers_in_a_request_are_422_not_500(client, path, body):
         response = client.post(path, content=body, headers={"content-type": content_type})
         assert response.status_code == 422, response.text
         assert json.loads(response.text, parse_constant=refuse)["detail"].startswith("invalid request")
+
+
+def test_a_non_finite_prediction_is_a_500_that_says_so(model, monkeypatch):
+    run = model.run
+
+    def broken(items, batch_size=64):
+        return [dataclasses.replace(p, score=float("nan")) for p in run(items, batch_size=batch_size)]
+
+    monkeypatch.setattr(model, "run", broken)
+    with TestClient(create_app(model, settings=ServeSettings(max_wait_ms=0))) as c:
+        response = c.post("/v1/predict", json={"inputs": ["fine", "great"], "task": "sentiment"})
+    assert response.status_code == 500
+    assert response.json()["detail"].startswith("inputs[0]: task 'sentiment' gave a non-finite score")
 
 
 @pytest.mark.parametrize("body", [

@@ -231,6 +231,17 @@ def _check_texts(i: int, value, settings: ServeSettings) -> None:
                                      f"over max_text_chars={settings.max_text_chars}")
 
 
+def _all_finite(value) -> bool:
+    """Whether every number in a prediction is finite: JSON has no NaN, and one means broken weights."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
 def _finite(value):
     """``value`` with NaN and infinities (which Python's json reads from a request, and field
     errors echo back) as strings: strict JSON has no token for them."""
@@ -401,6 +412,9 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             await prefetch([task for task, _ in items])
         for i, prediction in zip(where, await predict_rows(items)):
             results[i]["prediction"] = prediction.to_dict()
+            if not _all_finite(results[i]["prediction"]):
+                raise HTTPException(500, f"inputs[{i}]: task {prediction.task!r} gave a non-finite score "
+                                         "(NaN or infinity): its adapter, head or backbone weights are broken")
             metrics.predictions.labels(prediction.task).inc()
         return {"results": results}
 
