@@ -50,6 +50,23 @@ def test_local_path_backbone_has_a_stable_identity(tokenizer, tmp_path):
     assert all(not p.requires_grad for p in loaded.model.parameters())
 
 
+def test_another_checkpoint_of_the_same_base_is_told_apart(tokenizer):
+    # Fine-tuning leaves the first (special, unused) embedding rows alone, so `fingerprint` agrees.
+    from mtpeft.backbone import BackboneMismatchError
+
+    base = tiny_bert(tokenizer, seed=0)
+    tuned = tiny_bert(tokenizer, seed=0)
+    with torch.no_grad():
+        tuned.model.encoder.layer[1].output.LayerNorm.weight.add_(0.01)
+    tuned = from_model(tuned.model, tokenizer, "tuned")
+    assert tuned.identity.fingerprint == base.identity.fingerprint
+    with pytest.raises(BackboneMismatchError, match="norms"):
+        tuned.identity.check_matches(base.identity.to_dict(), "task 't'")
+    older_record = {k: v for k, v in base.identity.to_dict().items() if k != "norms"}  # saved before norms were kept
+    tuned.identity.check_matches(older_record, "task 't'")
+    base.identity.check_matches(base.identity.to_dict(), "task 't'")
+
+
 def test_default_backbone_is_the_packaged_minilm():
     backbone = load_backbone("default")
     assert backbone.identity.model_type == "bert"

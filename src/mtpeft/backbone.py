@@ -56,6 +56,7 @@ class BackboneIdentity:
     num_layers: int
     vocab_size: int
     fingerprint: str  # sha256 of the first rows of the input embeddings
+    norms: str = ""  # sha256 of the layer norms; "" in records written before it was kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,10 +64,12 @@ class BackboneIdentity:
     def check_matches(self, expected: dict, what: str) -> None:
         """Raise ``BackboneMismatchError`` naming the backbone that ``what`` expects."""
         mine = self.to_dict()
-        differing = [k for k in ("model_type", "hidden_size", "num_layers", "vocab_size", "fingerprint")
-                     if k in expected and expected[k] != mine[k]]
+        differing = [k for k in ("model_type", "hidden_size", "num_layers", "vocab_size", "fingerprint", "norms")
+                     if expected.get(k) not in (None, "") and expected[k] != mine[k]]
         if differing:
             detail = ", ".join(f"{k}: expected {expected[k]!r}, got {mine[k]!r}" for k in differing)
+            if differing == ["norms"]:
+                detail += "; same architecture and embeddings, other weights: another checkpoint of the same base"
             raise BackboneMismatchError(
                 f"{what} was trained on backbone {expected.get('name')!r} but the loaded backbone is "
                 f"{self.name!r} ({detail}); load it with backbone={expected.get('name')!r}")
@@ -89,6 +92,20 @@ def _fingerprint(model: PreTrainedModel) -> str:
     weight = model.get_input_embeddings().weight.detach()
     head = weight[:64].to(torch.float32).contiguous().cpu().numpy()
     return hashlib.sha256(head.tobytes()).hexdigest()[:16]
+
+
+def _norms_digest(model: PreTrainedModel) -> str:
+    """sha256 of every layer norm's weights. The first embedding rows are special and unused
+    tokens that training never moves, so two fine-tuned checkpoints of one base model share
+    ``fingerprint``; their norms differ. Norms are never quantized, so a 4-bit load agrees."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    digest.update(name.encode())
+                    digest.update(param.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -130,6 +147,7 @@ def from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
         num_layers=config.num_hidden_layers,
         vocab_size=config.vocab_size,
         fingerprint=_fingerprint(model),
+        norms=_norms_digest(model),
     )
     return Backbone(model=model, tokenizer=tokenizer, identity=identity)
 
