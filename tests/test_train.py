@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -259,13 +258,16 @@ def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokeniz
     assert resumed.metrics == whole.metrics
 
 
-def test_a_checkpoint_does_not_resume_on_another_backbone(tokenizer, tmp_path, monkeypatch):
-    # Same settings, same shapes, other weights: the adapter would go on training for a backbone it never saw.
-    from mtpeft.checkpoint import CheckpointMismatchError
-
+def _resume(tokenizer, out_dir, backbone_seed=0, flip_labels=False, **changes):
+    """A 3-step run into ``out_dir`` (continuing its checkpoint), with ``changes`` to its TrainConfig."""
     spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
-    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
+    train = [Example(text=ex.text, label=1 - ex.label if flip_labels else ex.label) for ex in _sentiment(0, 20)]
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1, **changes})
+    return train_task(_model(tiny_bert(tokenizer, seed=backbone_seed), spec), "sent", train, _sentiment(1, 4), config,
+                      progress=False, out_dir=out_dir, report_to=())
 
+
+def _stopped_after_step_2(tokenizer, out_dir, monkeypatch):
     def interrupt(where, step):
         if step == 2:
             raise KeyboardInterrupt
@@ -273,55 +275,24 @@ def test_a_checkpoint_does_not_resume_on_another_backbone(tokenizer, tmp_path, m
     with monkeypatch.context() as patch:
         patch.setattr("mtpeft.train.fault_point", interrupt)
         with pytest.raises(KeyboardInterrupt):
-            train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", _sentiment(0, 20), None, config,
-                       progress=False, out_dir=tmp_path, report_to=())
-    with pytest.raises(CheckpointMismatchError, match="backbone"):
-        train_task(_model(tiny_bert(tokenizer, seed=1), spec), "sent", _sentiment(0, 20), None, config,
-                   progress=False, out_dir=tmp_path, report_to=())
+            _resume(tokenizer, out_dir)
 
 
-def test_a_checkpoint_does_not_resume_on_other_data_of_the_same_size(tokenizer, tmp_path, monkeypatch):
-    # A data file replaced by another with as many rows: resuming would train on a mix of both.
+@pytest.mark.parametrize("change, differing", [
+    ({"backbone_seed": 1}, "backbone"),  # same shapes, other weights: trained for a backbone it never saw
+    ({"flip_labels": True}, "features"),  # other data with as many rows: a mix of both
+    ({"lr": FAST["lr"] / 2}, "config"),
+])
+def test_a_checkpoint_does_not_resume_on_another_backbone_data_or_recipe(tokenizer, tmp_path, monkeypatch, change,
+                                                                          differing):
     from mtpeft.checkpoint import CheckpointMismatchError
 
-    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
-    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
-
-    def interrupt(where, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr("mtpeft.train.fault_point", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", _sentiment(0, 20), None, config,
-                       progress=False, out_dir=tmp_path, report_to=())
-    flipped = [Example(text=ex.text, label=1 - ex.label) for ex in _sentiment(0, 20)]
-    with pytest.raises(CheckpointMismatchError, match="features"):
-        train_task(_model(tiny_bert(tokenizer, seed=0), spec), "sent", flipped, None, config,
-                   progress=False, out_dir=tmp_path, report_to=())
+    _stopped_after_step_2(tokenizer, tmp_path, monkeypatch)
+    with pytest.raises(CheckpointMismatchError, match=rf"different settings \({differing}\)"):
+        _resume(tokenizer, tmp_path, **change)
 
 
 def test_a_run_resumes_with_other_evaluation_and_checkpoint_settings(tokenizer, tmp_path, monkeypatch):
-    from mtpeft.checkpoint import CheckpointMismatchError
-
-    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
-    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
-    train, held_out = _sentiment(0, 20), _sentiment(1, 4)
-
-    def interrupt(where, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr("mtpeft.train.fault_point", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, config,
-                       progress=False, out_dir=tmp_path, report_to=())
-    with pytest.raises(CheckpointMismatchError):  # a training setting still may not change
-        train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, replace(config, lr=config.lr / 2),
-                   progress=False, out_dir=tmp_path, report_to=())
-    evaluation_only = replace(config, eval_batch_size=3, max_eval_examples=5, checkpoint_every=7)
-    result = train_task(_model(tiny_bert(tokenizer), spec), "sent", train, held_out, evaluation_only,
-                        progress=False, out_dir=tmp_path, report_to=())
+    _stopped_after_step_2(tokenizer, tmp_path, monkeypatch)
+    result = _resume(tokenizer, tmp_path, eval_batch_size=3, max_eval_examples=5, checkpoint_every=7)
     assert result.steps == 3 and result.metrics["examples"] == 5
