@@ -129,6 +129,31 @@ def test_squad_json_and_article_split(tmp_path):
     assert "article 4 'T3'" in tail[0].source
 
 
+def _squad_file(path, articles):
+    data = {"data": [{"title": f"T{a}", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": f"{a}", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]}]}]}
+        for a in range(articles)]}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_an_own_squad_eval_file_is_read_whole_not_cut_to_the_presets_articles(tmp_path):
+    # The preset's 38/10 article split describes its dev file; an evaluation file of three
+    # articles came out empty, and separate train and eval files lost all but 38 training articles.
+    preset = get_preset("squad")
+    folder = tmp_path / "squad"
+    folder.mkdir()
+    _squad_file(folder / preset.layout.train_file, 48)
+    own_eval = _squad_file(tmp_path / "mine.json", 3)
+    data = load_task_data(preset.spec, folder, own_eval, layout=preset.layout)
+    assert (len(data.train), len(data.eval)) == (38, 3)
+    train = _squad_file(tmp_path / "train.json", 60)
+    data = load_task_data(preset.spec, train, own_eval, layout=preset.layout)
+    assert (len(data.train), len(data.eval)) == (60, 3)
+    alone = load_task_data(preset.spec, folder, layout=preset.layout)
+    assert (len(alone.train), len(alone.eval)) == (38, 10)
+
+
 def test_real_squad_split_is_38_10():
     folder = require_shared_data("squad")
     preset = get_preset("squad")

@@ -34,18 +34,28 @@ def split_holdout(examples: list[Example], every: int) -> tuple[list[Example], l
 
 def load_task_data(spec: TaskSpec, data: str | Path, eval_data: str | Path | None = None,
                    layout: DataLayout | None = None, skip_bad_rows: bool = False) -> TaskData:
-    """Training and evaluation examples for ``spec`` from a folder or files."""
+    """Training and evaluation examples for ``spec`` from a folder or files.
+
+    A layout's article split describes its own file: a separate ``eval_data`` file is read
+    whole, and so is a training file passed beside it.
+    """
     data = Path(data)
+    train_articles = layout.train_articles if layout else None
+    eval_articles = None
     if data.is_dir():
         if layout is None:
             raise ValueError(f"{data} is a folder; pass a data file for task {spec.name!r} (a folder works for built-in tasks)")
         train_path = data / layout.train_file
         eval_path = Path(eval_data) if eval_data else None if layout.holdout_every else data / layout.eval_file
+        if not eval_data:
+            eval_articles = layout.eval_articles
     else:
         train_path, eval_path = data, Path(eval_data) if eval_data else None
-    train = _load(train_path, spec, layout.train_articles if layout else None, skip_bad_rows)
+        if eval_data:
+            train_articles = None
+    train = _load(train_path, spec, train_articles, skip_bad_rows)
     if eval_path is not None:
-        evaluation = _load(eval_path, spec, layout.eval_articles if layout else None, skip_bad_rows)
+        evaluation = _load(eval_path, spec, eval_articles, skip_bad_rows)
         return TaskData(train.examples, evaluation.examples, train.skipped + evaluation.skipped,
                         {"train": train.description, "eval": evaluation.description})
     every = (layout.holdout_every if layout else None) or DEFAULT_HOLDOUT_EVERY
