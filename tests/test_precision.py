@@ -114,3 +114,16 @@ def test_single_task_inference_merges_and_matches_the_unmerged_path(backbone):
         assert x.label == y.label
         for label, probability in x.probabilities.items():
             assert abs(probability - y.probabilities[label]) < 1e-5
+
+
+def test_moving_a_model_held_in_bf16_moves_its_fp32_originals_too(backbone, tokenizer):
+    # The fp32 originals stayed where the model was: back in fp32 (export, training in fp32, a
+    # device without fast bf16) the backbone's weights were on the old device again.
+    model = _model(backbone)
+    model.bf16 = True
+    with torch.no_grad():
+        model.encode(_batch(tokenizer), "a")  # the backbone is now held in bf16
+    model.to("meta")
+    model.full_precision()
+    for name, param in model.backbone.named_parameters():
+        assert param.device.type == "meta" and param.dtype == torch.float32, name

@@ -303,6 +303,12 @@ class MultiTaskModel(nn.Module):
         self._hold_backbone_in(torch.float32)
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        """``to()``, ``cuda()`` and the like move the fp32 weights: the kept originals would
+        otherwise stay on the old device and come back there at the next switch to fp32."""
+        self._hold_backbone_in(torch.float32)
+        return super()._apply(fn, recurse)
+
     def _merged_task(self) -> str | None:
         return next((layer.merged for layer in self.lora_layers().values() if layer.merged), None)
 
