@@ -127,6 +127,19 @@ def test_bundle_manifest_cannot_point_outside_the_bundle(backbone, tmp_path):
         MultiTaskModel.load(tmp_path / "bundle", backbone=backbone)
 
 
+def test_saving_an_unknown_task_into_a_bundle_leaves_the_bundle_loadable(backbone, tmp_path):
+    # The tasks before the unknown one were rewritten, the manifest not: the bundle then failed
+    # its sha256 check on every load.
+    model = _model(backbone)
+    model.save(tmp_path / "bundle")
+    with torch.no_grad():
+        model.heads["sentiment"].out.bias.add_(1.0)
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        model.save(tmp_path / "bundle", tasks=["sentiment", "nope"])
+    assert sorted(MultiTaskModel.load(tmp_path / "bundle", backbone=tiny_bert(model.tokenizer)).task_names) == \
+        ["faq", "sentiment", "similarity"]
+
+
 def test_missing_task_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no task.json"):
         MultiTaskModel.load(tmp_path)

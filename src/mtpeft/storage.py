@@ -281,9 +281,15 @@ def _sha256(path: Path) -> str:
 
 
 def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) -> Path:
-    """Save tasks under ``folder`` and (re)write ``bundle.json`` with a sha256 per file."""
+    """Save tasks under ``folder`` and (re)write ``bundle.json`` with a sha256 per file.
+
+    Every name is checked first: a task rewritten before an unknown one failed the save would
+    no longer match the manifest, and the bundle would not load.
+    """
     folder = Path(folder)
     names = list(tasks) if tasks is not None else model.task_names
+    for name in names:
+        model.spec(name)
     for name in names:
         save_task(model, name, folder / name)
     manifest = {"format": BUNDLE_FORMAT, "backbone": model.identity.to_dict(), "tasks": {}, "files": {}}
