@@ -140,6 +140,14 @@ def test_saving_an_unknown_task_into_a_bundle_leaves_the_bundle_loadable(backbon
         ["faq", "sentiment", "similarity"]
 
 
+def test_a_bundle_of_no_tasks_names_its_backbone(backbone, tmp_path):
+    from mtpeft.storage import read_backbone_name
+
+    MultiTaskModel(backbone).save(tmp_path / "empty")
+    assert read_backbone_name(tmp_path / "empty") == "tiny-bert"
+    assert MultiTaskModel.load(tmp_path / "empty", backbone=backbone).task_names == []
+
+
 def test_missing_task_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no task.json"):
         MultiTaskModel.load(tmp_path)

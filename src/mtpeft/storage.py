@@ -366,7 +366,11 @@ def task_folders(path: str | os.PathLike) -> list[Path]:
 
 
 def read_backbone_name(path: str | os.PathLike) -> str:
-    return read_json(task_folders(path)[0] / TASK_FILE)["backbone"]["name"]
+    """The backbone the tasks at ``path`` were saved on; a bundle of no tasks names it in its manifest."""
+    folders = task_folders(path)
+    if not folders:
+        return read_json(Path(path) / BUNDLE_FILE)["backbone"]["name"]
+    return read_json(folders[0] / TASK_FILE)["backbone"]["name"]
 
 
 def load_into(model: MultiTaskModel, path: str | os.PathLike) -> list[str]:
