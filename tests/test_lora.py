@@ -212,6 +212,15 @@ def test_run_undoes_training_mode_set_by_hand_on_backbone_or_head(backbone):
     assert not model.heads["a"].training
 
 
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_a_clear_error(backbone, batch_size):
+    # 0 failed in range(), a negative size ran no batch and then raised a bare KeyError.
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), LoraSettings(r=4))
+    with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {batch_size}"):
+        model.predict(["some text", "more text"], task="a", batch_size=batch_size)
+
+
 def test_uninitialised_adapter_is_filled_by_install(backbone, tokenizer, tmp_path):
     """install_task skips the random init and copies the saved weights in: outputs equal the saved model's."""
     from mtpeft.storage import load_task

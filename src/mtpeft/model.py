@@ -374,6 +374,8 @@ class MultiTaskModel(nn.Module):
         Features of all tasks are sorted by length and batched together, so one forward
         pass serves rows of different tasks with their own adapters and heads.
         """
+        if batch_size < 1:  # a negative size would run no batch and find no outputs
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         by_task: dict[str, list[int]] = {}
         for i, (task, _) in enumerate(items):
             self.spec(task)
