@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -79,3 +80,21 @@ def test_a_joint_task_exports_with_its_shared_adapter(backbone, tmp_path):
                                                            return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(exported(**encoded).logits, model(dict(encoded), "b"), rtol=1e-4, atol=1e-4)
+
+
+def test_an_exported_regression_task_outputs_scores_in_the_tasks_range(backbone, tmp_path):
+    # The head is trained on targets scaled to [0, 1]; the export gave those, so an STS-B task
+    # (0-5) answered 0.7 where mtpeft predicted 3.5.
+    model = MultiTaskModel(backbone)
+    model.bf16 = False
+    model.add_task(TaskSpec(name="sts", type="regression", text_pair_column="b", label_range=[0, 5]))
+    with torch.no_grad():
+        model.heads["sts"].out.bias.fill_(0.6)
+    export_task(model, "sts", tmp_path / "sts")
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sts", trust_remote_code=True).eval()
+    pairs = [("a cat sits", "a dog sits"), ("one", "two words here")]
+    encoded = model.tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = exported(**encoded).logits.squeeze(-1).tolist()
+    assert scores == pytest.approx([p.score for p in model.predict(pairs, task="sts")], abs=1e-4)
+    assert min(scores) > 1.0

@@ -23,6 +23,8 @@ import torch
 from mtpeft.lora import lora_layers_of, replace_submodule
 from mtpeft.model import MultiTaskModel
 from mtpeft.storage import atomic_write, write_json, write_safetensors
+from mtpeft.tasks import TaskSpec
+from mtpeft.tasks.regression import target_scale
 
 MODELING_FILE = "modeling_mtpeft.py"
 
@@ -91,6 +93,16 @@ MtpeftForQuestionAnswering = MtpeftModel
 '''
 
 
+def _output_layer(spec: TaskSpec, head: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The head's output layer. A regression head learns targets scaled to [0, 1]; its layer is
+    scaled back to the task's range, so the exported model outputs scores as ``predict`` does."""
+    weights = dict(head.out.state_dict())
+    if spec.type == "regression":
+        low, width = target_scale(spec)
+        weights = {"weight": weights["weight"] * width, "bias": weights["bias"] * width + low}
+    return weights
+
+
 def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> Path:
     """Write ``task`` as a standalone transformers model folder (LoRA merged)."""
     folder = Path(folder)
@@ -123,7 +135,7 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
         "mtpeft_task": spec.to_dict(),
     }
     weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    weights.update({f"out.{k}": v for k, v in head.out.state_dict().items()})
+    weights.update({f"out.{k}": v for k, v in _output_layer(spec, head).items()})
     write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
     write_json(folder / "config.json", config)
     atomic_write(folder / MODELING_FILE, MODELING_SOURCE.encode())

@@ -15,7 +15,7 @@ from mtpeft.tasks.base import encode_sequences, pooled_head
 from mtpeft.tasks.spec import TaskSpec
 
 
-def _scale(spec: TaskSpec) -> tuple[float, float]:
+def target_scale(spec: TaskSpec) -> tuple[float, float]:
     """Targets are trained in [0, 1] when a range is known: the head's scale then fits any range."""
     low, high = spec.label_range or (0.0, 1.0)
     return low, high - low
@@ -28,7 +28,7 @@ class Regression:
         return pooled_head(spec, hidden_size, 1)
 
     def encode(self, spec: TaskSpec, tokenizer, examples: Sequence[Example]) -> list[dict]:
-        low, width = _scale(spec)
+        low, width = target_scale(spec)
         features = encode_sequences(spec, tokenizer, examples)
         for feature in features:
             label = examples[feature["example"]].label
@@ -40,7 +40,7 @@ class Regression:
         return F.mse_loss(outputs.float().squeeze(-1), batch["label"])
 
     def summarize(self, spec: TaskSpec, outputs: torch.Tensor, features) -> list:
-        low, width = _scale(spec)
+        low, width = target_scale(spec)
         return (outputs.float().squeeze(-1) * width + low).cpu().tolist()
 
     def predict(self, spec: TaskSpec, summaries, features, examples) -> list[ScorePrediction]:
