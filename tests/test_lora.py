@@ -271,6 +271,18 @@ def test_an_install_after_a_removal_reuses_modules_with_the_new_weights(backbone
     assert [p.probabilities["x"] for p in model.predict(TEXTS, task="b")] == pytest.approx(expected, abs=1e-5)
 
 
+def test_an_install_after_the_model_moved_takes_no_module_left_on_the_old_device(backbone):
+    # A removed adapter's modules are kept for reuse outside the module tree, so to() left them
+    # where they were; the next install took them and the forward pass mixed devices.
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    model.remove_task("a")
+    model.to("meta")
+    model.add_task(TaskSpec(name="b", type="classification", labels=["x", "y"]), initialize=False)
+    for layer in model.lora_layers("b").values():
+        assert layer.lora_A["b"].weight.device.type == "meta" and layer.lora_B["b"].weight.device.type == "meta"
+
+
 def test_tasks_that_tokenise_alike_share_one_tokenizer_call(backbone, monkeypatch):
     model = MultiTaskModel(backbone)
     for name, max_length in (("a", 32), ("b", 32), ("c", 16)):

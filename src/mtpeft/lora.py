@@ -166,6 +166,14 @@ class MultiLoraLayer(nn.Module):
                 del store[task]
         self.scaling.pop(task, None)
 
+    def _apply(self, fn, recurse: bool = True):
+        """A move (``to()``, ``cuda()``) drops the spare modules and cached casts: they are not
+        submodules, so they would stay behind on the old device and hold its memory."""
+        self._spare.clear()
+        self._stack_cache.clear()
+        self._cast_cache.clear()
+        return super()._apply(fn, recurse)
+
     def _delta(self, task: str, x: torch.Tensor) -> torch.Tensor:
         # The adapter's fp32 master weights are cast to the activations' dtype (bf16 when the
         # backbone computes in bf16); autograd carries the gradient back to the fp32 copy.
