@@ -193,3 +193,17 @@ def test_bundle_files_are_verified_against_their_sha256(backbone, tmp_path):
     head.write_bytes(bytes(data))
     with pytest.raises(BundleIntegrityError, match="sentiment/head.safetensors: missing or changed"):
         MultiTaskModel.load(tmp_path, backbone=backbone)
+
+
+def test_saved_files_get_the_permissions_of_the_umask_not_owner_only(backbone, tmp_path):
+    # mkstemp makes its file 0600; renamed into place, a bundle saved by one user could not be
+    # read by a server running as another.
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        _model(backbone).save(tmp_path / "bundle")
+    finally:
+        os.umask(umask)
+    files = [p for p in (tmp_path / "bundle").rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,7 +65,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, before_replace=None) -> N
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -83,6 +83,21 @@ def atomic_write(path: str | os.PathLike, data: bytes, before_replace=None) -> N
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _new_temporary(path: Path) -> tuple[int, str]:
+    """A new empty temporary file beside ``path``, opened for writing.
+
+    Created with the umask's permissions, as ``open`` would: ``mkstemp``'s are owner-only,
+    and the rename would give them to the saved file, which a server running as another
+    user then could not read.
+    """
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
