@@ -152,6 +152,10 @@ def test_an_own_squad_eval_file_is_read_whole_not_cut_to_the_presets_articles(tm
     assert (len(data.train), len(data.eval)) == (60, 3)
     alone = load_task_data(preset.spec, folder, layout=preset.layout)
     assert (len(alone.train), len(alone.eval)) == (38, 10)
+    by_name = load_task_data(preset.spec, folder / preset.layout.train_file, layout=preset.layout)
+    assert (len(by_name.train), len(by_name.eval)) == (38, 10)  # not rows held out of the 38 training articles
+    own = load_task_data(preset.spec, train, layout=preset.layout)
+    assert len(own.train) + len(own.eval) == 60 and "held out" in own.description["eval"]
 
 
 def test_real_squad_split_is_38_10():

@@ -36,10 +36,12 @@ def load_task_data(spec: TaskSpec, data: str | Path, eval_data: str | Path | Non
                    layout: DataLayout | None = None, skip_bad_rows: bool = False) -> TaskData:
     """Training and evaluation examples for ``spec`` from a folder or files.
 
-    A layout's article split describes its own file: a separate ``eval_data`` file is read
-    whole, and so is a training file passed beside it.
+    A layout's article split describes its own file, given as its folder or by name: any
+    other file (``eval_data`` too) is read whole.
     """
     data = Path(data)
+    if layout and layout.train_articles and not eval_data and data.is_file() and data.name == layout.train_file:
+        data = data.parent  # the built-in task's own file: split by article, as from its folder
     train_articles = layout.train_articles if layout else None
     eval_articles = None
     if data.is_dir():
@@ -49,10 +51,8 @@ def load_task_data(spec: TaskSpec, data: str | Path, eval_data: str | Path | Non
         eval_path = Path(eval_data) if eval_data else None if layout.holdout_every else data / layout.eval_file
         if not eval_data:
             eval_articles = layout.eval_articles
-    else:
-        train_path, eval_path = data, Path(eval_data) if eval_data else None
-        if eval_data:
-            train_articles = None
+    else:  # a file of the user's own is read whole
+        train_path, eval_path, train_articles = data, Path(eval_data) if eval_data else None, None
     train = _load(train_path, spec, train_articles, skip_bad_rows)
     if eval_path is not None:
         evaluation = _load(eval_path, spec, eval_articles, skip_bad_rows)
