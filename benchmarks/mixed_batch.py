@@ -18,6 +18,9 @@ MiniLM, fp32 and bf16. peft in bf16 is measured both ways users run it: under
 timed in turn (round robin) and the median of the repeats is reported.
 
     .venv/bin/python benchmarks/mixed_batch.py   # -> results/mixed_batch.json
+
+``--device cuda`` runs the same comparison on a GPU (timers wait for the GPU's queued work);
+give it its own ``--out``, since the default file holds the CPU's figures.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import random
 
 import torch
 from peft import LoraConfig, get_peft_model
-from speedkit import matmul_flops_per_example, matmul_peak_tflops, round_robin, write_result
+from speedkit import matmul_flops_per_example, matmul_peak_tflops, round_robin, synchronizer, write_result
 from transformers import AutoModel
 
 from mtpeft import MultiTaskModel, TaskSpec
@@ -90,16 +93,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    ours, theirs, merged, joint = build_models()
+    ours, theirs, merged, joint = (model.to(device) for model in build_models())
     vocab = ours.tokenizer.vocab_size
     batch = {"input_ids": torch.randint(1000, vocab, (args.batch, args.tokens)),
              "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long),
              "token_type_ids": torch.zeros(args.batch, args.tokens, dtype=torch.long)}
+    batch = {k: v.to(device) for k, v in batch.items()}
     row_tasks = [TASKS[i % len(TASKS)].name for i in range(args.batch)]
     random.Random(0).shuffle(row_tasks)
-    groups = {spec.name: torch.tensor([i for i, t in enumerate(row_tasks) if t == spec.name]) for spec in TASKS}
+    groups = {spec.name: torch.tensor([i for i, t in enumerate(row_tasks) if t == spec.name], device=device)
+              for spec in TASKS}
     plain = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     n = args.batch
 
@@ -122,7 +129,7 @@ def main() -> None:
 
     def peft_mixed(model, autocast):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 model(**plain, adapter_names=row_tasks)
             return n
         return run
@@ -130,7 +137,7 @@ def main() -> None:
     def peft_merge_per_task(model, autocast):
         """How a peft user serves mixed traffic with merged adapters: per task, merge, run its rows, unmerge."""
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 for task, rows in groups.items():
                     model.set_adapter(task)
                     model.merge_adapter()
@@ -141,7 +148,7 @@ def main() -> None:
 
     def plain_forward(model, autocast):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 model(**plain)
             return n
         return run
@@ -158,7 +165,8 @@ def main() -> None:
         joint_difference = (joint.encode(batch, row_tasks) - unmerged).abs().max()
     assert joint_difference < 1e-4, f"the joint model's merged adapter changes its rows by {joint_difference}"
 
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops(device=device)
+    sync = synchronizer(device)
     results = {}
     with torch.inference_mode():
         ours.bf16 = False
@@ -169,7 +177,7 @@ def main() -> None:
             "peft_merged_single": plain_forward(merged, False),
             "peft_merge_per_task": peft_merge_per_task(theirs, False),
             "mtpeft_joint_mixed_with_heads": joint_with_heads,
-        }, args.repeats)
+        }, args.repeats, sync=sync)
         ours.bf16 = joint.bf16 = True
         theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
         merged_bf16 = copy.deepcopy(merged).to(torch.bfloat16)
@@ -183,7 +191,7 @@ def main() -> None:
             # fp32 weights under autocast: merging into bf16 weights and back would drift.
             "peft_merge_per_task_autocast": peft_merge_per_task(theirs, True),
             "mtpeft_joint_mixed_with_heads": joint_with_heads,
-        }, args.repeats)
+        }, args.repeats, sync=sync)
     flops_per_example = matmul_flops_per_example(ours.backbone, args.tokens)
     ratios = {}
     for precision, rows in results.items():
@@ -197,7 +205,7 @@ def main() -> None:
             row["fraction_of_bf16_peak"] = round(row["examples_per_s"] * flops_per_example / (peak["tflops"] * 1e12), 3)
     write_result("mixed_batch", {
         "setup": {"tasks": [s.name for s in TASKS], "rank": RANK, "targets": ["query", "value"], "batch": args.batch,
-                  "tokens": args.tokens, "repeats": args.repeats, "rows_per_task": args.batch // len(TASKS),
+                  "tokens": args.tokens, "repeats": args.repeats, "device": str(device), "rows_per_task": args.batch // len(TASKS),
                   "check_fp32_max_abs_difference_vs_peft": float(difference),
                   "check_fp32_joint_merged_vs_unmerged": float(joint_difference),
                   "forward_flops_per_example": flops_per_example},
@@ -205,7 +213,7 @@ def main() -> None:
         "results": results,
         "ratios": ratios,
         "targets": {"vs_peft_mixed": 2.0, "vs_peft_merged_single": 1.3},
-    }, args.out)
+    }, args.out, device=device)
 
 
 if __name__ == "__main__":

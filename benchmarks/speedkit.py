@@ -19,39 +19,57 @@ import torch
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
-def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, repeats: int = 7) -> dict:
+def synchronizer(device: torch.device | str) -> Callable[[], None] | None:
+    """What waits for ``device``'s queued work, so a timer stops when the work is done (CUDA
+    runs asynchronously; the CPU needs nothing)."""
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, repeats: int = 7, device: torch.device | str = "cpu") -> dict:
     """Measured matmul throughput on shapes of a MiniLM layer (4096 tokens x 384 x 1536), best shape's median."""
     shapes = [(4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384)]
+    sync = synchronizer(device) or (lambda: None)
+    calls = 10 if torch.device(device).type == "cpu" else 200  # a GPU matmul this size takes microseconds
     best = {}
     for n, k, m in shapes:
-        a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
-        for _ in range(10):  # the first calls pay for kernel selection and warm-up
+        a, b = torch.randn(n, k, dtype=dtype, device=device), torch.randn(k, m, dtype=dtype, device=device)
+        for _ in range(calls):  # the first calls pay for kernel selection and warm-up
             a @ b
         times = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
-            for _ in range(10):
+            for _ in range(calls):
                 a @ b
-            times.append((time.perf_counter() - start) / 10)
+            sync()
+            times.append((time.perf_counter() - start) / calls)
         best[f"{n}x{k}x{m}"] = round(2 * n * k * m / statistics.median(times) / 1e12, 3)
     return {"dtype": str(dtype).removeprefix("torch."), "tflops_by_shape": best, "tflops": max(best.values())}
 
 
-def round_robin(configs: dict[str, Callable[[], int]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+def round_robin(configs: dict[str, Callable[[], int]], repeats: int, warmup: int = 1,
+                sync: Callable[[], None] | None = None) -> dict[str, dict]:
     """Run each configuration ``repeats`` times in turn; each call returns the examples it processed.
 
+    ``sync`` (see ``synchronizer``) runs before a timer starts and before it stops, so an
+    accelerator's queued work is counted in the call that queued it.
     Returns per configuration the median examples/s and every repeat's figure.
     """
+    sync = sync or (lambda: None)
     for fn in configs.values():  # oneDNN picks kernels and the allocator grows over the first seconds
         start, calls = time.perf_counter(), 0
         while calls < warmup or (warmup and time.perf_counter() - start < 3.0):
             fn()
             calls += 1
+        sync()
     rates: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(repeats):
         for name, fn in configs.items():
+            sync()
             start = time.perf_counter()
             examples = fn()
+            sync()
             rates[name].append(examples / (time.perf_counter() - start))
     return {name: {"examples_per_s": round(statistics.median(r), 1), "repeats": [round(x, 1) for x in r]}
             for name, r in rates.items()}
@@ -86,7 +104,7 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-def machine() -> dict:
+def machine(device: torch.device | str = "cpu") -> dict:
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -95,18 +113,21 @@ def machine() -> dict:
         pass
     import peft
     import transformers
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    record = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+              "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    if torch.device(device).type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
 
 
-def write_result(name: str, payload: dict, out: str | None = None) -> Path:
-    """Write ``results/<name>.json`` with the command, date and machine, atomically."""
+def write_result(name: str, payload: dict, out: str | None = None, device: torch.device | str = "cpu") -> Path:
+    """Write ``results/<name>.json`` with the command, date and machine (with ``device`` if a GPU), atomically."""
     from mtpeft.storage import write_json
 
     path = Path(out) if out else RESULTS / f"{name}.json"
     script = os.path.relpath(Path(sys.argv[0]).resolve(), RESULTS.parent)
     record = {"benchmark": name, "command": " ".join(["python", script, *sys.argv[1:]]),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), **payload}
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(device), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
     print(json.dumps(record, indent=2))
