@@ -20,6 +20,7 @@ from mtpeft.report import (
     load_runs,
     replace_section,
     summarise,
+    targets_table,
     task_table,
     write_report,
 )
@@ -210,12 +211,36 @@ def test_report_tables_plots_and_section(tmp_path):
     assert "| zero-shot | 0 | – | 70.00 | 1 |" in text
     assert "| tiny | 9,986 | 100 | 79.00 | 80.00 |" in text  # mrpc shows F1, then accuracy
     assert "](results/plots/quality_sst2.png)" in text
+    assert "### Targets" in text and "| sst2 | accuracy | 91.00 ± 0.00 | 92.00 (+1.00): met" in text
     for name in ("quality_sst2.png", "quality_mrpc.png", "quality_train_time.png"):
         assert (tmp_path / "results" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out.write_text(out.read_text() + "\n## Later section\n")
     write_report(results, out, tmp_path / "results" / "plots")  # rewrites only between the markers
     again = out.read_text()
     assert again.count(START) == 1 and "## Later section" in again and "Someone else's section." in again
+
+
+def test_report_targets_say_where_each_task_stands():
+    """Backbone of 1,000,000 parameters: 0.5 % is 5,000 trainable, 2000x fewer is 500."""
+    runs = [_fixture_run("sst2", "full", s, 91.0, 1_000_770) for s in (1, 2, 3)]
+    runs += [_fixture_run("sst2", "lora-r8", s, 89.6 + 0.1 * s, 4_000) for s in (1, 2, 3)]  # 89.8: 1.2 behind
+    runs += [_fixture_run("sst2", "lora-r2-all", s, 90.5, 4_900) for s in (1, 2, 3)]  # inside the budget
+    runs += [_fixture_run("sst2", "lora-r8-all", 1, 92.0, 14_000)]  # better, but 1.4 %: not the budget's best
+    runs += [_fixture_run("sst2", "tiny", s, 89.5, 400) for s in (1, 2, 3)]
+    runs += [_fixture_run("stsb-bi", "full", 1, 80.0, 1_000_770), _fixture_run("stsb-bi", "tiny", 1, 79.0, 900)]
+    runs += [_fixture_run("mrpc", "tiny", 1, 80.0, 400)]  # no full fine-tuning to measure against
+    summary = summarise(runs)
+    primary = {task: "accuracy" for task in summary}
+    table = targets_table(summary, primary, absolute=True)
+    assert ("| sst2 | accuracy | 91.00 ± 0.00 | 89.80 (-1.20): **missed** | `lora-r2-all` 90.50 (-0.50): met "
+            "| 89.50 (-1.50): met | accuracy 92.00 (`lora-r8-all`) against 90.5: met |") in table
+    # stsb-bi's absolute target is on Spearman, which these runs lack; its tiny is too big for the target
+    assert "| stsb-bi | accuracy | 80.00 | – | – | 79.00 (-1.00): met; only 1,111x fewer parameters | – |" in table
+    assert "| mrpc |" not in table
+    assert "against 90.5" not in targets_table(summary, primary, absolute=False)
+    over = [_fixture_run("sst2", "full", 1, 91.0, 1_000_770), _fixture_run("sst2", "lora-r8", 1, 90.5, 6_000)]
+    assert "90.50 (-0.50): met at 0.60 %: over the budget" in targets_table(summarise(over), {"sst2": "accuracy"}, False)
+    assert targets_table(summarise(runs[-1:]), {"mrpc": "accuracy"}, True) is None
 
 
 def test_report_names_every_machine_the_runs_used():

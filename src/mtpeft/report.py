@@ -4,7 +4,8 @@
 
 Only the text between ``<!-- quality:start -->`` and ``<!-- quality:end -->`` in the
 output file is replaced (the markers are appended when missing), so other sections of
-RESULTS.md stay as their authors wrote them. Per task: a table of every method (trainable
+RESULTS.md stay as their authors wrote them. A table of where each task stands on the quality
+targets (``targets_table``); per task: a table of every method (trainable
 parameters, ratio to the backbone, metrics as mean ± sample std over seeds), and a plot of
 the task's metric against trainable parameters (log x); one plot of training time per
 method. Plots are matplotlib PNGs (the ``plots`` extra).
@@ -30,6 +31,16 @@ SHOWN_METRICS = {"sst2": ["accuracy"], "stsb": ["pearson", "spearman"], "stsb-bi
                  "qqp": ["f1", "accuracy"], "imdb": ["accuracy"], "squad": ["exact_match", "f1"]}
 METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "pearson": "Pearson", "spearman": "Spearman",
                 "exact_match": "EM"}
+
+
+# The quality targets the grid is held to (gaps in points of the task's primary metric, means
+# over seeds): LoRA r=8 within 1.0 of full fine-tuning at <= 0.5 % of the backbone's parameters;
+# `tiny` (>= 2000x fewer parameters) within 2.0; and, on the packaged MiniLM only, these
+# absolute scores: task -> (metric, at least).
+LORA_MAX_GAP, LORA_MAX_PERCENT = 1.0, 0.5
+TINY_MAX_GAP, TINY_MIN_RATIO = 2.0, 2000
+ABSOLUTE_TARGETS = {"sst2": ("accuracy", 90.5), "stsb": ("spearman", 87.0), "stsb-bi": ("spearman", 87.0),
+                    "mrpc": ("f1", 88.0), "imdb": ("accuracy", 90.0)}
 
 
 class ReportError(ValueError):
@@ -161,6 +172,61 @@ def task_table(task: str, rows: list[Row], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def _gap_cell(row: Row, full: Row, metric: str, max_gap: float) -> str:
+    mean, gap = row.mean(metric), row.mean(metric) - full.mean(metric)
+    return f"{mean:.2f} ({gap:+.2f}): {_verdict(gap >= -max_gap)}"
+
+
+def _percent(row: Row) -> float:
+    return 100 * row.trainable / row.backbone
+
+
+def targets_table(summary: dict[str, list[Row]], primary: dict[str, str], absolute: bool) -> str | None:
+    """Where each task stands on the quality targets; None when no task has a full fine-tuning row
+    to measure against. ``absolute`` adds the packaged MiniLM's absolute targets."""
+    header = ["task", "metric", "full", f"lora-r8 (≤ {LORA_MAX_GAP:.1f} behind)",
+              f"best LoRA at ≤ {LORA_MAX_PERCENT:g} % (≤ {LORA_MAX_GAP:.1f} behind)",
+              f"tiny (≤ {TINY_MAX_GAP:.1f} behind)", "absolute (best row)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, rows in summary.items():
+        by_method = {row.method: row for row in rows}
+        metric, full = primary[task], by_method.get("full")
+        if full is None or full.mean(metric) is None:
+            continue
+        lora = by_method.get("lora-r8")
+        lora_cell = "–"
+        if lora is not None and lora.mean(metric) is not None:
+            lora_cell = _gap_cell(lora, full, metric, LORA_MAX_GAP)
+            if _percent(lora) > LORA_MAX_PERCENT:
+                lora_cell += f" at {_percent(lora):.2f} %: over the budget"
+        budget = [row for row in rows if row.method.startswith("lora-") and _percent(row) <= LORA_MAX_PERCENT
+                  and row.mean(metric) is not None]
+        best = max(budget, key=lambda row: row.mean(metric), default=None)
+        best_cell = f"`{best.method}` {_gap_cell(best, full, metric, LORA_MAX_GAP)}" if best else "–"
+        tiny = by_method.get("tiny")
+        tiny_cell = "–"
+        if tiny is not None and tiny.mean(metric) is not None:
+            tiny_cell = _gap_cell(tiny, full, metric, TINY_MAX_GAP)
+            if not tiny.ratio or tiny.ratio < TINY_MIN_RATIO:
+                tiny_cell += f"; only {tiny.ratio or 0:,.0f}x fewer parameters"
+        absolute_cell = "–"
+        if absolute and task in ABSOLUTE_TARGETS:
+            name, floor = ABSOLUTE_TARGETS[task]
+            scored = [row for row in rows if row.mean(name) is not None]
+            if scored:
+                top = max(scored, key=lambda row: row.mean(name))
+                absolute_cell = (f"{METRIC_NAMES.get(name, name)} {top.mean(name):.2f} (`{top.method}`) "
+                                 f"against {floor:g}: {_verdict(top.mean(name) >= floor)}")
+        cells = [task, METRIC_NAMES.get(metric, metric), _metric_cell(full, metric), lora_cell, best_cell, tiny_cell,
+                 absolute_cell]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -264,6 +330,17 @@ def render_section(runs: list[dict], out: Path, plots: Path, results: Path) -> s
         ("Metrics are in points on each task's evaluation split; with several seeds, mean ± sample std. "
          "\"train examples\" below the full training set means a fixed random subset (see each run's `data`)."),
     ]
+    primary = {task: next(r["primary_metric"] for r in runs if r["task"] == task) for task in summary}
+    targets = targets_table(summary, primary, absolute=backbone["name"] == "default")
+    if targets:
+        parts += ["", "### Targets", "",
+                  (f"Means over each row's seeds (the task tables say how many), in points of the task's primary "
+                   f"metric; the gap to full fine-tuning in brackets. LoRA: within {LORA_MAX_GAP:.1f} of full "
+                   f"fine-tuning at ≤ {LORA_MAX_PERCENT:g} % of the backbone's parameters; `tiny` "
+                   f"(≥ {TINY_MIN_RATIO:,}x fewer): within {TINY_MAX_GAP:.1f}"
+                   + ("; absolute: the packaged MiniLM's targets, the best row of any method." if
+                      backbone["name"] == "default" else ".")),
+                  "", targets]
     described: dict[str, str] = {}
     for task, rows in summary.items():
         task_runs = [r for r in runs if r["task"] == task]
