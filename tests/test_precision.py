@@ -127,3 +127,35 @@ def test_moving_a_model_held_in_bf16_moves_its_fp32_originals_too(backbone, toke
     model.full_precision()
     for name, param in model.backbone.named_parameters():
         assert param.device.type == "meta" and param.dtype == torch.float32, name
+
+
+def test_the_frozen_weights_found_before_each_pass_follow_every_change_of_the_backbone(backbone, tokenizer):
+    # The walk that finds them is kept between passes; a module or parameter put in place since
+    # must still be found, or it would stay in fp32 (or in bf16 after full_precision).
+    model = _model(backbone)
+    model.bf16 = True
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        model.encode(batch, "a")
+    assert model._frozen_backbone_weights() is model._frozen_backbone_weights()  # kept while nothing changes
+    layer = model.backbone.encoder.layer[0]
+    layer.output.dense = torch.nn.Linear(layer.output.dense.in_features, layer.output.dense.out_features)
+    layer.output.dense.requires_grad_(False)  # frozen, like the rest
+    new_norm = torch.nn.Parameter(torch.ones_like(layer.output.LayerNorm.weight, dtype=torch.float32),
+                                  requires_grad=False)
+    layer.output.LayerNorm.load_state_dict({"weight": new_norm, "bias": layer.output.LayerNorm.bias.float()},
+                                           assign=True)
+    with torch.no_grad():
+        model.encode(batch, "a")
+    assert model._frozen_backbone_weights()["encoder.layer.0.output.dense.weight"] is layer.output.dense.weight
+    assert layer.output.dense.weight.dtype == torch.bfloat16  # held in bf16 like the rest
+    model.full_precision()
+    frozen = [p for n, p in model.backbone.named_parameters() if ".lora_" not in n]
+    assert all(p.dtype == torch.float32 for p in frozen)
+    assert torch.equal(layer.output.LayerNorm.weight, torch.ones_like(layer.output.LayerNorm.weight))
+    # Training the backbone is seen at once: requires_grad is read from the parameters each pass.
+    for param in model.backbone.parameters():
+        param.requires_grad_(True)
+    with torch.no_grad():
+        model.encode(batch, "a")
+    assert all(p.dtype == torch.float32 for n, p in model.backbone.named_parameters() if ".lora_" not in n)

@@ -356,6 +356,24 @@ def modules_outside_lora(module: nn.Module, prefix: str = "") -> Iterator[tuple[
 
 # Bumped by every ``replace_submodule``: the LoRA layers found in a model stay valid until then.
 _structure_version = 0
+# Every module and parameter registered anywhere in the process (PyTorch's global registration
+# hooks). Replacing or adding a module or parameter registers it, so what a walk over a model's
+# modules found stays valid while this count is unchanged; a steady server registers nothing.
+_registrations = 0
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def registrations() -> int:
+    """How many modules and parameters have been registered in this process so far."""
+    return _registrations
 
 
 def lora_layers_of(model: nn.Module) -> dict[str, MultiLoraLayer]:
