@@ -90,3 +90,29 @@ def test_houlsby_adapters_fit_gpt2_conv1d(tokenizer):
     bare.bf16 = False
     with torch.no_grad():
         torch.testing.assert_close(model.encode(batch, "mood"), bare.encode(batch, None))  # zero-init: the base model
+
+
+def test_peft_loads_a_gpt2_adapter_as_conv1d_without_guessing(tokenizer, tmp_path):
+    # GPT-2's Conv1D stores its weight as (in, out); peft needs fan_in_fan_out=True in the adapter's
+    # config for such layers, and without it warned and flipped the flag itself.
+    import json
+    import warnings
+
+    from peft import PeftModel
+
+    model = MultiTaskModel(tiny_gpt2(tokenizer))
+    model.bf16 = False
+    model.add_task(SPEC, LoraSettings(r=4, alpha=8))
+    for layer in model.lora_layers("mood").values():
+        torch.nn.init.normal_(layer.lora_B["mood"].weight, std=0.3)
+    model.save(tmp_path)
+    assert json.loads((tmp_path / "mood" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    batch = dict(model.tokenizer(["one two three", "four"], return_tensors="pt", padding=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(tiny_gpt2(tokenizer).model, tmp_path / "mood")
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]  # peft had to correct the config
+    with torch.no_grad():
+        theirs = peft_model(**batch).last_hidden_state
+        ours = model.encode(batch, "mood")
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

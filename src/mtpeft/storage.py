@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+from transformers.pytorch_utils import Conv1D
 
 from mtpeft.config import LoraSettings
 from mtpeft.model_card import render_model_card
@@ -136,16 +137,18 @@ def read_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
 # ------------------------------------------------------------------ one task
 
 
-def peft_adapter_config(lora: LoraSettings, base_model: str, module_paths: list[str]) -> dict:
+def peft_adapter_config(lora: LoraSettings, base_model: str, module_paths: list[str],
+                        fan_in_fan_out: bool = False) -> dict:
     """``adapter_config.json`` exactly as PEFT writes it for these settings.
 
     Targets are the full module paths, so PEFT adapts exactly the layers we adapted
-    (a leaf name such as ``dense`` would also catch BERT's pooler).
+    (a leaf name such as ``dense`` would also catch BERT's pooler). ``fan_in_fan_out``
+    marks layers that store their weight as (in, out), GPT-2's ``Conv1D``.
     """
     from peft import LoraConfig
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=sorted(module_paths), bias="none",
+                        target_modules=sorted(module_paths), bias="none", fan_in_fan_out=fan_in_fan_out,
                         base_model_name_or_path=base_model)
     data = config.to_dict()
     for key, value in data.items():
@@ -173,7 +176,9 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
             weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter].weight
         base_name = _peft_base_name(model)
         write_safetensors(folder / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
-        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(model.lora_layers(adapter))))
+        layers = model.lora_layers(adapter)
+        conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in layers.values())
+        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(layers), fan_in_fan_out=conv1d))
     write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
     record = {
         "format": TASK_FORMAT,
