@@ -241,3 +241,20 @@ def test_server_serves_registered_tasks_with_few_active(tokenizer, tmp_path):
             assert result["prediction"]["score"] == pytest.approx(w.score, abs=1e-5)
         assert len(store.model.task_names) == 3
         assert client.post("/v1/predict", json={"input": "x", "task": "t99"}).status_code == 422
+
+
+def test_a_server_with_few_active_starts_on_a_bundle_of_no_tasks(tokenizer, tmp_path):
+    # Its tasks come later (the admin API); the backbone is named in the manifest alone.
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from tiny_bundle import path_backbone, saved_backbone
+
+    from mtpeft.serve import ServeSettings, load_server
+
+    backbone_dir = saved_backbone(tmp_path / "backbone", tokenizer)
+    MultiTaskModel(path_backbone(backbone_dir)).save(tmp_path / "empty")
+    app = load_server(tmp_path / "empty", settings=ServeSettings(max_wait_ms=1), max_active_adapters=3)
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["tasks"] == 0
+        assert client.get("/v1/tasks").json()["tasks"] == []
+        assert client.post("/v1/predict", json={"input": "x", "task": "t00"}).status_code == 422

@@ -34,9 +34,11 @@ from pathlib import Path
 from mtpeft.model import ModelInput, MultiTaskModel, to_example
 from mtpeft.predictions import Prediction
 from mtpeft.storage import (
+    BUNDLE_FILE,
     SavedTask,
     bundle_entries,
     install_task,
+    read_json,
     read_task,
     read_task_record,
 )
@@ -359,7 +361,9 @@ def serving_store(bundle: str | os.PathLike, capacity: int, backbone: str | os.P
     from mtpeft.router import LearnedRouter, ShapeRouter, load_router
 
     entries = bundle_entries(bundle)
-    name = backbone if backbone is not None else read_task_record(*entries[0])["backbone"]["name"]
+    name = backbone
+    if name is None:  # a bundle of no tasks (tasks come later through the admin API) names it in its manifest
+        name = (read_task_record(*entries[0]) if entries else read_json(Path(bundle) / BUNDLE_FILE))["backbone"]["name"]
     store = AdapterStore(MultiTaskModel.from_backbone(name), capacity)
     for folder, digests in entries:
         store.register(folder, digests)
