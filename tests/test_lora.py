@@ -221,6 +221,15 @@ def test_a_batch_size_below_one_is_a_clear_error(backbone, batch_size):
         model.predict(["some text", "more text"], task="a", batch_size=batch_size)
 
 
+@pytest.mark.parametrize("inputs", [123, None, 2.5])
+def test_an_input_that_is_not_text_or_a_list_is_a_clear_error(backbone, inputs):
+    # It failed with "'int' object is not iterable", naming neither the argument nor what it takes.
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), LoraSettings(r=4))
+    with pytest.raises(TypeError, match=f"inputs must be a string, .* or a list of these; got {type(inputs).__name__}"):
+        model.predict(inputs, task="a")
+
+
 def test_uninitialised_adapter_is_filled_by_install(backbone, tokenizer, tmp_path):
     """install_task skips the random init and copies the saved weights in: outputs equal the saved model's."""
     from mtpeft.storage import load_task

@@ -470,7 +470,11 @@ class MultiTaskModel(nn.Module):
         when the model holds a single task. A single input gives a single prediction.
         """
         single = isinstance(inputs, (str, tuple, dict))
-        batch = [inputs] if single else list(inputs)
+        try:
+            batch = [inputs] if single else list(inputs)
+        except TypeError:
+            raise TypeError("inputs must be a string, an (a, b) tuple, a {'question': ..., 'context': ...} dict "
+                            f"or a list of these; got {type(inputs).__name__}") from None
         if isinstance(task, str) or task is None:
             tasks = [self.resolve_task(task)] * len(batch)
         else:
