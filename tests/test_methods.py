@@ -202,6 +202,14 @@ def test_best_threshold_never_splits_tied_cosines():
     assert correct == 4  # the three 0.5 pairs share a side; 0.5 -> 0 gets 4 right, 0.5 -> 1 only 3
 
 
+def test_best_threshold_separates_cosines_one_float_apart():
+    # Their float64 midpoint rounds down to the lower float32 cosine, which then counted as positive.
+    low = torch.tensor(0.5)
+    cosines = torch.stack([low, torch.nextafter(low, torch.tensor(1.0))])
+    threshold = best_threshold(cosines, [0, 1])
+    assert (cosines >= threshold).long().tolist() == [0, 1]
+
+
 def test_zero_shot_rules(tokenizer):
     model = MultiTaskModel(tiny_bert(tokenizer))
     model.bf16 = False

@@ -105,7 +105,10 @@ def best_threshold(cosines: torch.Tensor, labels: Sequence[int]) -> float:
         return values[0] - 1e-6
     if k == n:
         return values[-1] + 1e-6
-    return (values[k - 1] + values[k]) / 2
+    # Cosines are compared in their own dtype: a midpoint of two neighbouring float32 values
+    # rounds to one of them, and rounded down it puts values[k - 1] on the positive side.
+    middle = torch.tensor((values[k - 1] + values[k]) / 2, dtype=cosines.dtype).item()
+    return middle if middle > values[k - 1] else values[k]
 
 
 def zero_shot_scores(model: MultiTaskModel, spec: TaskSpec, eval_examples: Sequence[Example],
