@@ -375,3 +375,14 @@ def test_a_task_without_training_examples_is_a_clear_error(tokenizer):
     data = {**_data(), "sim": ([], None)}
     with pytest.raises(ValueError, match="'sim': no training examples"):
         train_joint(model, data, TrainConfig(epochs=1, batch_size=4, bf16=False), progress=False)
+
+
+def test_task_epochs_or_total_steps_that_would_change_the_run_silently_are_clear_errors(tokenizer):
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    config = TrainConfig(epochs=1, batch_size=4, bf16=False)
+    with pytest.raises(ValueError, match=r"not trained here: \['snt'\]"):  # a typo took config.epochs
+        train_joint(model, _data(), config, task_epochs={"snt": 2}, progress=False)
+    with pytest.raises(ValueError, match=r"task_epochs\['sim'\] must be > 0"):  # TrainConfig refuses epochs=0
+        train_joint(model, _data(), config, task_epochs={"sent": 1, "sim": 0}, progress=False)
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):  # trained nothing, reported metrics
+        train_joint(model, _data(), config, total_steps=0, progress=False)

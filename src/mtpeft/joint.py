@@ -149,6 +149,16 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     deleted at the end.
     """
     config = config or TrainConfig()
+    # Checked as TrainConfig checks epochs: a misnamed task or a count <= 0 would otherwise
+    # silently change the run's length (or train nothing at all).
+    unknown = sorted(set(task_epochs or {}) - set(data))
+    if unknown:
+        raise ValueError(f"task_epochs names tasks that are not trained here: {unknown} (tasks: {list(data)})")
+    for task, epochs in (task_epochs or {}).items():
+        if not epochs > 0:
+            raise ValueError(f"task_epochs[{task!r}] must be > 0, got {epochs}")
+    if total_steps is not None and total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     # Each task's first N examples, as train_task takes them.
     data = {t: (train[: config.max_train_examples] if config.max_train_examples else train,
                 evaluation[: config.max_eval_examples] if evaluation and config.max_eval_examples else evaluation)
