@@ -99,6 +99,8 @@ def test_an_unknown_recipe_field_is_a_clear_error():
         get_method("lora-r8").train_config({"epoch": 2})
     with pytest.raises(ValueError, match="'lrate'"):
         get_method("full").train_config({"full": {"lrate": 1e-5}})
+    with pytest.raises(ValueError, match="'lora'"):  # the method's settings set its adapter
+        get_method("lora-r8").train_config({"methods": {"lora-r8": {"lora": {"r": 2}}}})
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -97,10 +97,13 @@ class Method:
             recipe.update(preset_recipe.get("full", {}))
         recipe.update(preset_recipe.get("methods", {}).get(self.name, {}))
         recipe.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
+        # "lora" is a TrainConfig field, but a method's adapter comes from its settings: left in, it
+        # reached TrainConfig twice (a TypeError traceback).
+        allowed = [f.name for f in fields(TrainConfig) if f.name != "lora"]
+        unknown = sorted(set(recipe) - set(allowed))
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown recipe fields {unknown}; "
-                             f"a recipe holds TrainConfig fields ({', '.join(f.name for f in fields(TrainConfig))})")
+                             f"a recipe holds TrainConfig fields ({', '.join(allowed)})")
         return TrainConfig(**recipe, lora=self.lora_settings())
 
     def build(self, backbone: Backbone, spec: TaskSpec, seed: int = 0) -> MultiTaskModel:
