@@ -191,6 +191,25 @@ def test_bottleneck_starts_as_the_base_model_and_routes_rows(tokenizer):
         bottleneck_sites(model.backbone, "t5", "houlsby")
 
 
+def test_a_removed_tasks_bottleneck_adapters_leave_the_backbone(tokenizer):
+    # They stayed: a task added later under the same name ran its rows through the old adapters.
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.bf16 = False
+    batch = dict(tokenizer(["one two", "three four five"], return_tensors="pt", padding=True))
+    with torch.no_grad():
+        base = model.encode(batch, None)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), head_only=True)
+    model.extra_parameters["a"] = add_bottleneck_adapter(model.backbone, "bert", "a", "houlsby", reduction=8)
+    with torch.no_grad():
+        for param in model.extra_parameters["a"].values():
+            param.normal_(std=0.5)
+        assert not torch.allclose(model.encode(batch, "a"), base, atol=1e-3)
+    model.remove_task("a")
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), head_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(batch, "a"), base)
+
+
 def test_best_threshold_maximises_accuracy():
     cosines = torch.tensor([0.1, 0.2, 0.35, 0.6, 0.7, 0.9])
     assert best_threshold(cosines, [0, 0, 0, 1, 1, 1]) == pytest.approx(0.475)

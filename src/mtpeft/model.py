@@ -16,6 +16,7 @@ from torch import nn
 
 from mtpeft.backbone import Backbone, load_backbone
 from mtpeft.batching import bucketed_batches, pad_sequences, sequences
+from mtpeft.bottleneck import BottleneckLayer
 from mtpeft.config import LoraSettings
 from mtpeft.examples import Example
 from mtpeft.lora import (MultiLoraLayer, inject_lora_layers, lora_layers_of, modules_outside_lora, registrations,
@@ -118,6 +119,9 @@ class MultiTaskModel(nn.Module):
         self.spec(name)
         for layer in self.lora_layers().values():
             layer.remove_adapter(name)
+        for _, module in modules_outside_lora(self.backbone):
+            if isinstance(module, BottleneckLayer):  # a bottleneck method's adapters (methods.py)
+                module.remove_adapter(name)
         del self.heads[name], self.specs[name], self.adapters[name]
         self.task_metrics.pop(name, None)
         self.extra_parameters.pop(name, None)
