@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2Model
 
@@ -116,3 +117,18 @@ def test_peft_loads_a_gpt2_adapter_as_conv1d_without_guessing(tokenizer, tmp_pat
         theirs = peft_model(**batch).last_hidden_state
         ours = model.encode(batch, "mood")
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dora", "vera", "ia3"])
+def test_peft_methods_on_gpt2_tell_peft_its_layers_are_conv1d(name, tokenizer):
+    # Without fan_in_fan_out=True peft warned on every build and flipped the flag itself.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_method(name).build(tiny_gpt2(tokenizer), SPEC)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    model.bf16 = False
+    batch = dict(model.tokenizer(["one two three"], return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.isfinite(model.encode(batch, "mood")).all()

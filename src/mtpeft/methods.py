@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.pytorch_utils import Conv1D
 
 from mtpeft.backbone import Backbone
 from mtpeft.config import LoraSettings, TrainConfig
@@ -238,8 +239,10 @@ def peft_config(settings: dict, backbone: Backbone):
     kind = settings["type"]
     task_type = TaskType.FEATURE_EXTRACTION
     targets = backbone.default_targets()
+    # GPT-2's Conv1D layers store weights as (in, out): peft must be told, or it warns and guesses.
+    conv1d = any(isinstance(module, Conv1D) for module in backbone.model.modules())
     if kind == "ia3":  # peft's per-architecture defaults: key, value and the feed-forward output
-        return IA3Config(task_type=task_type)
+        return IA3Config(task_type=task_type, fan_in_fan_out=conv1d)
     if kind == "prompt-tuning":
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"])
     if kind == "prefix-tuning":
@@ -247,9 +250,9 @@ def peft_config(settings: dict, backbone: Backbone):
                                   prefix_projection=False)
     if kind == "dora":
         return LoraConfig(task_type=task_type, r=settings["r"], lora_alpha=settings["alpha"], target_modules=targets,
-                          use_dora=True)
+                          use_dora=True, fan_in_fan_out=conv1d)
     if kind == "vera":
-        return VeraConfig(task_type=task_type, r=settings["r"], target_modules=targets)
+        return VeraConfig(task_type=task_type, r=settings["r"], target_modules=targets, fan_in_fan_out=conv1d)
     raise ValueError(f"unknown peft method type {kind!r}; choose one of {PEFT_TYPES}")
 
 
