@@ -147,6 +147,9 @@ def test_grid_settings_and_cells_fail_clearly():
         GridSettings(tasks=["sst2"], methods=["lora-big"])
     with pytest.raises(ValueError, match="--max-train must be >= 1"):
         GridSettings(tasks=["sst2"], methods=["tiny"], max_train=0)
+    for bad in (0.0, float("nan")):  # NaN failed only in the joint run, in random.choices
+        with pytest.raises(ValueError, match="--joint-temperature must be > 0"):
+            GridSettings(tasks=["sst2", "mrpc"], methods=["joint-temperature"], joint_temperature=bad)
     with pytest.raises(ValueError, match="two or more --tasks"):
         grid_cells(GridSettings(tasks=["sst2"], methods=["joint-proportional"]))
     cells = grid_cells(GridSettings(tasks=["sst2", "mrpc"], methods=["zero-shot", "full", "joint-temperature"],

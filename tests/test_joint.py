@@ -38,8 +38,9 @@ def test_sampling_probabilities():
     assert max(flat.values()) - min(flat.values()) < 1e-4  # T -> infinity: uniform
     with pytest.raises(ValueError, match="unknown task sampling"):
         sampling_probabilities(SIZES, "round-robin")
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        sampling_probabilities(SIZES, "temperature", 0.0)
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            sampling_probabilities(SIZES, "temperature", bad)
     with pytest.raises(ValueError, match="every task needs training examples"):
         sampling_probabilities({"a": 3, "b": 0})
 

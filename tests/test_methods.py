@@ -49,6 +49,8 @@ def test_registry_names_and_errors():
         get_method("lora-x")
     with pytest.raises(ValueError, match="unknown method"):
         get_method("lora-r0")
+    with pytest.raises(ValueError, match="unknown method 'lora-r08'"):  # it ran as (and was named) lora-r8
+        get_method("lora-r08")
 
 
 def test_train_config_layers_preset_method_and_user_settings():

@@ -109,7 +109,7 @@ class GridSettings:
         for value, flag in ((self.max_train, "--max-train"), (self.max_eval, "--max-eval")):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.joint_temperature <= 0:
+        if not self.joint_temperature > 0:  # NaN too
             raise ValueError(f"--joint-temperature must be > 0, got {self.joint_temperature}")
 
     def run_settings(self, method: Method) -> dict:

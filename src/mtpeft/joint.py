@@ -56,7 +56,7 @@ def sampling_probabilities(sizes: dict[str, int], sampling: str = "temperature",
     """Probability of drawing each task: proportional to ``size ** (1 / T)`` (``T = 1`` for proportional)."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"unknown task sampling {sampling!r}; choose one of {SAMPLINGS}")
-    if sampling == "temperature" and temperature <= 0:
+    if sampling == "temperature" and not temperature > 0:  # NaN too: it failed later, in random.choices
         raise ValueError(f"sampling temperature must be > 0, got {temperature}")
     if not sizes or any(n <= 0 for n in sizes.values()):
         raise ValueError(f"every task needs training examples; sizes: {sizes}")

@@ -302,7 +302,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            description="as joint-proportional, tasks drawn with probability ~ size^(1/T) (default T=2)"),
 ]}
 
-_LORA_NAME = re.compile(r"^lora-r(\d+)(-all)?$")
+_LORA_NAME = re.compile(r"^lora-r([1-9]\d*)(-all)?$")  # "lora-r01" would run as, and be recorded as, lora-r1
 
 
 def get_method(name: str) -> Method:
@@ -310,7 +310,7 @@ def get_method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
     match = _LORA_NAME.match(name)
-    if match and int(match.group(1)) >= 1:
+    if match:
         return _lora(int(match.group(1)), all_linear=bool(match.group(2)))
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (or lora-r<N>, lora-r<N>-all)")
 
