@@ -202,6 +202,15 @@ def test_the_fast_path_answers_as_the_full_stack_does(client, body):
     assert (fast.status_code, fast.json()) == (full.status_code, full.json())
 
 
+@pytest.mark.parametrize("body", [b"[" * 1500, b'{"input": ' + b"[" * 1400 + b"]" * 1400 + b"}"])
+def test_json_nested_too_deep_is_a_4xx_on_the_fast_path_too(client, body):
+    """json.loads raises RecursionError (not a ValueError) on deep nesting: a bad body, not a server fault."""
+    fast = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    full = client.post("/v1/predict", content=body, headers={"content-type": "application/problem+json"})
+    assert fast.status_code == full.status_code == 400, fast.text
+    assert fast.json() == full.json()
+
+
 def test_a_body_not_sent_as_json_is_not_read_as_json(client):
     response = client.post("/v1/predict", content='{"input": "great", "task": "sentiment"}',
                            headers={"content-type": "text/plain"})

@@ -463,8 +463,8 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     async def predict_fast(body: bytes) -> Response | None:
         try:  # what FastAPI does with the body: json.loads, then validation in python mode
             request = PredictRequest.model_validate(json.loads(body))
-        except ValueError:  # undecodable, not JSON, or invalid (pydantic's ValidationError is a ValueError)
-            return None
+        except (ValueError, RecursionError):  # undecodable, not JSON, nested too deep, or invalid (pydantic's
+            return None                        # ValidationError is a ValueError): FastAPI gives its 400 or 422
         try:
             return JSONOut(await predict(request))
         except HTTPException as err:
