@@ -359,6 +359,33 @@ def test_drain_is_bounded_and_close_answers_what_is_left():
     assert all(isinstance(r, Overloaded) and "shut down" in str(r) for r in results)
 
 
+def test_close_returns_when_a_request_arrives_in_the_same_loop_turn():
+    """A request queued in the turn ``close`` cancels the gathering worker must not swallow the
+    cancellation (``asyncio.wait_for`` before 3.12 returns the request instead): close would never return."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtpeft.batcher import MicroBatcher, Overloaded
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = MicroBatcher(lambda items: (time.sleep(0.1), [x for _, x in items])[1], executor, max_wait_ms=1000)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit([("t", 1)]))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(batcher.submit([("t", 2)]))  # queued while the first runs
+        await asyncio.sleep(0.2)  # the first is answered; the worker gathers company for the second
+        third = asyncio.create_task(batcher.submit([("t", 3)]))
+        closing = asyncio.create_task(batcher.close())  # the same loop turn as the third
+        done, _ = await asyncio.wait([closing], timeout=2)
+        return closing in done, await asyncio.gather(first, second, third, return_exceptions=True)
+
+    closed, results = asyncio.run(scenario())
+    executor.shutdown(wait=True)
+    assert closed, "close() did not return"
+    assert results[0] == [1] and all(isinstance(r, Overloaded) for r in results[1:]), results
+
+
 def test_support_sheds_load_with_503_too(model, support, monkeypatch):
     slowed(model, monkeypatch, 0.3)
     app = create_app(model, support=support, settings=ServeSettings(max_wait_ms=0, max_queued=1))

@@ -125,10 +125,11 @@ class MicroBatcher:
             # Gather only while other requests are in flight: a lone request (a quiet server)
             # runs at once instead of paying max_wait for company that is not coming.
             while rows < self.max_items and self._waiting > len(batch):
-                try:
-                    request = self._queue.get_nowait() if loop.time() >= deadline else \
-                        await asyncio.wait_for(self._queue.get(), deadline - loop.time())
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                if loop.time() >= deadline:
+                    request = None if self._queue.empty() else self._queue.get_nowait()
+                else:
+                    request = await self._get(deadline - loop.time())
+                if request is None:
                     break
                 if rows + len(request.items) > self.max_items:
                     self._carry = request
@@ -136,6 +137,26 @@ class MicroBatcher:
                 batch.append(request)
                 rows += len(request.items)
             await self._run(batch)
+
+    async def _get(self, timeout: float) -> _Request | None:
+        """The next queued request within ``timeout`` seconds, else ``None``.
+
+        Not ``asyncio.wait_for(queue.get())``: before Python 3.12, when a request arrives in the
+        loop turn that ``close`` cancels the worker, it returns the request and swallows the
+        cancellation, so the worker runs on and ``close`` never returns.
+        """
+        get = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait([get], timeout=timeout)
+        except asyncio.CancelledError:
+            if get.done() and not get.cancelled():
+                self._running.append(get.result())  # already out of the queue: close() answers it
+            get.cancel()
+            raise
+        if get.done():
+            return get.result()
+        get.cancel()  # a request it was about to take stays in the queue
+        return None
 
     async def _run(self, batch: list[_Request]) -> None:
         batch = [request for request in batch if not request.future.done()]  # callers that gave up (timeout)
