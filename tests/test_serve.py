@@ -247,6 +247,16 @@ def test_support_endpoint_shape(client, run_calls):
     assert "max_text_chars=100" in client.post("/v1/support", json={"message": "z" * 101}).json()["detail"]
 
 
+def test_support_counts_each_prediction_of_its_tasks(client):
+    """One reply makes a similarity prediction per FAQ question it re-ranks, not one in all."""
+    assert client.post("/v1/support", json={"message": "How do I return an item?", "top_k": 3}).status_code == 200
+    text = client.get("/metrics").text
+    for line in ('mtpeft_predictions_total{task="sentiment"} 1.0',
+                 'mtpeft_predictions_total{task="similar-questions"} 3.0',
+                 'mtpeft_predictions_total{task="faq-answer"} 1.0'):
+        assert line in text, line
+
+
 def test_support_is_404_without_a_pipeline(model):
     with TestClient(create_app(model)) as c:
         response = c.post("/v1/support", json={"message": "hi"})

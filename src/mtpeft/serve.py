@@ -446,8 +446,9 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             return asyncio.run_coroutine_threadsafe(on_model_thread(embed_texts, model, texts), loop).result()
 
         reply = await run_in_threadpool(support.answer, request.message, run=run, embed=embed, top_k=request.top_k)
-        for task in (support.sentiment_task, support.similarity_task, support.qa_task):
-            metrics.predictions.labels(task).inc()
+        metrics.predictions.labels(support.sentiment_task).inc()
+        metrics.predictions.labels(support.similarity_task).inc(len(reply.similar))  # one per FAQ question re-ranked
+        metrics.predictions.labels(support.qa_task).inc()
         return reply.to_dict()
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
