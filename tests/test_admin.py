@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import shutil
 
 import pytest
 
@@ -201,6 +202,35 @@ def test_paths_stay_inside_the_root_and_tasks_need_a_manifest(served, root, path
         assert message in response.json()["detail"]
         if status != 422:
             assert str(root) not in response.json()["detail"]  # the server's own paths are not shown
+
+
+@pytest.mark.parametrize("manifest", [[], {"tasks": ["faq-answer"], "files": {}}, {"tasks": "faq-answer"},
+                                      {"tasks": {"faq-answer": "faq-answer"}, "files": []}])
+@pytest.mark.parametrize("body", [{"path": "broken", "task": "faq-answer"}, {"path": "broken/faq-answer"}])
+def test_a_malformed_bundle_manifest_is_422_not_500(served, root, manifest, body):
+    shutil.copytree(root / "faq-answer", root / "broken" / "faq-answer")
+    write_json(root / "broken" / BUNDLE_FILE, manifest)
+    with TestClient(create_app(served, admin_root=root, api_key=KEY), raise_server_exceptions=False) as c:
+        response = c.post("/v1/admin/tasks", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert "broken" in response.json()["detail"] and "faq-answer" not in served.specs
+
+
+@pytest.mark.parametrize("record", [[], {"format": "mtpeft-task", "spec": []}])
+def test_a_task_file_that_is_not_a_task_object_is_422_not_500(served, root, record):
+    shutil.copytree(root / "faq-answer", root / "broken" / "faq-answer")
+    manifest = read_json(root / BUNDLE_FILE)
+    manifest["tasks"] = {"faq-answer": "faq-answer"}
+    task_file = root / "broken" / "faq-answer" / "task.json"
+    if isinstance(record, dict):
+        record["format"] = read_json(task_file)["format"]
+    task_file.write_text(json.dumps(record))
+    manifest["files"]["faq-answer/task.json"] = hashlib.sha256(task_file.read_bytes()).hexdigest()
+    write_json(root / "broken" / BUNDLE_FILE, manifest)
+    with TestClient(create_app(served, admin_root=root, api_key=KEY), raise_server_exceptions=False) as c:
+        response = c.post("/v1/admin/tasks", json={"path": "broken/faq-answer"}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert "broken/faq-answer" in response.json()["detail"] and "faq-answer" not in served.specs
 
 
 def test_a_changed_file_or_a_misfit_adapter_changes_nothing(tokenizer, served, root):

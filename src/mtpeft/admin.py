@@ -312,7 +312,8 @@ class TaskManager:
             return read_task(folder, digests, record), shown
         except ManagementError:
             raise
-        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, changed, or not a task of this backbone
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # unreadable, changed, not a JSON
+            # object (AttributeError), or not a task of this backbone
             raise ManagementError(422, f"{shown!r}: {err}") from err
 
     def _locate(self, target: Path, shown: str, task: str | None) -> tuple[Path, dict[str, str]]:
@@ -331,7 +332,9 @@ class TaskManager:
             raise ManagementError(404, f"{shown!r}: neither a task folder ({TASK_FILE}) nor a bundle ({BUNDLE_FILE})")
         try:
             tasks = read_json(target / BUNDLE_FILE).get("tasks", {})
-        except (OSError, ValueError) as err:
+            if not isinstance(tasks, dict):
+                raise ValueError(f"'tasks' must map task names to folders, not {type(tasks).__name__}")
+        except (OSError, ValueError, AttributeError) as err:  # AttributeError: not a JSON object
             raise ManagementError(422, f"{shown!r}: unreadable {BUNDLE_FILE}: {err}") from err
         if task is None:
             if len(tasks) != 1:
@@ -349,7 +352,7 @@ class TaskManager:
     def _entries(bundle: Path, shown: str) -> list[tuple[Path, dict[str, str]]]:
         try:
             return bundle_entries(bundle)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # also a manifest of the wrong shape
             raise ManagementError(422, f"{shown!r}: its bundle manifest is unusable: {err}") from err
 
 
