@@ -23,7 +23,7 @@ from pathlib import Path
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _tracker(name: str, run_dir: Path, run_name: str):
+def _tracker(name: str, run_dir: Path, run_name: str, resume_step: int = 0):
     from accelerate import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
@@ -35,7 +35,10 @@ def _tracker(name: str, run_dir: Path, run_name: str):
         raise ValueError(f"tracker {name!r} needs its package: pip install {name.replace('_', '-')}")
     cls = LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":
-        tracker = cls(TENSORBOARD_DIR, run_dir)  # events in <run_dir>/tensorboard/
+        # A resumed run redoes the steps after its checkpoint: hide the interrupted run's points
+        # from there on, or TensorBoard shows those steps twice.
+        purge = {"purge_step": resume_step + 1} if resume_step else {}
+        tracker = cls(TENSORBOARD_DIR, run_dir, **purge)  # events in <run_dir>/tensorboard/
     elif cls.requires_logging_directory:
         tracker = cls(run_name, run_dir)
     else:
@@ -70,13 +73,16 @@ class RunTracker:
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike | None, run_name: str, config: dict | None = None,
-             report_to: Sequence[str] | None = ("tensorboard",), log_every: int = 10) -> RunTracker:
-        """Trackers named in ``report_to`` for the run written to ``run_dir``; none without a ``run_dir``."""
+             report_to: Sequence[str] | None = ("tensorboard",), log_every: int = 10,
+             resume_step: int = 0) -> RunTracker:
+        """Trackers named in ``report_to`` for the run written to ``run_dir``; none without a ``run_dir``.
+
+        ``resume_step``: the checkpoint's step when the run continues an interrupted one."""
         if run_dir is None or not report_to:
             return cls((), log_every)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        trackers = [_tracker(name, run_dir, run_name) for name in dict.fromkeys(report_to)]
+        trackers = [_tracker(name, run_dir, run_name, resume_step) for name in dict.fromkeys(report_to)]
         for tracker in trackers:
             if tracker.name == "tensorboard":  # config.json holds it too; hparams would add folders per run
                 tracker.log({"config": json.dumps(config or {}, indent=2)}, step=0)

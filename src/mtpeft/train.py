@@ -141,7 +141,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         parallel.load_optimizer_state(optimizer, saved_optimizer)
     if parallel.zero_stage is not None and parallel.is_main:
         print(f"DeepSpeed ZeRO stage {parallel.zero_stage} over {parallel.world_size} processes", file=sys.stderr)
-    tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to)
+    tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to,
+                              resume_step=position.step)
     step, seen, epoch, loss_value = position.step, position.seen, position.epoch, position.loss
     saves = 0
     started = time.perf_counter() - position.elapsed
