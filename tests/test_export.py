@@ -98,3 +98,16 @@ def test_an_exported_regression_task_outputs_scores_in_the_tasks_range(backbone,
         scores = exported(**encoded).logits.squeeze(-1).tolist()
     assert scores == pytest.approx([p.score for p in model.predict(pairs, task="sts")], abs=1e-4)
     assert min(scores) > 1.0
+
+
+def test_a_task_whose_backbone_holds_bottleneck_adapters_is_refused(backbone, tmp_path):
+    # The export writes a plain transformers backbone: the wrapped layers' weights were written under
+    # names it does not load (base_layer, bottleneck), so it came back silently with random layers.
+    from mtpeft.bottleneck import add_bottleneck_adapter
+
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]), head_only=True)
+    model.extra_parameters["a"] = add_bottleneck_adapter(model.backbone, "bert", "a", "pfeiffer")
+    with pytest.raises(ValueError, match="task 'a': .*BottleneckLayer"):
+        export_task(model, "a", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -115,6 +115,13 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
             if adapter in layer.lora_A:
                 layer.merge(adapter)
             replace_submodule(backbone, path, layer.base_layer)
+    # What is left must be transformers' own modules: another method's wrappers (bottleneck
+    # adapters, a peft encoder) would save weights under names the exported model never loads.
+    foreign = sorted({type(m).__name__ for m in backbone.modules()
+                      if not type(m).__module__.startswith(("transformers.", "transformers_modules.", "torch."))})
+    if foreign:
+        raise ValueError(f"task {task!r}: export writes a transformers backbone with LoRA merged in; this one also "
+                         f"holds {foreign}, another training method's layers, which it cannot carry")
     head = model.heads[task]
     kind = "span" if spec.type == "extractive-qa" else "cosine" if spec.is_bi_encoder else "pooled"
     backbone_config = backbone.config.to_dict()
