@@ -171,3 +171,22 @@ def test_spread_takes_items_evenly_and_refuses_no_room():
     assert spread([1, 2], 5) == [1, 2]
     with pytest.raises(ValueError, match="limit must be >= 1"):
         spread([1, 2], 0)
+
+
+@pytest.mark.parametrize("bias, message", [(torch.zeros(1), r"bias shape \(1,\), expected \(4,\)"),
+                                           (torch.zeros(5), r"bias shape \(5,\), expected \(4,\)"),
+                                           (None, "no 'bias' tensor")])
+def test_load_refuses_a_bias_of_the_wrong_shape_naming_the_file(model, router, tmp_path, bias, message):
+    # A 1-long bias broadcast over every class (silently dropping the learned bias); a longer one failed mid-request.
+    from mtpeft.storage import read_safetensors, write_safetensors
+
+    router.save(tmp_path)
+    tensors = read_safetensors(tmp_path / "router.safetensors")
+    if bias is None:
+        del tensors["bias"]
+    else:
+        tensors["bias"] = bias
+    write_safetensors(tmp_path / "router.safetensors", tensors)
+    with pytest.raises(ValueError, match=f"router.safetensors: {message}"):
+        LearnedRouter.load(tmp_path, model)
+

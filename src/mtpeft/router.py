@@ -271,9 +271,14 @@ class LearnedRouter:
         model.identity.check_matches(record["backbone"], f"the router in {folder}")
         tensors = read_safetensors(folder / ROUTER_WEIGHTS)
         dims = record.get("lexical_dims", LEXICAL_DIMS)
-        expected = (len(record["classes"]), model.identity.hidden_size + dims + len(SHAPES))
-        if tuple(tensors["weight"].shape) != expected:
-            raise ValueError(f"{folder / ROUTER_WEIGHTS}: weight shape {tuple(tensors['weight'].shape)}, expected {expected}")
+        classes = len(record["classes"])
+        # the bias too: a 1-long one would broadcast over every class, silently dropping what was learned
+        for name, expected in (("weight", (classes, model.identity.hidden_size + dims + len(SHAPES))),
+                               ("bias", (classes,))):
+            if name not in tensors:
+                raise ValueError(f"{folder / ROUTER_WEIGHTS}: no {name!r} tensor; it holds {sorted(tensors)}")
+            if tuple(tensors[name].shape) != expected:
+                raise ValueError(f"{folder / ROUTER_WEIGHTS}: {name} shape {tuple(tensors[name].shape)}, expected {expected}")
         return cls(model, record["classes"], record["shapes"], tensors["weight"], tensors["bias"],
                    record["threshold"] if threshold is None else threshold, record.get("info"), dims)
 
