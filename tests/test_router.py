@@ -190,3 +190,11 @@ def test_load_refuses_a_bias_of_the_wrong_shape_naming_the_file(model, router, t
     with pytest.raises(ValueError, match=f"router.safetensors: {message}"):
         LearnedRouter.load(tmp_path, model)
 
+
+@pytest.mark.parametrize("content, message", [("{oops", r"router.json:1: invalid JSON"),
+                                              ("[]", r"router.json: not an mtpeft router")])
+def test_a_malformed_router_json_is_a_value_error_naming_the_file(model, router, tmp_path, content, message):
+    router.save(tmp_path)
+    (tmp_path / "router.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        LearnedRouter.load(tmp_path, model)

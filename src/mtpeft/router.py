@@ -20,6 +20,7 @@ Saved as ``router/`` in a bundle: ``router.safetensors`` (weight, bias) and
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import zlib
@@ -265,9 +266,13 @@ class LearnedRouter:
             folder = folder / ROUTER_DIR
         if not (folder / ROUTER_FILE).is_file():
             raise FileNotFoundError(f"{folder}: no {ROUTER_FILE}; train one with `mtpeft train-router BUNDLE`")
-        record = read_json(folder / ROUTER_FILE)
-        if record.get("format") != ROUTER_FORMAT:
-            raise ValueError(f"{folder / ROUTER_FILE}: not an mtpeft router (format {record.get('format')!r})")
+        try:  # a damaged file names itself and its line, not just a character offset
+            record = read_json(folder / ROUTER_FILE)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{folder / ROUTER_FILE}:{err.lineno}: invalid JSON: {err.msg}") from None
+        if not isinstance(record, dict) or record.get("format") != ROUTER_FORMAT:
+            found = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+            raise ValueError(f"{folder / ROUTER_FILE}: not an mtpeft router (format {found!r})")
         model.identity.check_matches(record["backbone"], f"the router in {folder}")
         tensors = read_safetensors(folder / ROUTER_WEIGHTS)
         dims = record.get("lexical_dims", LEXICAL_DIMS)
