@@ -198,3 +198,18 @@ def test_a_malformed_router_json_is_a_value_error_naming_the_file(model, router,
     (tmp_path / "router.json").write_text(content)
     with pytest.raises(ValueError, match=message):
         LearnedRouter.load(tmp_path, model)
+
+
+def test_a_router_changed_since_its_bundle_recorded_it_is_refused(model, router, tmp_path):
+    # The manifest's sha256 list covers router/ too, but loading never checked it: a train-router
+    # stopped between writing the weights and updating the list loaded a mix of two routers.
+    from mtpeft.storage import BundleIntegrityError, read_safetensors, write_safetensors
+
+    model.save(tmp_path / "bundle")
+    router.save(tmp_path / "bundle" / ROUTER_DIR)
+    assert LearnedRouter.load(tmp_path / "bundle", model).classes == router.classes
+    weights = tmp_path / "bundle" / ROUTER_DIR / "router.safetensors"
+    tensors = read_safetensors(weights)
+    write_safetensors(weights, {"weight": tensors["weight"] * 2, "bias": tensors["bias"]})  # same shapes
+    with pytest.raises(BundleIntegrityError, match="router.safetensors: changed since the bundle was saved"):
+        load_router(tmp_path / "bundle", model)

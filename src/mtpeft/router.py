@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors_bytes
 
 from mtpeft.embeddings import embed_texts
-from mtpeft.storage import read_json, read_safetensors, record_in_manifest, write_json, write_safetensors
+from mtpeft.storage import read_bundle_file, record_in_manifest, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -266,15 +267,17 @@ class LearnedRouter:
             folder = folder / ROUTER_DIR
         if not (folder / ROUTER_FILE).is_file():
             raise FileNotFoundError(f"{folder}: no {ROUTER_FILE}; train one with `mtpeft train-router BUNDLE`")
+        # Both files are checked against the bundle's sha256 list: a train-router stopped between
+        # writing them and updating the list leaves a mix that must not load as one router.
         try:  # a damaged file names itself and its line, not just a character offset
-            record = read_json(folder / ROUTER_FILE)
+            record = json.loads(read_bundle_file(folder / ROUTER_FILE))
         except json.JSONDecodeError as err:
             raise ValueError(f"{folder / ROUTER_FILE}:{err.lineno}: invalid JSON: {err.msg}") from None
         if not isinstance(record, dict) or record.get("format") != ROUTER_FORMAT:
             found = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
             raise ValueError(f"{folder / ROUTER_FILE}: not an mtpeft router (format {found!r})")
         model.identity.check_matches(record["backbone"], f"the router in {folder}")
-        tensors = read_safetensors(folder / ROUTER_WEIGHTS)
+        tensors = load_safetensors_bytes(read_bundle_file(folder / ROUTER_WEIGHTS))
         dims = record.get("lexical_dims", LEXICAL_DIMS)
         classes = len(record["classes"])
         # the bias too: a 1-long one would broadcast over every class, silently dropping what was learned

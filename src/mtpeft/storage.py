@@ -341,6 +341,18 @@ def record_in_manifest(folder: str | os.PathLike) -> None:
     write_json(bundle / BUNDLE_FILE, manifest)
 
 
+def read_bundle_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a file in a bundle's sub-folder (e.g. ``router/``), checked against the sha256
+    the bundle's manifest recorded for it; a file outside a bundle, or not listed, is read as is."""
+    path = Path(path)
+    manifest = path.parent.parent / BUNDLE_FILE
+    digest = None
+    if manifest.is_file():
+        files = read_json(manifest).get("files")
+        digest = files.get(f"{path.parent.name}/{path.name}") if isinstance(files, dict) else None
+    return _read_checked(path, digest)
+
+
 def _inside(root: Path, relative: str, manifest: Path) -> Path:
     path = (root / relative).resolve()
     if root.resolve() not in path.parents:  # a manifest may never point outside its bundle
