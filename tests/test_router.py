@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_bert
 from mtpeft.backbone import BackboneMismatchError
 from mtpeft.cli import main
-from mtpeft.router import (NO_TASK, ROUTER_DIR, LearnedRouter, RouteDecision, ShapeRouter, decide, input_shape,
-                           lexical_features, load_router)
+from mtpeft.router import (NO_TASK, ROUTER_DIR, ROUTER_FORMAT, LearnedRouter, RouteDecision, ShapeRouter, decide,
+                           input_shape, lexical_features, load_router)
 from mtpeft.router_data import packaged_phrasings_dir, read_phrasings, router_examples, spread
 from tiny_bundle import QA, ROUTER_EXAMPLES as EXAMPLES, path_backbone, saved_backbone, support_model
 
@@ -192,10 +192,11 @@ def test_load_refuses_a_bias_of_the_wrong_shape_naming_the_file(model, router, t
 
 
 @pytest.mark.parametrize("content, message", [("{oops", r"router.json:1: invalid JSON"),
-                                              ("[]", r"router.json: not an mtpeft router")])
+                                              ("[]", r"router.json: not an mtpeft router"),
+                                              ('{"format": "FORMAT"}', r"router.json: missing classes, shapes, threshold")])
 def test_a_malformed_router_json_is_a_value_error_naming_the_file(model, router, tmp_path, content, message):
     router.save(tmp_path)
-    (tmp_path / "router.json").write_text(content)
+    (tmp_path / "router.json").write_text(content.replace("FORMAT", ROUTER_FORMAT))
     with pytest.raises(ValueError, match=message):
         LearnedRouter.load(tmp_path, model)
 

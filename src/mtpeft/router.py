@@ -44,6 +44,7 @@ NO_TASK = "(none)"  # the "matches no task" class; parentheses keep it from clas
 SHAPES = ("text", "pair", "qa")
 ROUTER_DIR = "router"
 ROUTER_FILE = "router.json"
+ROUTER_KEYS = ("classes", "shapes", "threshold", "backbone")  # what load reads without a default
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT = "mtpeft-router/1"
 DEFAULT_THRESHOLD = 0.5
@@ -276,6 +277,9 @@ class LearnedRouter:
         if not isinstance(record, dict) or record.get("format") != ROUTER_FORMAT:
             found = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
             raise ValueError(f"{folder / ROUTER_FILE}: not an mtpeft router (format {found!r})")
+        missing = [key for key in ROUTER_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"{folder / ROUTER_FILE}: missing {', '.join(missing)}; retrain with `mtpeft train-router`")
         model.identity.check_matches(record["backbone"], f"the router in {folder}")
         tensors = load_safetensors_bytes(read_bundle_file(folder / ROUTER_WEIGHTS))
         dims = record.get("lexical_dims", LEXICAL_DIMS)
