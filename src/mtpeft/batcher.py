@@ -122,8 +122,11 @@ class MicroBatcher:
             self._carry = None
             rows = len(batch[0].items)
             deadline = loop.time() + self.max_wait
-            # Gather only while other requests are in flight: a lone request (a quiet server)
-            # runs at once instead of paying max_wait for company that is not coming.
+            # Gather only while other submitters are unanswered: a lone request (a quiet server)
+            # runs at once instead of paying max_wait for company that is not coming. The count
+            # still holds the callers of the batch just answered (they resume a loop turn later),
+            # so a request queued behind a batch waits up to max_wait: under load those callers
+            # are the clients most likely to send the next requests, and the batch grows.
             while rows < self.max_items and self._waiting > len(batch):
                 if loop.time() >= deadline:
                     request = None if self._queue.empty() else self._queue.get_nowait()
