@@ -235,6 +235,15 @@ def test_metrics_count_requests_latency_batches_and_tasks(client):
     assert 'mtpeft_request_seconds_bucket{endpoint="/v1/predict",le="+Inf"} 2.0' in text
 
 
+def test_metrics_count_nothing_of_a_rejected_request(client):
+    """Its first input was routed before its second was found to be the wrong shape for its task."""
+    response = client.post("/v1/predict", json={"inputs": ["great", "no question"], "task": ["sentiment", "faq-answer"]})
+    assert response.status_code == 422, response.text
+    text = client.get("/metrics").text
+    assert 'mtpeft_requests_total{endpoint="/v1/predict",status="422"} 1.0' in text
+    assert "mtpeft_routes_total{" not in text and "mtpeft_predictions_total{" not in text
+
+
 def test_support_endpoint_shape(client, run_calls):
     response = client.post("/v1/support", json={"message": "How do I return an item?"})
     assert response.status_code == 200, response.text

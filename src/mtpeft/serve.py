@@ -390,7 +390,6 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             decisions = decide(values, tasks, router)
         results, items, where = [], [], []
         for i, (value, decision) in enumerate(zip(values, decisions)):
-            metrics.routes.labels(decision.source, decision.task or "none").inc()
             result = {"task": decision.task, "route": decision.to_dict(), "prediction": None, "error": None}
             results.append(result)
             if decision.task is None:
@@ -415,7 +414,11 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             if not _all_finite(results[i]["prediction"]):
                 raise HTTPException(500, f"inputs[{i}]: task {prediction.task!r} gave a non-finite score "
                                          "(NaN or infinity): its adapter, head or backbone weights are broken")
-            metrics.predictions.labels(prediction.task).inc()
+        # counted once the request is answered: a rejected one (422, 500) routed and predicted nothing
+        for decision in decisions:
+            metrics.routes.labels(decision.source, decision.task or "none").inc()
+        for i in where:
+            metrics.predictions.labels(results[i]["task"]).inc()
         return {"results": results}
 
     async def prefetch(tasks: list[str]) -> None:
