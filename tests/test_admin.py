@@ -214,6 +214,7 @@ def test_a_malformed_bundle_manifest_is_422_not_500(served, root, manifest, body
         response = c.post("/v1/admin/tasks", json=body, headers=AUTH)
     assert response.status_code == 422, response.text
     assert "broken" in response.json()["detail"] and "faq-answer" not in served.specs
+    assert str(root) not in response.json()["detail"]  # paths as the client gave them, not the server's
 
 
 @pytest.mark.parametrize("record", [[], {"format": "mtpeft-task", "spec": []}])
@@ -231,6 +232,7 @@ def test_a_task_file_that_is_not_a_task_object_is_422_not_500(served, root, reco
         response = c.post("/v1/admin/tasks", json={"path": "broken/faq-answer"}, headers=AUTH)
     assert response.status_code == 422, response.text
     assert "broken/faq-answer" in response.json()["detail"] and "faq-answer" not in served.specs
+    assert str(root) not in response.json()["detail"]
 
 
 def test_a_changed_file_or_a_misfit_adapter_changes_nothing(tokenizer, served, root):
@@ -240,6 +242,7 @@ def test_a_changed_file_or_a_misfit_adapter_changes_nothing(tokenizer, served, r
     with TestClient(create_app(served, admin_root=root, api_key=KEY)) as c:
         response = c.post("/v1/admin/tasks/sentiment/reload", json={"path": "v2"}, headers=AUTH)
         assert response.status_code == 422 and "sha256" in response.json()["detail"]
+        assert str(root) not in response.json()["detail"], response.text
 
         # An adapter that passes its manifest but lacks a layer: refused before the old version is touched.
         misfit = support_model(tiny_bert(tokenizer))
@@ -252,6 +255,7 @@ def test_a_changed_file_or_a_misfit_adapter_changes_nothing(tokenizer, served, r
         write_json(root / "v3" / BUNDLE_FILE, manifest)
         response = c.post("/v1/admin/tasks/sentiment/reload", json={"path": "v3"}, headers=AUTH)
         assert response.status_code == 422 and "does not fit" in response.json()["detail"]
+        assert str(root) not in response.json()["detail"], response.text
 
         other = support_model(tiny_bert(tokenizer, seed=3))  # another backbone
         other.save(root / "other", tasks=["sentiment"])

@@ -275,6 +275,13 @@ class TaskManager:
         return {"action": action, "task": name, "source": source, "tasks": sorted(self.view),
                 "seconds": round(time.perf_counter() - started, 4)}
 
+    def relative(self, message: str) -> str:
+        """``message`` with the admin root's absolute path left out: clients name paths relative to it,
+        and the server's layout is not theirs to see (the storage layer's errors name full paths)."""
+        if self.root is None:
+            return message
+        return message.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
+
     def _inside_root(self, path: Path, shown: str) -> Path:
         resolved = path.resolve()
         if resolved != self.root and self.root not in resolved.parents:
@@ -381,7 +388,7 @@ def admin_routes(manager: TaskManager) -> APIRouter:
         try:
             return await operation
         except ManagementError as err:
-            raise HTTPException(err.status, str(err)) from None
+            raise HTTPException(err.status, manager.relative(str(err))) from None
 
     @routes.post("/tasks", response_model=AdminResult)
     async def load_task(request: TaskLoadRequest) -> dict:
