@@ -296,3 +296,21 @@ def test_a_run_resumes_with_other_evaluation_and_checkpoint_settings(tokenizer, 
     _stopped_after_step_2(tokenizer, tmp_path, monkeypatch)
     result = _resume(tokenizer, tmp_path, eval_batch_size=3, max_eval_examples=5, checkpoint_every=7)
     assert result.steps == 3 and result.metrics["examples"] == 5
+
+
+def test_a_checkpoint_keeps_and_restores_the_gpu_generator(tmp_path, monkeypatch):
+    """GPU dropout draws from the CUDA generator: a resumed GPU run needs it back, not a fresh one."""
+    from mtpeft.checkpoint import RunPosition, load_checkpoint, save_checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.arange(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight.detach()}, optimizer.state_dict(), scheduler,
+                    RunPosition(step=3), {"seed": 0}, 1)
+    load_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight}, scheduler, {"seed": 0})
+    assert len(restored) == 1 and restored[0].tolist() == list(range(8))

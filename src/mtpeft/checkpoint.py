@@ -81,6 +81,8 @@ def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimiz
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {
         "position": asdict(position),
         "param_groups": optimizer_state["param_groups"],
@@ -114,4 +116,6 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], schedu
             state.setdefault(int(index), {})[name] = value
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return RunPosition(**meta["position"]), {"state": state, "param_groups": meta["param_groups"]}
