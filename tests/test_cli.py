@@ -58,6 +58,11 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert main(["predict", str(run), "the superb order arrived"]) == 0
     out = json.loads(capsys.readouterr().out.strip())
     assert out["type"] == "label" and out["label"] == "pos" and set(out["probabilities"]) == {"neg", "pos"}
+    assert main(["predict", str(run), "--task", "mood", "the superb order arrived"]) == 0  # the text after options
+    assert json.loads(capsys.readouterr().out.strip()) == out
+    with pytest.raises(SystemExit):
+        main(["predict", str(run), "a", "b"])
+    assert "unrecognized arguments: b" in capsys.readouterr().err
 
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("the awful order came\nthe lovely order was here\n", encoding="utf-8")

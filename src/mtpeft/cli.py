@@ -221,7 +221,14 @@ def _int_list(value: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a command's positionals in one go, so `predict RUN --task T "text"` left the
+    # text over: after the options, it is the text all the same.
+    if args.command == "predict" and args.text is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.text, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
