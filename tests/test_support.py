@@ -192,3 +192,15 @@ def test_a_malformed_json_faq_names_its_file_and_line(tmp_path):
     path.write_text('[{"question": "a?", "context": "A."},\n{"question": "b?" "context": "B."}]')
     with pytest.raises(DataError, match=r"faq.json:2: invalid JSON: Expecting ',' delimiter"):
         load_faq(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('question,context\n"a?","A.\nb?,B.\nc?,C.\n', r"faq.csv:2: a quoted field opened on this line is never closed"),
+    ('question,context\na?,A.\nb?,"B."x\n', r"faq.csv:3: malformed CSV: ',' expected after '\"'"),
+])
+def test_a_csv_quote_left_open_names_its_line_instead_of_swallowing_the_rest(tmp_path, content, message):
+    # The unclosed quote took every later line into one context: the FAQ loaded with entries missing.
+    path = tmp_path / "faq.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_faq(path)

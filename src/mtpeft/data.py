@@ -88,17 +88,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                                 f"expected {len(header)} tab-separated fields ({', '.join(header)}), found {len(values)}")
             yield f"{path}:{number}", dict(zip(header, values))
     elif suffix == ".csv":
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}:1", None, "empty file, expected a header line")
-        start = reader.line_num + 1
-        for values in reader:
-            if values:
-                if len(values) != len(header):
-                    raise DataError(f"{path}:{start}", None, f"expected {len(header)} fields ({', '.join(header)}), found {len(values)}")
-                yield f"{path}:{start}", dict(zip(header, values))
-            start = reader.line_num + 1
+        yield from _csv_records(path, text)
     elif suffix == ".jsonl":
         for number, line in enumerate(split_lines(text), start=1):
             if not line.strip():
@@ -126,6 +116,27 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataError(str(path), None, "expected a list of objects or a SQuAD file ({'data': [...]})")
     else:
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or .json")
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a CSV file; strict, as a quote left open would otherwise swallow every later
+    line into one field and the file would load with rows silently missing."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}:1", None, "empty file, expected a header line")
+        start = reader.line_num + 1
+        for values in reader:
+            if values:
+                if len(values) != len(header):
+                    raise DataError(f"{path}:{start}", None, f"expected {len(header)} fields ({', '.join(header)}), found {len(values)}")
+                yield f"{path}:{start}", dict(zip(header, values))
+            start = reader.line_num + 1
+    except csv.Error as err:  # named by the line its row starts on
+        problem = "a quoted field opened on this line is never closed" if "end of data" in str(err) else f"malformed CSV: {err}"
+        raise DataError(f"{path}:{start}", None, problem) from None
 
 
 def squad_records(path: Path, data: dict, articles: slice | None = None) -> Iterator[tuple[str, dict]]:
