@@ -100,7 +100,7 @@ def test_similarity_scores_rerank_the_retrieved_questions(pipeline, model):
 
 
 def test_no_answer_below_threshold(model):
-    reply = SupportPipeline(model, FAQ, answer_threshold=1.01).answer("shipping cost?")
+    reply = SupportPipeline(model, FAQ, answer_threshold=1.0).answer("shipping cost?")
     assert reply.answer.no_answer
     assert not SupportPipeline(model, FAQ, answer_threshold=0.0).answer("shipping cost?").answer.no_answer
 
@@ -204,3 +204,10 @@ def test_a_csv_quote_left_open_names_its_line_instead_of_swallowing_the_rest(tmp
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         load_faq(path)
+
+
+@pytest.mark.parametrize("threshold", [30, 1.01, -0.1, float("nan")])
+def test_an_answer_threshold_that_is_no_probability_is_refused(model, threshold):
+    # 30 (meant as 30 %) marked every reply "no answer"; NaN answered every one, however unsure.
+    with pytest.raises(ValueError, match="answer_threshold must be a probability in"):
+        SupportPipeline(model, FAQ, answer_threshold=threshold)

@@ -113,6 +113,8 @@ class SupportPipeline:
                  qa_task: str = "faq-answer", top_k: int = 5, answer_threshold: float = 0.3) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not 0.0 <= answer_threshold <= 1.0:  # a probability: 30 (meant as %) would refuse every answer
+            raise ValueError(f"answer_threshold must be a probability in [0, 1], got {answer_threshold}")
         self.model = model
         self.sentiment_task, self.similarity_task, self.qa_task = sentiment_task, similarity_task, qa_task
         _check_task(model, sentiment_task, "sentiment", ("classification",), pair=False)
