@@ -214,3 +214,16 @@ def test_a_router_changed_since_its_bundle_recorded_it_is_refused(model, router,
     write_safetensors(weights, {"weight": tensors["weight"] * 2, "bias": tensors["bias"]})  # same shapes
     with pytest.raises(BundleIntegrityError, match="router.safetensors: changed since the bundle was saved"):
         load_router(tmp_path / "bundle", model)
+
+
+def test_a_data_folder_with_an_equals_sign_in_its_name_is_a_folder(model, tmp_path):
+    # "runs/lr=1e-3" was split at '=' and refused as the unknown task "runs/lr".
+    from mtpeft.cli import _router_data
+    from mtpeft.tasks.presets import get_preset
+
+    folder = tmp_path / "lr=1e-3"
+    folder.mkdir()
+    (folder / get_preset("sentiment").layout.train_file).write_text('{"text": "lovely", "label": "positive"}\n')
+    assert _router_data(model, [str(folder)]) == {"sentiment": str(folder)}
+    with pytest.raises(ValueError, match="unknown task 'translate'"):
+        _router_data(model, [f"translate={folder}"])

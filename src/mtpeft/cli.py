@@ -420,9 +420,9 @@ def _router_data(model, values: list[str]) -> dict:
         if sep and task in model.specs:
             data[task] = path
             continue
-        if sep:
-            raise ValueError(f"--data {value!r}: unknown task {task!r}; tasks in the bundle: {model.task_names}")
-        if not Path(value).is_dir():
+        if not Path(value).is_dir():  # a folder may have '=' in its name (runs/lr=1e-3)
+            if sep:
+                raise ValueError(f"--data {value!r}: unknown task {task!r}; tasks in the bundle: {model.task_names}")
             raise ValueError(f"--data {value!r}: pass TASK=FILE for a data file, or a folder of built-in tasks' files")
         found = [t for t in model.task_names if t in preset_names() and (Path(value) / get_preset(t).layout.train_file).is_file()]
         data.update({t: value for t in found if t not in data})
