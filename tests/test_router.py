@@ -227,3 +227,14 @@ def test_a_data_folder_with_an_equals_sign_in_its_name_is_a_folder(model, tmp_pa
     assert _router_data(model, [str(folder)]) == {"sentiment": str(folder)}
     with pytest.raises(ValueError, match="unknown task 'translate'"):
         _router_data(model, [f"translate={folder}"])
+
+
+def test_an_empty_data_path_is_an_error_not_the_current_folder(model, tmp_path, monkeypatch):
+    # "--data sentiment=$UNSET" read ./sentiment.jsonl, whatever the current folder held.
+    from mtpeft.router_data import task_inputs
+    from mtpeft.tasks.presets import get_preset
+
+    (tmp_path / get_preset("sentiment").layout.train_file).write_text('{"text": "lovely", "label": "positive"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="task 'sentiment': the data path is empty"):
+        task_inputs(model, "sentiment", "")
