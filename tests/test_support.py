@@ -211,3 +211,12 @@ def test_an_answer_threshold_that_is_no_probability_is_refused(model, threshold)
     # 30 (meant as 30 %) marked every reply "no answer"; NaN answered every one, however unsure.
     with pytest.raises(ValueError, match="answer_threshold must be a probability in"):
         SupportPipeline(model, FAQ, answer_threshold=threshold)
+
+
+@pytest.mark.parametrize("top_k", [2.0, "3"])
+def test_a_top_k_that_is_no_whole_number_is_a_clear_error(model, pipeline, top_k):
+    # 2.0 passed the ">= 1" check and failed in the index search with "slice indices must be integers".
+    with pytest.raises(ValueError, match="top_k must be >= 1 \\(a whole number\\)"):
+        SupportPipeline(model, FAQ, top_k=top_k)
+    with pytest.raises(ValueError, match="top_k must be >= 1 \\(a whole number\\)"):
+        pipeline.answer("how long does a refund take?", top_k=top_k)

@@ -21,6 +21,7 @@ the HTTP server passes its own ``run``/``embed`` so these rows share micro-batch
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -101,6 +102,12 @@ def _check_task(model: MultiTaskModel, name: str, role: str, types: tuple[str, .
     return spec
 
 
+def _check_top_k(top_k) -> None:
+    """0 would leave no entry to answer from; 2.0 (a number read from JSON) failed deep in the search."""
+    if not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (a whole number), got {top_k!r}")
+
+
 class SupportPipeline:
     """Sentiment, FAQ retrieval re-ranked by a similarity task, and extractive answers, on one model.
 
@@ -111,8 +118,7 @@ class SupportPipeline:
     def __init__(self, model: MultiTaskModel, faq: Sequence[FaqEntry | dict] | str | os.PathLike | None = None,
                  sentiment_task: str = "sentiment", similarity_task: str = "similar-questions",
                  qa_task: str = "faq-answer", top_k: int = 5, answer_threshold: float = 0.3) -> None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        _check_top_k(top_k)
         if not 0.0 <= answer_threshold <= 1.0:  # a probability: 30 (meant as %) would refuse every answer
             raise ValueError(f"answer_threshold must be a probability in [0, 1], got {answer_threshold}")
         self.model = model
@@ -145,8 +151,7 @@ class SupportPipeline:
         if not isinstance(message, str) or not message.strip():
             raise ValueError("the message is empty; pass the customer's text")
         top_k = self.top_k if top_k is None else top_k
-        if top_k < 1:  # 0 would leave no entry to answer from
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        _check_top_k(top_k)
         run = run or self.model.run
         embed = embed or (lambda texts: embed_texts(self.model, texts))
         hits = self.index.search(embed([message])[0], top_k)
