@@ -16,3 +16,10 @@ def test_demo_trains_saves_reloads_and_answers(tmp_path, capsys):
         assert record["metrics"]["examples"] > 0
     assert "loaded it back" in out
     assert out.count("message: ") == 5 and out.count("sentiment          -> ") == 5
+
+
+def test_demo_refuses_an_epochs_scale_that_trains_nothing(tmp_path, capsys):
+    for scale in ("0", "-1", "nan"):
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs-scale", scale]) == 2
+        assert "--epochs-scale must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

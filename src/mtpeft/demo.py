@@ -30,6 +30,8 @@ EXAMPLE_MESSAGES = [
 
 
 def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_scale: float = 1.0) -> dict:
+    if not epochs_scale > 0:  # NaN too; 0 or less would have trained a silent 0.1 epoch
+        raise ValueError(f"--epochs-scale must be > 0, got {epochs_scale}")
     started = time.perf_counter()
     out = Path(out)
     data_dir = support_data_dir()
