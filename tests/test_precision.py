@@ -159,3 +159,13 @@ def test_the_frozen_weights_found_before_each_pass_follow_every_change_of_the_ba
     with torch.no_grad():
         model.encode(batch, "a")
     assert all(p.dtype == torch.float32 for n, p in model.backbone.named_parameters() if ".lora_" not in n)
+
+
+def test_a_gpu_that_only_emulates_bf16_is_not_picked_for_it(monkeypatch):
+    # PyTorch counts bf16 emulated in fp32 (GPUs before Ampere) as supported unless told otherwise;
+    # bf16=None picked it there, slower than fp32.
+    from mtpeft.precision import resolve_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_bf16(None, "cuda") is False
+    assert resolve_bf16(True, "cuda") is True  # an explicit choice stands

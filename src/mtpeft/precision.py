@@ -22,7 +22,8 @@ def cpu_has_bf16() -> bool:
 def bf16_supported(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Not emulated bf16 (GPUs before Ampere): it runs slower than fp32 there.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and cpu_has_bf16()
 
 
