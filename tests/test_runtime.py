@@ -7,7 +7,8 @@ import platform
 
 import pytest
 
-from mtpeft.runtime import ALLOCATOR_ENV, KERNEL_CACHE_ENV, bound_kernel_caches, tune_allocator
+from mtpeft import runtime
+from mtpeft.runtime import ALLOCATOR_ENV, GLIBC_MALLOC_ENV, KERNEL_CACHE_ENV, bound_kernel_caches, tune_allocator
 
 
 def test_allocator_setting_can_be_left_alone(monkeypatch):
@@ -18,8 +19,32 @@ def test_allocator_setting_can_be_left_alone(monkeypatch):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not ctypes.util.find_library("c"),
                     reason="mallopt settings exist only in glibc")
 def test_allocator_is_tuned_on_glibc(monkeypatch):
-    monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
+    for name in (ALLOCATOR_ENV, "GLIBC_TUNABLES", *GLIBC_MALLOC_ENV):
+        monkeypatch.delenv(name, raising=False)
     assert tune_allocator.__wrapped__() is True
+
+
+@pytest.mark.parametrize("name, value", [("MALLOC_TRIM_THRESHOLD_", "131072"),
+                                         ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")])
+def test_malloc_settings_the_user_made_through_glibc_stay(monkeypatch, name, value):
+    # mallopt overrides glibc's environment settings: a user's trim threshold (memory handed
+    # back in a container, say) was replaced by mtpeft's 1 GiB.
+    for other in (ALLOCATOR_ENV, "GLIBC_TUNABLES", *GLIBC_MALLOC_ENV):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    calls = []
+
+    class Mallopt:
+        def __call__(self, *args):
+            calls.append(args)
+            return 1
+
+    class Libc:
+        mallopt = Mallopt()
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: "libc.so.6")
+    assert tune_allocator.__wrapped__() is False and calls == []
 
 
 def test_kernel_caches_are_capped_unless_the_environment_says_otherwise(monkeypatch):

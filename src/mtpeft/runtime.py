@@ -22,6 +22,9 @@ _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 ALLOCATOR_ENV = "MTPEFT_ALLOCATOR"  # "default" leaves glibc's settings alone
+# glibc's own ways to set the same three values; one set means the user chose them.
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad")
 
 
 @functools.cache
@@ -29,9 +32,10 @@ def tune_allocator() -> bool:
     """Keep freed tensor memory in the heap for reuse (glibc only; once per process).
 
     Returns whether the settings were applied. Resident memory grows to the working set's
-    high-water mark and stays there instead of going back and forth.
+    high-water mark and stays there instead of going back and forth. Settings made through
+    glibc's environment variables or tunables are left as the user made them.
     """
-    if os.environ.get(ALLOCATOR_ENV, "").lower() == "default":
+    if os.environ.get(ALLOCATOR_ENV, "").lower() == "default" or _glibc_malloc_set_by_user():
         return False
     name = ctypes.util.find_library("c")
     if name is None:
@@ -47,6 +51,11 @@ def tune_allocator() -> bool:
         mallopt(_M_TRIM_THRESHOLD, 1 * 2**30) == 1,  # do not give the heap top back below 1 GiB free
         mallopt(_M_TOP_PAD, 64 * 2**20) == 1,  # grow the heap in 64 MiB steps
     ))
+
+
+def _glibc_malloc_set_by_user() -> bool:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(name in os.environ for name in GLIBC_MALLOC_ENV) or any(f"{t}=" in tunables for t in GLIBC_TUNABLES)
 
 
 # Environment variables of the two kernel caches a bf16 CPU matmul goes through: ideep's
