@@ -66,3 +66,22 @@ def test_compile_is_refused_where_the_loop_does_not_support_it(tokenizer, monkey
 def _fsdp_like(self) -> None:
     self.accelerator, self.sharded, self.zero_stage, self.device, self._zero = None, True, None, None, None
     self.rank, self.world_size = 0, 1
+
+
+def test_a_deep_copy_of_a_compiled_model_trains_its_own_weights(tokenizer, monkeypatch):
+    # The compiled call kept on the backbone went along into a deep copy, still bound to the
+    # original: the copy's compiled run used the original's weights and its adapter never learned.
+    import copy
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_function(fn, **{**options, "backend": "eager"}))
+    model, _ = _trained(tokenizer, compile=True)
+    fork = copy.deepcopy(model)
+    before = {k: v.detach().clone() for k, v in fork.task_parameters("mood").items()}
+    original = {k: v.detach().clone() for k, v in model.task_parameters("mood").items()}
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, bf16=False, seed=1, checkpoint_every=-1, compile=True)
+    train_task(fork, "mood", EXAMPLES, None, config, progress=False, save=False, report_to=())
+    moved = [k for k, v in fork.task_parameters("mood").items() if ".lora_B" in k and not torch.equal(v, before[k])]
+    assert moved, "the copy's adapter did not train"
+    for name, weight in model.task_parameters("mood").items():
+        assert torch.equal(weight, original[name]) and weight.grad is None, name

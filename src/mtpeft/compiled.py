@@ -31,10 +31,12 @@ def compiled(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     import torch._dynamo
 
     # One compiled callable per module, kept across runs: a new ``torch.compile`` wrapper is a
-    # new backend to dynamo's guards, so re-wrapping would compile again on every run.
-    call = module.__dict__.get("_mtpeft_compiled_call")
-    if call is None:
-        call = module.__dict__["_mtpeft_compiled_call"] = torch.compile(module._call_impl, dynamic=True)
+    # new backend to dynamo's guards, so re-wrapping would compile again on every run. It is
+    # kept with the module's id: a deep copy carries the entry, whose call runs the original.
+    owner, call = module.__dict__.get("_mtpeft_compiled_call", (None, None))
+    if owner != id(module):
+        call = torch.compile(module._call_impl, dynamic=True)
+        module.__dict__["_mtpeft_compiled_call"] = (id(module), call)
     module._compiled_call_impl = call  # as nn.Module.compile sets it
     try:
         with torch._dynamo.config.patch(suppress_errors=True):
