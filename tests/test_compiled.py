@@ -73,6 +73,7 @@ def test_a_deep_copy_of_a_compiled_model_trains_its_own_weights(tokenizer, monke
     # original: the copy's compiled run used the original's weights and its adapter never learned.
     import copy
 
+    torch._dynamo.reset()  # compiled, even after a failed compilation earlier in the process
     compile_function = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_function(fn, **{**options, "backend": "eager"}))
     model, _ = _trained(tokenizer, compile=True)
@@ -85,3 +86,27 @@ def test_a_deep_copy_of_a_compiled_model_trains_its_own_weights(tokenizer, monke
     assert moved, "the copy's adapter did not train"
     for name, weight in model.task_parameters("mood").items():
         assert torch.equal(weight, original[name]) and weight.grad is None, name
+
+
+def test_every_task_trained_on_a_model_is_compiled(tokenizer, monkeypatch):
+    # Each task is a compilation of its own; past dynamo's limit (8 by default, 1 here) the
+    # later tasks ran eagerly, with only a log line to say so.
+    calls = []
+
+    def counting_backend(graph, example_inputs):
+        calls.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()  # a failed compilation earlier in the process leaves the backbone's code eager for good
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **options: compile_function(fn, **{**options, "backend": counting_backend}))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model, _ = _trained(tokenizer, compile=True)
+        model.add_task(TaskSpec(name="other", type="classification", labels=["neg", "pos"], max_length=16),
+                       LoraSettings(r=4))
+        calls.clear()
+        config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, bf16=False, seed=1, checkpoint_every=-1, compile=True)
+        train_task(model, "other", EXAMPLES, None, config, progress=False, save=False, report_to=())
+    assert calls, "the second task ran eagerly"
+

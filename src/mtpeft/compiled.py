@@ -22,6 +22,11 @@ import torch
 from torch import nn
 
 
+# Each task trained compiles once (the task's name routes the adapters, and dynamo guards on
+# it); past PyTorch's default limit of 8 compilations, later tasks would silently run eagerly.
+TASK_COMPILATIONS = 256
+
+
 @contextlib.contextmanager
 def compiled(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     """``module`` runs compiled inside the block (dynamic shapes, eager on failure)."""
@@ -39,7 +44,8 @@ def compiled(module: nn.Module, enabled: bool = True) -> Iterator[None]:
         module.__dict__["_mtpeft_compiled_call"] = (id(module), call)
     module._compiled_call_impl = call  # as nn.Module.compile sets it
     try:
-        with torch._dynamo.config.patch(suppress_errors=True):
+        limit = max(torch._dynamo.config.recompile_limit, TASK_COMPILATIONS)
+        with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=limit):
             yield
     finally:
         module._compiled_call_impl = None  # calls go to forward again
