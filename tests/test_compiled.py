@@ -110,3 +110,16 @@ def test_every_task_trained_on_a_model_is_compiled(tokenizer, monkeypatch):
         train_task(model, "other", EXAMPLES, None, config, progress=False, save=False, report_to=())
     assert calls, "the second task ran eagerly"
 
+
+def test_a_backbone_the_caller_compiled_stays_compiled_after_the_run(tokenizer, monkeypatch):
+    # The run set the backbone's compiled call to None at its end, dropping a ``compile()`` of the caller's.
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **options: compile_function(fn, **{**options, "backend": "eager"}))
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(SPEC, LoraSettings(r=4, alpha=8))
+    model.backbone.compile(backend="eager")
+    theirs = model.backbone._compiled_call_impl
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, bf16=False, seed=0, checkpoint_every=-1, compile=True)
+    train_task(model, "mood", EXAMPLES, None, config, progress=False, save=False, report_to=())
+    assert theirs is not None and model.backbone._compiled_call_impl is theirs

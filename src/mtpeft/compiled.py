@@ -10,7 +10,8 @@ Shapes are compiled as dynamic from the first step: length-bucketed batches chan
 sequence length every few steps, and a compilation per length would cost more than it saves.
 If compilation fails (an operator the compiler does not handle, a backend missing on the
 machine), the step runs eagerly instead, with a warning: ``suppress_errors`` is PyTorch's
-own fallback. The backbone leaves the block uncompiled, so evaluation and serving run eagerly.
+own fallback. The backbone leaves the block as it came in: uncompiled, so evaluation and
+serving run eagerly, unless its caller had compiled it (``module.compile()``).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def compiled(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     if owner != id(module):
         call = torch.compile(module._call_impl, dynamic=True)
         module.__dict__["_mtpeft_compiled_call"] = (id(module), call)
+    previous = module._compiled_call_impl  # the caller's own ``module.compile()``, if any
     module._compiled_call_impl = call  # as nn.Module.compile sets it
     try:
         limit = max(torch._dynamo.config.recompile_limit, TASK_COMPILATIONS)
         with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=limit):
             yield
     finally:
-        module._compiled_call_impl = None  # calls go to forward again
+        module._compiled_call_impl = previous  # calls go to forward again, or to the caller's compilation
