@@ -123,3 +123,14 @@ def test_a_backbone_the_caller_compiled_stays_compiled_after_the_run(tokenizer, 
     config = TrainConfig(epochs=1, batch_size=8, lr=1e-2, bf16=False, seed=0, checkpoint_every=-1, compile=True)
     train_task(model, "mood", EXAMPLES, None, config, progress=False, save=False, report_to=())
     assert theirs is not None and model.backbone._compiled_call_impl is theirs
+
+
+def test_a_model_trained_compiled_still_pickles(tokenizer, monkeypatch):
+    # The compiled call was kept in the backbone's __dict__: torch.save(model) failed with a PicklingError.
+    import io
+
+    compile_function = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **options: compile_function(fn, **{**options, "backend": "eager"}))
+    model, _ = _trained(tokenizer, compile=True)
+    torch.save(model, io.BytesIO())

@@ -17,11 +17,18 @@ serving run eagerly, unless its caller had compiled it (``module.compile()``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+
+# One compiled callable per module, kept across runs: a new ``torch.compile`` wrapper is a
+# new backend to dynamo's guards, so re-wrapping would compile again on every run. Kept here,
+# not on the module, and not holding it: the module still pickles (``torch.save``).
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable] = weakref.WeakKeyDictionary()
 
 # Each task trained compiles once (the task's name routes the adapters, and dynamo guards on
 # it); past PyTorch's default limit of 8 compilations, later tasks would silently run eagerly.
@@ -36,15 +43,11 @@ def compiled(module: nn.Module, enabled: bool = True) -> Iterator[None]:
         return
     import torch._dynamo
 
-    # One compiled callable per module, kept across runs: a new ``torch.compile`` wrapper is a
-    # new backend to dynamo's guards, so re-wrapping would compile again on every run. It is
-    # kept with the module's id: a deep copy carries the entry, whose call runs the original.
-    owner, call = module.__dict__.get("_mtpeft_compiled_call", (None, None))
-    if owner != id(module):
-        call = torch.compile(module._call_impl, dynamic=True)
-        module.__dict__["_mtpeft_compiled_call"] = (id(module), call)
+    call = _COMPILED.get(module)
+    if call is None:
+        call = _COMPILED[module] = torch.compile(nn.Module._call_impl, dynamic=True)
     previous = module._compiled_call_impl  # the caller's own ``module.compile()``, if any
-    module._compiled_call_impl = call  # as nn.Module.compile sets it
+    module._compiled_call_impl = functools.partial(call, module)  # as nn.Module.compile sets it
     try:
         limit = max(torch._dynamo.config.recompile_limit, TASK_COMPILATIONS)
         with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=limit):
