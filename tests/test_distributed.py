@@ -107,6 +107,19 @@ def test_two_process_ddp_equals_single_process(run_setup, compiled):
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")
 
 
+@needs_launcher
+def test_two_process_ddp_equals_single_process_when_a_batch_splits_unevenly(run_setup):
+    """61 examples in batches of 16 end each epoch with 13 rows, 7 on one process and 6 on the
+    other: every row still weighs 1/13 of that step, as on one process."""
+    tmp_path, args = run_setup
+    args = [*args, "--checkpoint-every", "-1", "--max-train-examples", "61"]
+    single = _single(args, tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _launched("ddp_cpu.yaml", args, tmp_path / "two")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+
+
 ON_CPU_AND_TWO_GPUS = pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="the NCCL path needs 2 CUDA GPUs"))], ids=["cpu-gloo", "gpu-nccl"])
 

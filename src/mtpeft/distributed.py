@@ -204,6 +204,12 @@ class DataParallel:
             return None
         return list(indices[self.rank::self.world_size])
 
+    def loss_weight(self, rows: int, batch_rows: int) -> float:
+        """What this process's mean loss over its ``rows`` is multiplied by: the processes'
+        gradients are averaged, so with unequal shares of a batch each row still counts
+        ``1 / batch_rows``, as on one process."""
+        return rows * self.world_size / batch_rows
+
     def barrier(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()

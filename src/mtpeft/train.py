@@ -176,7 +176,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     with autocast(device, use_bf16):
                         outputs = step_model(batch, task)
                     loss = kind.loss(spec, outputs, batch)
-                    parallel.backward(loss)
+                    weight = parallel.loss_weight(len(indices), len(batches[index]))
+                    parallel.backward(loss * weight if weight != 1 else loss)
                     if config.max_grad_norm and not parallel.engine_steps:
                         torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
                     optimizer.step()
