@@ -166,6 +166,22 @@ def test_sharded_run_killed_mid_training_resumes_to_the_same_adapter(run_setup, 
 
 
 @needs_launcher
+def test_ddp_run_with_dropout_killed_mid_training_resumes_to_the_same_adapter(run_setup):
+    """Each process draws its own dropout masks (7 rows on one, 6 on the other at each epoch's
+    end), so each takes its own RNG state back on resume."""
+    tmp_path, args = run_setup
+    args = [*args, "--checkpoint-every", "3", "--lora-dropout", "0.1", "--max-train-examples", "61"]
+    whole = _launched("ddp_cpu.yaml", args, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _launched("ddp_cpu.yaml", args, tmp_path / "resumed", fault="step:8")
+    assert killed.returncode != 0
+    resumed = _launched("ddp_cpu.yaml", args, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 6/" in resumed.stderr
+    _assert_same_adapter(tmp_path / "whole", tmp_path / "resumed")
+
+
+@needs_launcher
 @needs_deepspeed
 @ON_CPU_AND_TWO_GPUS
 @pytest.mark.parametrize("stage", [2, 3])

@@ -68,11 +68,14 @@ def features_digest(features: Sequence[dict], targets: Iterable[str]) -> str:
 
 
 def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
-                    position: RunPosition, fingerprint: dict, save_count: int) -> None:
+                    position: RunPosition, fingerprint: dict, save_count: int,
+                    rng_states: Sequence[torch.Tensor] | None = None) -> None:
     """Write the checkpoint to ``path`` (``None``: a process that does not write).
 
     ``weights`` and ``optimizer_state`` (``Optimizer.state_dict()``'s layout) hold whole
-    tensors, as ``DataParallel.checkpoint_state`` gathers them from shards or partitions.
+    tensors, as ``DataParallel.checkpoint_state`` gathers them from shards or partitions;
+    ``rng_states`` every process's RNG state by rank (``DataParallel.rng_states``), else
+    this process's.
     """
     if path is None:
         return
@@ -80,7 +83,9 @@ def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimiz
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
+    rng_states = rng_states or [torch.get_rng_state()]
+    tensors["rng.torch"] = rng_states[0]
+    tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng_states) if rank})
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {
@@ -94,10 +99,11 @@ def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimiz
 
 
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], scheduler,
-                    fingerprint: dict) -> tuple[RunPosition, dict]:
+                    fingerprint: dict, rank: int = 0) -> tuple[RunPosition, dict]:
     """Put the checkpoint's weights into ``trainable`` (each process its own shard of them), and
-    its scheduler and RNG state back; return the position and the optimizer state (whole
-    tensors, for ``DataParallel.load_optimizer_state`` once the optimizer is prepared)."""
+    its scheduler and RNG state (process ``rank``'s, where it was saved) back; return the
+    position and the optimizer state (whole tensors, for ``DataParallel.load_optimizer_state``
+    once the optimizer is prepared)."""
     tensors, metadata = read_safetensors_with_metadata(path)
     meta = json.loads(metadata["mtpeft_checkpoint"])
     saved = meta["fingerprint"]
@@ -115,7 +121,7 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], schedu
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]))
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return RunPosition(**meta["position"]), {"state": state, "param_groups": meta["param_groups"]}

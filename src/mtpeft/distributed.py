@@ -179,6 +179,17 @@ class DataParallel:
                  for i, entry in state["state"].items()}
         return weights, {"state": whole, "param_groups": state["param_groups"]}
 
+    def rng_states(self) -> list[torch.Tensor]:
+        """Every process's torch RNG state, by rank (a collective): each draws its own dropout
+        masks, so each must take its own state back on resume."""
+        if self.world_size == 1:
+            return [torch.get_rng_state()]
+        import torch.distributed as dist
+
+        states = [None] * self.world_size
+        dist.all_gather_object(states, torch.get_rng_state())
+        return states
+
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
         """Put a checkpoint's optimizer state (whole tensors) back into the prepared optimizer."""
         if self.zero_stage is not None:
