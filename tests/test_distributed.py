@@ -118,6 +118,10 @@ def test_two_process_ddp_equals_single_process_when_a_batch_splits_unevenly(run_
     ddp = _launched("ddp_cpu.yaml", args, tmp_path / "two")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    # The reported loss is the whole batch's, not the main process's share of it.
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
 
 
 ON_CPU_AND_TWO_GPUS = pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.skipif(

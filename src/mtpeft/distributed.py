@@ -206,6 +206,17 @@ class DataParallel:
         else:
             loss.backward()
 
+    def batch_loss(self, loss: torch.Tensor, weight: float) -> float:
+        """The mean loss over the whole batch, from each process's ``loss`` on its share and its
+        ``loss_weight`` (a collective), so a run reports what one process would."""
+        if self.world_size == 1:
+            return float(loss.detach())
+        import torch.distributed as dist
+
+        total = loss.detach().float() * weight
+        dist.all_reduce(total)
+        return float(total) / self.world_size
+
     def shard(self, indices: Sequence[int]) -> list[int] | None:
         """This process's rows of a global batch; ``None`` when the batch is too small to split
         (every process sees the same batch, so all skip it together)."""

@@ -185,7 +185,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     seen += len(batches[index])
-                    loss_value = float(loss.detach())
+                    loss_value = parallel.batch_loss(loss, weight)
                     bar.update(1)
                     tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
                     if step % 10 == 0 or step == total_steps:
