@@ -84,6 +84,25 @@ def test_deepspeed_stages_other_than_2_and_3_are_refused(monkeypatch):
         DataParallel()
 
 
+def test_deepspeed_optimizer_offload_is_refused_before_starting(monkeypatch):
+    """With it accelerate swaps the run's AdamW for DeepSpeed's CPU Adam, whose state the
+    checkpoints would not hold: a resumed run would restart AdamW's moments from zero."""
+    import accelerate
+
+    from mtpeft.distributed import DataParallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", raising=False)
+    monkeypatch.setattr(accelerate, "Accelerator", _fake_accelerator("DEEPSPEED", zero_stage=2))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    assert DataParallel().zero_stage == 2
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(ValueError, match="offload_optimizer_device is not supported.*set it to none"):
+        DataParallel()
+
+
 @pytest.mark.parametrize(("setting", "value", "message"), [
     ("FSDP_VERSION", "1", "fsdp_version: 2"),
     ("FSDP_ACTIVATION_CHECKPOINTING", "true", "fsdp_activation_checkpointing is not supported"),

@@ -69,6 +69,10 @@ class DataParallel:
         if deepspeed and _env_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
             raise ValueError("zero3_init_flag is not supported by mtpeft's training loop (the model is built whole, "
                              "then partitioned by DeepSpeed); set it to false")
+        if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() != "none":
+            raise ValueError("offload_optimizer_device is not supported by mtpeft's training loop (accelerate then "
+                             "replaces its AdamW by DeepSpeed's CPU Adam, whose state checkpoints do not hold); "
+                             "set it to none")
         # Without a GPU, accelerate makes DDP processes a group (gloo) only when told to use the
         # CPU, and DeepSpeed processes only when the backend is named.
         handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
