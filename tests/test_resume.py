@@ -99,3 +99,20 @@ def test_save_killed_midway_leaves_each_file_old_or_new(tmp_path, versions, kill
         assert set(states.values()) == {"old", "new"}  # a mix of versions is caught, not served
     else:
         assert set(states.values()) == {"old"} or set(states.values()) == {"new"}
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None], ids=["damaged", "another-safetensors-file"])
+def test_unreadable_checkpoint_is_named(tmp_path, content):
+    """A checkpoint.safetensors that is damaged, or not mtpeft's, is refused naming the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mtpeft.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    if content is None:
+        save_file({"w": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="checkpoint.safetensors is not a readable mtpeft checkpoint"):
+        load_checkpoint(path, {}, None, {})

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from mtpeft.distributed import like
 from mtpeft.storage import fault_point, read_safetensors_with_metadata, write_safetensors
@@ -98,14 +99,24 @@ def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimiz
                       before_replace=lambda: fault_point("checkpoint-write", save_count))
 
 
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint's tensors and metadata; a damaged or foreign file is named, not a bare
+    deserialisation or key error."""
+    try:
+        tensors, metadata = read_safetensors_with_metadata(path)
+        return tensors, json.loads(metadata["mtpeft_checkpoint"])
+    except (SafetensorError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable mtpeft checkpoint ({type(error).__name__}: {error}); "
+                         "delete it to start the run over") from error
+
+
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], scheduler,
                     fingerprint: dict, rank: int = 0) -> tuple[RunPosition, dict]:
     """Put the checkpoint's weights into ``trainable`` (each process its own shard of them), and
     its scheduler and RNG state (process ``rank``'s, where it was saved) back; return the
     position and the optimizer state (whole tensors, for ``DataParallel.load_optimizer_state``
     once the optimizer is prepared)."""
-    tensors, metadata = read_safetensors_with_metadata(path)
-    meta = json.loads(metadata["mtpeft_checkpoint"])
+    tensors, meta = _read(path)
     saved = meta["fingerprint"]
     differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if differing:
