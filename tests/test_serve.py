@@ -266,6 +266,21 @@ def test_support_counts_each_prediction_of_its_tasks(client):
         assert line in text, line
 
 
+def test_support_reindexes_an_edited_faq_on_the_model_thread(model, tmp_path):
+    path = tmp_path / "faq.jsonl"
+    path.write_text("".join(json.dumps({"id": e.id, "question": e.question, "context": e.context}) + "\n"
+                            for e in FAQ[:1]))
+    pipeline = SupportPipeline(model, path, top_k=4)
+    with TestClient(create_app(model, support=pipeline, settings=ServeSettings(max_wait_ms=1))) as c:
+        assert [s["id"] for s in c.post("/v1/support", json={"message": "refund?"}).json()["similar"]] == ["faq-1"]
+        path.write_text("".join(json.dumps({"id": e.id, "question": e.question, "context": e.context}) + "\n"
+                                for e in FAQ))
+        os.utime(path, ns=(1, 1))
+        reply = c.post("/v1/support", json={"message": "refund?"})
+        assert reply.status_code == 200, reply.text
+        assert sorted(s["id"] for s in reply.json()["similar"]) == [e.id for e in FAQ]
+
+
 def test_support_is_404_without_a_pipeline(model):
     with TestClient(create_app(model)) as c:
         response = c.post("/v1/support", json={"message": "hi"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -220,3 +221,49 @@ def test_a_top_k_that_is_no_whole_number_is_a_clear_error(model, pipeline, top_k
         SupportPipeline(model, FAQ, top_k=top_k)
     with pytest.raises(ValueError, match="top_k must be >= 1 \\(a whole number\\)"):
         pipeline.answer("how long does a refund take?", top_k=top_k)
+
+
+def _write_faq(path, entries):
+    path.write_text("".join(json.dumps({"id": e.id, "question": e.question, "context": e.context}) + "\n"
+                            for e in entries))
+
+
+def test_an_edited_faq_file_is_read_again_without_a_restart(model, tmp_path):
+    path = tmp_path / "faq.jsonl"
+    _write_faq(path, FAQ[:2])
+    assert {s.id for s in answer(model, "refund time?", faq=path, top_k=5).similar} == {"faq-1", "faq-2"}
+    _write_faq(path, FAQ)
+    os.utime(path, ns=(1, 1))  # a stamp that differs even where the clock's step is coarse
+    assert {s.id for s in answer(model, "refund time?", faq=path, top_k=5).similar} == {e.id for e in FAQ}
+
+
+def test_a_faq_edit_that_does_not_load_keeps_the_last_good_one(model, tmp_path, caplog):
+    path = tmp_path / "faq.jsonl"
+    _write_faq(path, FAQ)
+    pipeline = SupportPipeline(model, path, top_k=5)
+    path.write_text('{"question": "no context"}\n')
+    with caplog.at_level("WARNING", logger="mtpeft.support"):
+        reply = pipeline.answer("refund time?")
+        assert not pipeline.refresh()  # reported once, not again on every call
+    assert len(reply.similar) == len(FAQ)
+    assert [r.getMessage() for r in caplog.records if "does not load" in r.getMessage()] == [
+        f"FAQ {path} changed but does not load, still answering from the last good one: "
+        f"{path}:1: field 'context': missing; an FAQ row needs 'context' or 'answer'; the row has ['question']"]
+    _write_faq(path, FAQ[:1])
+    os.utime(path, ns=(2, 2))
+    assert pipeline.refresh() and [e.id for e in pipeline.entries] == ["faq-1"]
+
+
+def test_a_failed_faq_rebuild_is_tried_again(model, tmp_path):
+    path = tmp_path / "faq.jsonl"
+    _write_faq(path, FAQ)
+    pipeline = SupportPipeline(model, path, top_k=5)
+    _write_faq(path, FAQ[:3])
+    os.utime(path, ns=(3, 3))
+
+    def timing_out(texts, **options):
+        raise TimeoutError("the model thread did not answer")
+
+    with pytest.raises(TimeoutError):
+        pipeline.refresh(timing_out)
+    assert len(pipeline.entries) == 4 and pipeline.refresh() and len(pipeline.entries) == 3

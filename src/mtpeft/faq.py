@@ -14,7 +14,7 @@ top 5 for 97 % of the 240 QA questions, against 83 % for the questions alone
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,10 +112,16 @@ class FaqIndex:
         self.entries, self.vectors = entries, vectors
 
     @classmethod
-    def build(cls, model: MultiTaskModel, entries: list[FaqEntry], with_context: bool = True) -> FaqIndex:
-        """Embed each entry's question and (``with_context``) its context, as one text."""
+    def build(cls, model: MultiTaskModel, entries: list[FaqEntry], with_context: bool = True,
+              embed: Callable[..., torch.Tensor] | None = None) -> FaqIndex:
+        """Embed each entry's question and (``with_context``) its context, as one text.
+
+        ``embed(texts, max_length=...)`` reaches the backbone (default ``embed_texts`` on ``model``;
+        the server passes one that runs on its model thread).
+        """
         texts = [f"{e.question} {e.context}" if with_context else e.question for e in entries]
-        return cls(entries, embed_texts(model, texts, max_length=INDEX_TOKENS))
+        embed = embed or (lambda texts, **options: embed_texts(model, texts, **options))
+        return cls(entries, embed(texts, max_length=INDEX_TOKENS))
 
     def search(self, query: torch.Tensor, k: int) -> list[tuple[FaqEntry, float]]:
         """The ``k`` entries closest to the (H,) unit ``query``, best first; equal scores in FAQ order

@@ -445,8 +445,9 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         def run(items):  # from the worker thread, through the batcher on the event loop, with its 503s and 422s
             return asyncio.run_coroutine_threadsafe(predict_rows(items), loop).result()
 
-        def embed(texts):
-            return asyncio.run_coroutine_threadsafe(on_model_thread(embed_texts, model, texts), loop).result()
+        def embed(texts, **options):  # the query, and the FAQ entries when an edited FAQ is re-indexed
+            call = functools.partial(embed_texts, model, texts, **options)
+            return asyncio.run_coroutine_threadsafe(on_model_thread(call), loop).result()
 
         reply = await run_in_threadpool(support.answer, request.message, run=run, embed=embed, top_k=request.top_k)
         metrics.predictions.labels(support.sentiment_task).inc()

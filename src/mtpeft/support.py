@@ -21,8 +21,10 @@ the HTTP server passes its own ``run``/``embed`` so these rows share micro-batch
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
     from mtpeft.model import MultiTaskModel
 
 Run = Callable[[Sequence[tuple[str, Example]]], list[Prediction]]
-Embed = Callable[[Sequence[str]], torch.Tensor]
+Embed = Callable[..., torch.Tensor]  # embed(texts, **embed_texts options) -> (N, H)
+
+log = logging.getLogger("mtpeft.support")
 
 
 @dataclass
@@ -113,6 +117,11 @@ class SupportPipeline:
 
     ``faq`` is a file (see ``load_faq``), a list of ``FaqEntry`` or of dict rows with
     ``question`` and ``context`` (or ``answer``), or ``None`` for the packaged demo FAQ.
+
+    A file is watched: when its size or modification time changes, the next ``answer``
+    reads it again and rebuilds the index, so an edited FAQ needs no restart. An edit that
+    does not load (a malformed row, an empty file) is logged and the last good FAQ stays in
+    use; it is tried again when the file changes again.
     """
 
     def __init__(self, model: MultiTaskModel, faq: Sequence[FaqEntry | dict] | str | os.PathLike | None = None,
@@ -127,15 +136,17 @@ class SupportPipeline:
         self.similarity_spec = _check_task(model, similarity_task, "similarity",
                                            ("pair-classification", "regression"), pair=True)
         _check_task(model, qa_task, "QA", ("extractive-qa",), pair=None)
+        self.top_k, self.answer_threshold = top_k, answer_threshold
+        self._refresh_lock = threading.Lock()
         if faq is None or isinstance(faq, (str, os.PathLike)):
             # only None means the demo FAQ: an empty path (an unset variable) must not serve it to customers
-            entries = load_faq(packaged_faq_path() if faq is None else faq)
+            self.faq_path: str | None = os.fspath(packaged_faq_path() if faq is None else faq)
+            self._stamp = _file_stamp(self.faq_path)
+            entries = load_faq(self.faq_path)
         else:
+            self.faq_path, self._stamp = None, None
             entries = faq_entries(faq)
-        if not entries:
-            raise ValueError("the FAQ is empty; pass entries with a question and a context")
-        self.top_k, self.answer_threshold = top_k, answer_threshold
-        self.index = FaqIndex.build(model, entries)
+        self.index = _build_index(model, entries)
 
     @property
     def entries(self) -> list[FaqEntry]:
@@ -153,7 +164,8 @@ class SupportPipeline:
         top_k = self.top_k if top_k is None else top_k
         _check_top_k(top_k)
         run = run or self.model.run
-        embed = embed or (lambda texts: embed_texts(self.model, texts))
+        embed = embed or (lambda texts, **options: embed_texts(self.model, texts, **options))
+        self.refresh(embed)
         hits = self.index.search(embed([message])[0], top_k)
         items = [(self.sentiment_task, Example(text=message))]
         items += [(self.similarity_task, Example(text=message, text_pair=entry.question)) for entry, _ in hits]
@@ -167,6 +179,48 @@ class SupportPipeline:
         answer = SupportAnswer(span.answer, span.score, span.start, span.end, no_answer, best.id, best.question,
                                best.context)
         return SupportReply(message, sentiment, similar, answer)
+
+    def refresh(self, embed: Embed | None = None) -> bool:
+        """Reload the FAQ file and rebuild the index if the file changed since it was read; True if it did.
+
+        A stat per call (microseconds); the rebuild embeds every entry once. Callers in other
+        threads wait for a rebuild in progress rather than answer from a half-swapped index.
+        """
+        if self.faq_path is None or _file_stamp(self.faq_path) == self._stamp:
+            return False
+        with self._refresh_lock:
+            stamp = _file_stamp(self.faq_path)
+            if stamp == self._stamp:  # another thread rebuilt it meanwhile
+                return False
+            try:
+                entries = load_faq(self.faq_path)
+                if not entries:
+                    raise ValueError("the file holds no entries")
+            except (OSError, ValueError) as err:  # DataError is a ValueError
+                self._stamp = stamp  # a bad edit is reported once, not on every request
+                log.warning("FAQ %s changed but does not load, still answering from the last good one: %s",
+                            self.faq_path, err)
+                return False
+            index = _build_index(self.model, entries, embed)  # if this fails (a timeout), the next call tries again
+            self._stamp = stamp
+            self.index = index
+            log.info("FAQ %s reloaded: %d entries", self.faq_path, len(index.entries))
+            return True
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """What changes when the file is edited or replaced; None while it is missing (mid-replace)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _build_index(model: MultiTaskModel, entries: list[FaqEntry], embed: Embed | None = None) -> FaqIndex:
+    if not entries:
+        raise ValueError("the FAQ is empty; pass entries with a question and a context")
+    return FaqIndex.build(model, entries, embed=embed)
 
 
 def _pipelines(model: MultiTaskModel) -> dict:
