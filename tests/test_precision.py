@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mtpeft import MultiTaskModel, TaskSpec
@@ -166,6 +167,26 @@ def test_a_gpu_that_only_emulates_bf16_is_not_picked_for_it(monkeypatch):
     # bf16=None picked it there, slower than fp32.
     from mtpeft.precision import resolve_bf16
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    _two_gpus(monkeypatch, current=0)
     assert resolve_bf16(None, "cuda") is False
     assert resolve_bf16(True, "cuda") is True  # an explicit choice stands
+
+
+def _two_gpus(monkeypatch, current: int) -> None:
+    """GPU 0 a Volta (bf16 only emulated), GPU 1 an Ampere; ``current`` the one torch.cuda points at."""
+    capability = {0: (7, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",  # torch's own check: the current GPU, whatever is asked
+                        lambda including_emulation=True: capability[current][0] >= 8 or including_emulation)
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_bf16_is_asked_of_the_gpu_named_not_the_current_one(monkeypatch, current):
+    from mtpeft.precision import bf16_supported
+
+    _two_gpus(monkeypatch, current)
+    assert bf16_supported("cuda:0") is False and bf16_supported("cuda:1") is True
+    assert bf16_supported("cuda") is (current == 1)

@@ -22,8 +22,14 @@ def cpu_has_bf16() -> bool:
 def bf16_supported(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
-        # Not emulated bf16 (GPUs before Ampere): it runs slower than fp32 there.
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        # torch.cuda.is_bf16_supported asks about the current GPU only, so "cuda:1" is asked about
+        # itself here. Native bf16 only (Ampere and later, or ROCm): emulated bf16 runs slower than fp32.
+        if torch.version.hip:
+            return True
+        if not torch.cuda.is_available():
+            return False
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.get_device_capability(index)[0] >= 8
     return device.type == "cpu" and cpu_has_bf16()
 
 
