@@ -314,3 +314,21 @@ def test_a_checkpoint_keeps_and_restores_the_gpu_generator(tmp_path, monkeypatch
                     RunPosition(step=3), {"seed": 0}, 1)
     load_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight}, scheduler, {"seed": 0})
     assert len(restored) == 1 and restored[0].tolist() == list(range(8))
+
+
+def test_each_process_takes_back_its_own_gpu_generator(tmp_path, monkeypatch):
+    """Two processes on two GPUs draw different dropout masks from their own CUDA generators."""
+    from mtpeft.checkpoint import RunPosition, load_checkpoint, save_checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    per_rank = [{"torch": torch.get_rng_state(), "cuda": torch.full((8,), rank, dtype=torch.uint8)} for rank in (0, 1)]
+    save_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight.detach()}, optimizer.state_dict(), scheduler,
+                    RunPosition(step=3), {"seed": 0}, 1, per_rank)
+    for rank in (1, 0):
+        load_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight}, scheduler, {"seed": 0}, rank=rank)
+    assert [state.tolist() for state in restored] == [[1] * 8, [0] * 8]

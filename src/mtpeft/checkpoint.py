@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from mtpeft.distributed import like
+from mtpeft.distributed import like, local_rng_state
 from mtpeft.storage import fault_point, read_safetensors_with_metadata, write_safetensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -70,13 +70,13 @@ def features_digest(features: Sequence[dict], targets: Iterable[str]) -> str:
 
 def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
                     position: RunPosition, fingerprint: dict, save_count: int,
-                    rng_states: Sequence[torch.Tensor] | None = None) -> None:
+                    rng_states: Sequence[dict[str, torch.Tensor]] | None = None) -> None:
     """Write the checkpoint to ``path`` (``None``: a process that does not write).
 
     ``weights`` and ``optimizer_state`` (``Optimizer.state_dict()``'s layout) hold whole
     tensors, as ``DataParallel.checkpoint_state`` gathers them from shards or partitions;
-    ``rng_states`` every process's RNG state by rank (``DataParallel.rng_states``), else
-    this process's.
+    ``rng_states`` every process's ``local_rng_state()`` by rank (``DataParallel.rng_states``),
+    else this process's. Rank 0's are ``rng.torch``/``rng.cuda``, rank r's ``rng.torch.r``/``rng.cuda.r``.
     """
     if path is None:
         return
@@ -84,11 +84,8 @@ def save_checkpoint(path: Path | None, weights: dict[str, torch.Tensor], optimiz
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    rng_states = rng_states or [torch.get_rng_state()]
-    tensors["rng.torch"] = rng_states[0]
-    tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(rng_states) if rank})
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for rank, states in enumerate(rng_states or [local_rng_state()]):
+        tensors.update({f"rng.{kind}.{rank}" if rank else f"rng.{kind}": state for kind, state in states.items()})
     meta = {
         "position": asdict(position),
         "param_groups": optimizer_state["param_groups"],
@@ -132,7 +129,13 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], schedu
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
-    torch.set_rng_state(tensors.get(f"rng.torch.{rank}", tensors["rng.torch"]))
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    torch.set_rng_state(_rng_state(tensors, "torch", rank))
+    cuda = _rng_state(tensors, "cuda", rank)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     return RunPosition(**meta["position"]), {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state(tensors: dict[str, torch.Tensor], kind: str, rank: int) -> torch.Tensor | None:
+    """Process ``rank``'s saved generator; the main process's where the run had fewer processes."""
+    return tensors.get(f"rng.{kind}.{rank}", tensors.get(f"rng.{kind}"))

@@ -183,15 +183,15 @@ class DataParallel:
                  for i, entry in state["state"].items()}
         return weights, {"state": whole, "param_groups": state["param_groups"]}
 
-    def rng_states(self) -> list[torch.Tensor]:
-        """Every process's torch RNG state, by rank (a collective): each draws its own dropout
-        masks, so each must take its own state back on resume."""
+    def rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every process's ``local_rng_state()`` (CPU and GPU generators), by rank (a collective):
+        each draws its own dropout masks, so each must take its own state back on resume."""
         if self.world_size == 1:
-            return [torch.get_rng_state()]
+            return [local_rng_state()]
         import torch.distributed as dist
 
         states = [None] * self.world_size
-        dist.all_gather_object(states, torch.get_rng_state())
+        dist.all_gather_object(states, local_rng_state())
         return states
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -320,6 +320,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_rng_state() -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU's, and its GPU's once it has drawn on one (dropout on
+    a GPU draws from the GPU's own generator)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
