@@ -111,3 +111,14 @@ def test_a_task_whose_backbone_holds_bottleneck_adapters_is_refused(backbone, tm
     with pytest.raises(ValueError, match="task 'a': .*BottleneckLayer"):
         export_task(model, "a", tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_task_on_a_quantized_backbone_is_refused_up_front(backbone, tmp_path):
+    model = _model(backbone)
+    model.backbone.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    try:
+        with pytest.raises(ValueError, match=r"task 'cls': the backbone is quantized \(QLoRA\); save the model, load"):
+            export_task(model, "cls", tmp_path / "out")
+    finally:
+        del model.backbone.config.quantization_config
+    assert not (tmp_path / "out").exists()

@@ -68,3 +68,9 @@ def test_four_bit_backbone_trains_an_adapter_that_loads_on_the_full_backbone(tok
     unquantized = [p.probabilities["pos"] for p in full.predict(texts, task="mood")]
     assert quantized == pytest.approx(unquantized, abs=0.1)
     assert tiny_bert(tokenizer).identity.fingerprint == model.identity.fingerprint  # embeddings stay exact
+    from mtpeft.export import export_task
+
+    with pytest.raises(ValueError, match="the backbone is quantized"):  # the 4-bit weights cannot take the delta
+        export_task(model, "mood", tmp_path / "export")
+    export_task(full, "mood", tmp_path / "export")  # the way the message points to
+    assert (tmp_path / "export" / "model.safetensors").is_file()

@@ -107,6 +107,10 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     """Write ``task`` as a standalone transformers model folder (LoRA merged)."""
     folder = Path(folder)
     spec = model.spec(task)
+    if getattr(model.backbone.config, "quantization_config", None):
+        # A 4-bit weight cannot take the LoRA delta, and the folder must hold full weights anyway.
+        raise ValueError(f"task {task!r}: the backbone is quantized (QLoRA); save the model, load it again with "
+                         "MultiTaskModel.load (the adapter loads onto the full-precision backbone), and export that")
     model.unmerge_adapters()
     adapter = model.adapter_alias.get(task, task)  # a joint model's tasks share one adapter
     backbone = copy.deepcopy(model.full_precision().backbone)
