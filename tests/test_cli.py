@@ -48,7 +48,9 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["epochs"] == 6 and config["command"].startswith("mtpeft ")
     assert config["train"]["pad_to_multiple_of"] == 8
-    capsys.readouterr()
+    assert "Loading weights" not in capsys.readouterr().err  # --no-progress quiets transformers' bars too ...
+    from transformers.utils.logging import is_progress_bar_enabled
+    assert is_progress_bar_enabled()  # ... for that command only
 
     assert main(["evaluate", str(run), "--data", str(tmp_path / "dev.csv")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -60,9 +62,15 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert out["type"] == "label" and out["label"] == "pos" and set(out["probabilities"]) == {"neg", "pos"}
     assert main(["predict", str(run), "--task", "mood", "the superb order arrived"]) == 0  # the text after options
     assert json.loads(capsys.readouterr().out.strip()) == out
-    with pytest.raises(SystemExit):
-        main(["predict", str(run), "a", "b"])
-    assert "unrecognized arguments: b" in capsys.readouterr().err
+    texts = ["the superb order arrived", "the awful order came"]  # several inputs, one per argument
+    assert main(["predict", str(run), *texts]) == 0
+    several = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [p["label"] for p in several] == ["pos", "neg"]
+    assert several[0]["probabilities"]["pos"] == pytest.approx(out["probabilities"]["pos"], abs=1e-5)  # padded now
+    assert main(["predict", str(run), "--task", "mood", *texts]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == several
+    assert main(["predict", str(run), "a", "--file", "inputs.txt"]) == 2
+    assert "not both" in capsys.readouterr().err
 
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("the awful order came\nthe lovely order was here\n", encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="predict for texts; prints JSON lines")
     predict.add_argument("path", help="a trained task folder or a bundle")
-    predict.add_argument("text", nargs="?", help="one input; omit to read --file or standard input")
+    predict.add_argument("text", nargs="*", help="inputs, one per argument (a pair or QA input as a JSON list/object); "
+                                                 "omit to read --file or standard input")
     predict.add_argument("--task", help="which task (needed when the bundle holds several)")
     predict.add_argument("--file", help="read one input per line from this file")
     predict.add_argument("--batch-size", type=int, default=64)
@@ -223,21 +225,39 @@ def _int_list(value: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse takes a command's positionals in one go, so `predict RUN --task T "text"` left the
-    # text over: after the options, it is the text all the same.
-    if args.command == "predict" and args.text is None and len(extra) == 1 and not extra[0].startswith("-"):
-        args.text, extra = extra[0], []
+    # argparse takes a command's positionals in one go, so `predict RUN --task T "text" ...` left the
+    # texts over: after the options, they are texts all the same.
+    if args.command == "predict" and not args.text and extra and not any(e.startswith("-") for e in extra):
+        args.text, extra = extra, []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    command = {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
+               "export": _export, "train-router": _train_router, "support": _support, "serve": _serve,
+               "train-joint": _train_joint, "compare": _compare, "report": _report}[args.command]
     try:
-        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "predict": _predict, "tasks": _tasks,
-                "export": _export, "train-router": _train_router, "support": _support, "serve": _serve,
-                "train-joint": _train_joint,
-                "compare": _compare, "report": _report}[args.command](args)
+        with _progress_bars(not getattr(args, "no_progress", False)):
+            return command(args)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"mtpeft: error: {err}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """--no-progress quiets transformers' own bars too (loading weights), for logs kept in files."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown:
+            transformers_logging.enable_progress_bar()
 
 
 def _demo(args) -> int:
@@ -396,8 +416,10 @@ def _predict(args) -> int:
 
     model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
     task = model.resolve_task(args.task)
-    if args.text is not None:
-        lines = [args.text]
+    if args.text and args.file:
+        raise ValueError("pass inputs as arguments or --file, not both")
+    if args.text:
+        lines = args.text
     else:
         source = open(args.file, encoding="utf-8") if args.file else sys.stdin
         with source:
@@ -406,7 +428,6 @@ def _predict(args) -> int:
     for prediction in model.predict(inputs, task=task, batch_size=args.batch_size):
         print(json.dumps(prediction.to_dict()))
     return 0
-
 
 
 def _router_data(model, values: list[str]) -> dict:
