@@ -45,6 +45,16 @@ def test_regression_correlations():
     assert regression_metrics([1.0, 1.0], [0.0, 1.0])["pearson"] == 0.0  # constant predictions
 
 
+def test_equal_gold_scores_are_reported_not_just_scored_zero(caplog):
+    """A held-out split whose scores are all equal cannot measure a correlation: say so."""
+    with caplog.at_level("WARNING", logger="mtpeft.metrics"):
+        assert regression_metrics([0.2, 0.4, 0.3], [0.5, 0.5, 0.5])["spearman"] == 0.0
+        regression_metrics([1.0, 1.0], [0.0, 1.0])  # constant predictions: a fair 0, no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "the 3 evaluation scores are all 0.5: their correlation with any prediction is undefined (reported as 0); "
+        "evaluate on rows with varied scores"]
+
+
 def test_qa_score_counts_every_example_even_with_repeated_or_missing_ids():
     """Examples sharing an id (or an id equal to another row's position) are still scored one by one."""
     from mtpeft.examples import Example

@@ -8,6 +8,7 @@ whitespace, then take the maximum over the gold answers.
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score
+
+log = logging.getLogger("mtpeft.metrics")
 
 
 def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:
@@ -35,6 +38,9 @@ def regression_metrics(predictions: Sequence[float], labels: Sequence[float]) ->
     if preds.shape != gold.shape:
         raise ValueError(f"{preds.size} predictions for {gold.size} labels")
     constant = np.ptp(preds) == 0 or np.ptp(gold) == 0
+    if gold.size and np.ptp(gold) == 0:  # a collapsed model scores 0 fairly; equal gold scores measure nothing
+        log.warning("the %d evaluation scores are all %g: their correlation with any prediction is undefined "
+                    "(reported as 0); evaluate on rows with varied scores", gold.size, gold[0])
     return {
         # Correlation with a constant series is undefined; report 0 rather than NaN.
         "pearson": 0.0 if constant else 100.0 * float(stats.pearsonr(preds, gold).statistic),
