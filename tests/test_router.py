@@ -238,3 +238,47 @@ def test_an_empty_data_path_is_an_error_not_the_current_folder(model, tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="task 'sentiment': the data path is empty"):
         task_inputs(model, "sentiment", "")
+
+
+def test_predict_without_a_task_routes_by_shape_until_a_router_is_set(model, router):
+    from mtpeft.predictions import AnswerPrediction, LabelPrediction, NoTaskPrediction
+
+    model.router = None
+    predictions = model.predict(["hello", ("a", "b"), QA])
+    assert [p.task for p in predictions] == ["sentiment", "similar-questions", "faq-answer"]
+    assert isinstance(predictions[2], AnswerPrediction)
+    model.router = router
+    try:
+        joke, happy, duplicate_request, pair = model.predict(
+            ["tell me a joke", "I love it, great service", "are these two questions duplicates", ("a", "b")])
+        assert isinstance(joke, NoTaskPrediction) and joke.reason.startswith("the input looks like none")
+        assert joke.to_dict()["type"] == "no-task" and joke.to_dict()["candidates"]
+        assert isinstance(happy, LabelPrediction) and happy.task == "sentiment"
+        # a request in words routed to a task that needs a pair: no guess, the reason and the candidates
+        assert isinstance(duplicate_request, NoTaskPrediction)
+        assert duplicate_request.reason.startswith("routed to 'similar-questions'") and "pass a pair" in duplicate_request.reason
+        assert pair.task == "similar-questions"
+        assert [p.task for p in model.predict(["tell me a joke", "hi"], task=["sentiment", None])] == ["sentiment", None]
+        with pytest.raises(ValueError, match="compares two texts"):  # an explicit task stays the caller's to get right
+            model.predict("just text", task="similar-questions")
+    finally:
+        model.router = None
+
+
+def test_a_loaded_bundle_routes_with_its_trained_router(model, router, tokenizer, tmp_path, capsys):
+    from mtpeft import MultiTaskModel
+
+    folder = saved_backbone(tmp_path / "backbone", tokenizer)
+    bundle = tmp_path / "bundle"
+    saved = support_model(path_backbone(folder))
+    saved.save(bundle)
+    assert MultiTaskModel.load(bundle).router is None
+    LearnedRouter.fit(saved, EXAMPLES).save(bundle / ROUTER_DIR)
+    loaded = MultiTaskModel.load(bundle)
+    assert isinstance(loaded.router, LearnedRouter)
+    assert [p.task for p in loaded.predict(["tell me a joke", "I love it, great service"])] == [None, "sentiment"]
+    capsys.readouterr()
+    assert main(["predict", str(bundle), "tell me a joke", "I love it, great service", '["a", "b"]']) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(p["type"], p["task"]) for p in printed] == [("no-task", None), ("label", "sentiment"),
+                                                         ("label", "similar-questions")]

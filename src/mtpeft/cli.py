@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("path", help="a trained task folder or a bundle")
     predict.add_argument("text", nargs="*", help="inputs, one per argument (a pair or QA input as a JSON list/object); "
                                                  "omit to read --file or standard input")
-    predict.add_argument("--task", help="which task (needed when the bundle holds several)")
+    predict.add_argument("--task", help="which task; without it a bundle's inputs are routed (its learned router, "
+                                        "else the one task that takes each input's shape)")
     predict.add_argument("--file", help="read one input per line from this file")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
@@ -415,7 +416,7 @@ def _predict(args) -> int:
     from mtpeft.model import MultiTaskModel
 
     model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
-    task = model.resolve_task(args.task)
+    task = None if args.task is None else model.spec(args.task).name  # an unknown name fails before reading inputs
     if args.text and args.file:
         raise ValueError("pass inputs as arguments or --file, not both")
     if args.text:

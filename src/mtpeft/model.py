@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,11 +23,15 @@ from mtpeft.examples import Example
 from mtpeft.lora import (MultiLoraLayer, inject_lora_layers, lora_layers_of, modules_outside_lora, registrations,
                          routing_of)
 from mtpeft.precision import autocast, resolve_bf16
-from mtpeft.predictions import Prediction
+from mtpeft.predictions import NoTaskPrediction, Prediction
+from mtpeft.router import ROUTER_DIR, ROUTER_FILE
 from mtpeft.runtime import tune_allocator
 from mtpeft.tasks import TaskSpec, task_type
 from mtpeft.tasks.base import encode_sequences, sequence_encoding_key
 from mtpeft.tasks.spec import UnknownTaskError
+
+if TYPE_CHECKING:
+    from mtpeft.router import RouteDecision, Router
 
 SHARED_ADAPTER = "_shared"  # not a valid task name, so it can never clash with one
 
@@ -71,6 +76,9 @@ class MultiTaskModel(nn.Module):
         # and the settings of each such shared adapter.
         self.adapter_alias: dict[str, str] = {}
         self.shared_adapters: dict[str, LoraSettings] = {}
+        # Which task an input without one is for, when the model holds several: the bundle's
+        # learned router once loaded (or one assigned), else the shape rule (mtpeft.router).
+        self.router: Router | None = None
 
     # ----------------------------------------------------------------- building
 
@@ -465,13 +473,15 @@ class MultiTaskModel(nn.Module):
                 start = end
         return encoded
 
-    def predict(self, inputs: ModelInput | Sequence[ModelInput], task: str | Sequence[str] | None = None,
-                batch_size: int = 64) -> Prediction | list[Prediction]:
+    def predict(self, inputs: ModelInput | Sequence[ModelInput], task: str | Sequence[str | None] | None = None,
+                batch_size: int = 64) -> Prediction | NoTaskPrediction | list[Prediction | NoTaskPrediction]:
         """Predict for one input or a list of inputs.
 
         Inputs: a string, an ``(a, b)`` tuple for pair tasks, or ``{"question", "context"}``
-        for QA. ``task`` names the task for all inputs or one per input; it may be left out
-        when the model holds a single task. A single input gives a single prediction.
+        for QA. ``task`` names the task for all inputs or one per input. Where it is left out
+        (or an entry is ``None``) and the model holds several tasks, ``route`` picks the task;
+        an input it routes nowhere gets a ``NoTaskPrediction`` with the candidates, not a guess.
+        A single input gives a single prediction.
         """
         single = isinstance(inputs, (str, tuple, dict))
         try:
@@ -479,21 +489,43 @@ class MultiTaskModel(nn.Module):
         except TypeError:
             raise TypeError("inputs must be a string, an (a, b) tuple, a {'question': ..., 'context': ...} dict "
                             f"or a list of these; got {type(inputs).__name__}") from None
-        if isinstance(task, str) or task is None:
-            tasks = [self.resolve_task(task)] * len(batch)
-        else:
-            tasks = list(task)
-            if len(tasks) != len(batch):
-                raise ValueError(f"{len(tasks)} task names for {len(batch)} inputs")
-        items = [(t, to_example(x, self.spec(t))) for t, x in zip(tasks, batch)]
-        predictions = self.run(items, batch_size=batch_size)
+        if task is None and len(self.specs) <= 1:
+            task = self.resolve_task(None)
+        decisions = self.route(batch, task)
+        predictions: list = [NoTaskPrediction(d.reason, d.confidence, d.candidates) for d in decisions]
+        items, answered = [], []
+        for i, (value, decision) in enumerate(zip(batch, decisions)):
+            if decision.task is None:
+                continue
+            try:
+                items.append((decision.task, to_example(value, self.spec(decision.task))))
+            except ValueError as err:
+                if decision.source == "explicit":  # the caller's own mistake
+                    raise
+                # a plain-text request ("are these two the same?") routed to a task that needs a pair
+                predictions[i].reason = (f"routed to {decision.task!r} (p={decision.confidence:.2f}), "
+                                         f"which needs another input: {err}")
+                continue
+            answered.append(i)
+        for i, prediction in zip(answered, self.run(items, batch_size=batch_size)):
+            predictions[i] = prediction
         return predictions[0] if single else predictions
+
+    def route(self, inputs: Sequence[ModelInput], task: str | Sequence[str | None] | None = None) -> list[RouteDecision]:
+        """Each input's task: an explicit ``task`` (one for all, or one per input) wins; the rest
+        go to ``self.router``, else to the shape rule (the one task that takes the input's shape)."""
+        from mtpeft.router import ShapeRouter, decide
+
+        return decide(list(inputs), task if task is None or isinstance(task, str) else list(task),
+                      self.router or ShapeRouter(self.specs))
 
     def resolve_task(self, task: str | None) -> str:
         if task is not None:
             return self.spec(task).name
         if len(self.specs) == 1:
             return next(iter(self.specs))
+        if not self.specs:
+            raise ValueError("this model holds no task yet; add_task or load one first")
         raise ValueError(f"this model holds several tasks; pass task= one of {sorted(self.specs)}")
 
     def support(self, message: str, faq: str | os.PathLike | None = None, **settings):
@@ -526,6 +558,10 @@ class MultiTaskModel(nn.Module):
             backbone = load_backbone(backbone if backbone is not None else read_backbone_name(path))
         model = cls(backbone)
         load_into(model, path)
+        if (Path(path) / ROUTER_DIR / ROUTER_FILE).is_file():  # a bundle's learned router (`mtpeft train-router`)
+            from mtpeft.router import LearnedRouter
+
+            model.router = LearnedRouter.load(Path(path) / ROUTER_DIR, model)
         return model
 
 

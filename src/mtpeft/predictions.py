@@ -53,3 +53,21 @@ class AnswerPrediction:
 
 
 Prediction = LabelPrediction | ScorePrediction | AnswerPrediction
+
+
+@dataclass
+class NoTaskPrediction:
+    """An input routed to no task: the router was not sure enough, or no task takes its shape.
+
+    Nothing was predicted; ``candidates`` are ``(task, probability)`` best first, so a caller
+    can ask again with an explicit task.
+    """
+
+    reason: str
+    confidence: float
+    candidates: list[tuple[str, float]]
+    task: None = None
+
+    def to_dict(self) -> dict:
+        return {"type": "no-task", "task": None, "reason": self.reason, "confidence": self.confidence,
+                "candidates": [{"task": t, "probability": p} for t, p in self.candidates]}
