@@ -282,3 +282,7 @@ def test_a_loaded_bundle_routes_with_its_trained_router(model, router, tokenizer
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(p["type"], p["task"]) for p in printed] == [("no-task", None), ("label", "sentiment"),
                                                          ("label", "similar-questions")]
+    loaded.save(tmp_path / "again")  # saving every task saves the router with them
+    assert isinstance(MultiTaskModel.load(tmp_path / "again").router, LearnedRouter)
+    loaded.save(tmp_path / "part", tasks=["sentiment"])  # the router would name tasks left out
+    assert not (tmp_path / "part" / ROUTER_DIR).exists()

@@ -1,8 +1,9 @@
 """The demo: three customer-support skills on one backbone, trained from the packaged data.
 
 Trains a LoRA adapter per skill (sentiment, similar-question detection, FAQ answer
-extraction), evaluates each on held-out rows, saves the bundle, loads it back and
-answers example customer messages with the support pipeline, which uses all three.
+extraction), evaluates each on held-out rows, trains the router that tells which skill an
+input is for, saves the bundle, loads it back and answers example customer messages with
+the support pipeline, which uses all three.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from mtpeft.config import TrainConfig
 from mtpeft.model import MultiTaskModel
+from mtpeft.router import LearnedRouter
+from mtpeft.router_data import router_examples
 from mtpeft.sources import load_task_data
 from mtpeft.tasks.presets import get_preset, support_data_dir
 from mtpeft.train import format_metrics, train_task
@@ -55,15 +58,23 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
               f"parameters ({model.backbone_parameter_count() / result.trainable_parameters:,.0f}x fewer than the backbone); "
               f"{result.train_seconds:.0f} s\n")
 
-    model.save(out)
+    examples, _ = router_examples(model, {skill: data_dir for skill in SKILLS})
+    model.router = LearnedRouter.fit(model, examples)
+    print(f"[router] which skill an input is for: trained on {len(examples)} examples "
+          f"(training texts and request phrasings), train accuracy {100 * model.router.info['train_accuracy']:.1f}\n")
+
+    model.save(out)  # the tasks and the router
     reloaded = MultiTaskModel.load(out, backbone=backbone)  # a fresh backbone: only the files carry the tasks
-    print(f"saved the bundle to {out} and loaded it back: tasks {reloaded.task_names}\n")
+    print(f"saved the bundle to {out} and loaded it back: tasks {reloaded.task_names}, "
+          f"{type(reloaded.router).__name__}\n")
 
     for message in EXAMPLE_MESSAGES:
         reply = reloaded.support(message)  # the packaged FAQ
         best = reply.similar[0]
         answer = reply.answer
+        route = reloaded.route([message])[0]
         print(f"message: {message}")
+        print(f"  router             -> {route.task or 'no task'} (p {route.confidence:.2f})")
         print(f"  sentiment          -> {reply.sentiment.label} (score {reply.sentiment.score:.2f})")
         print(f"  similar-questions  -> {best.question!r} (score {best.score:.2f})")
         shown = "no answer" if answer.no_answer else repr(answer.text)

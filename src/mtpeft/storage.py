@@ -301,7 +301,8 @@ def _sha256(path: Path) -> str:
 
 
 def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) -> Path:
-    """Save tasks under ``folder`` and (re)write ``bundle.json`` with a sha256 per file.
+    """Save tasks under ``folder`` and (re)write ``bundle.json`` with a sha256 per file; saving
+    every task saves the model's learned router too (``router/``).
 
     Every name is checked first: a task rewritten before an unknown one failed the save would
     no longer match the manifest, and the bundle would not load.
@@ -324,6 +325,11 @@ def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) ->
             if file.is_file() and not file.name.startswith("."):
                 manifest["files"][f"{name}/{file.name}"] = _sha256(file)
     write_json(folder / BUNDLE_FILE, manifest)
+    router = getattr(model, "router", None)
+    if tasks is None and hasattr(router, "save"):  # a learned router (MultiTaskModel.load reads it back)
+        from mtpeft.router import ROUTER_DIR
+
+        router.save(folder / ROUTER_DIR)
     return folder
 
 
