@@ -16,6 +16,7 @@ import torch
 
 from mtpeft.config import TrainConfig
 from mtpeft.model import MultiTaskModel
+from mtpeft.predictions import AnswerPrediction, NoTaskPrediction
 from mtpeft.router import LearnedRouter
 from mtpeft.router_data import router_examples
 from mtpeft.sources import load_task_data
@@ -30,6 +31,26 @@ EXAMPLE_MESSAGES = [
     "Can I change the delivery address after I placed the order?",
     "I forgot my password and can't log into the app.",
 ]
+
+ROUTED_INPUTS = [
+    "The courier was rude and my parcel is two weeks late.",
+    ("Where is my parcel?", "Has my order shipped yet?"),
+    {"question": "How long do refunds take?", "context": "Refunds are issued within 3 business days of arrival."},
+    "What is the weather in Paris tomorrow?",
+]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def _outcome(prediction) -> str:
+    if isinstance(prediction, NoTaskPrediction):
+        return "nothing predicted"
+    if isinstance(prediction, AnswerPrediction):
+        return f"{prediction.answer!r} (score {prediction.score:.2f})"
+    return f"{prediction.label} (score {prediction.score:.2f})"
 
 
 def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_scale: float = 1.0) -> dict:
@@ -68,13 +89,16 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
     print(f"saved the bundle to {out} and loaded it back: tasks {reloaded.task_names}, "
           f"{type(reloaded.router).__name__}\n")
 
+    print("inputs without a task, routed by the router and answered in one mixed batch:")
+    for value, route, prediction in zip(ROUTED_INPUTS, reloaded.route(ROUTED_INPUTS), reloaded.predict(ROUTED_INPUTS)):
+        print(f"  {_short(value)}\n    -> {route.task or 'no task'} (p {route.confidence:.2f}): {_outcome(prediction)}")
+    print()
+
     for message in EXAMPLE_MESSAGES:
         reply = reloaded.support(message)  # the packaged FAQ
         best = reply.similar[0]
         answer = reply.answer
-        route = reloaded.route([message])[0]
         print(f"message: {message}")
-        print(f"  router             -> {route.task or 'no task'} (p {route.confidence:.2f})")
         print(f"  sentiment          -> {reply.sentiment.label} (score {reply.sentiment.score:.2f})")
         print(f"  similar-questions  -> {best.question!r} (score {best.score:.2f})")
         shown = "no answer" if answer.no_answer else repr(answer.text)
