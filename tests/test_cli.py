@@ -150,3 +150,14 @@ def test_train_records_the_command_it_was_given(backbone_dir, tmp_path):
     assert main(argv) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["command"] == "mtpeft " + shlex.join(argv)
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--data", "dev.csv"], ["export", "--out", "exported"]])
+def test_a_bundle_command_without_task_names_the_flag_and_the_tasks(tmp_path, tokenizer, capsys, command):
+    from tiny_bundle import path_backbone, saved_backbone, support_model
+
+    bundle = tmp_path / "bundle"
+    support_model(path_backbone(saved_backbone(tmp_path / "backbone", tokenizer))).save(bundle)
+    assert main([command[0], str(bundle), *command[1:]]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "holds several tasks; pass --task, one of ['faq-answer', 'sentiment', 'similar-questions']")

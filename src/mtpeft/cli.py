@@ -371,7 +371,7 @@ def _evaluate(args) -> int:
     from mtpeft.tasks.presets import get_preset, preset_names
 
     model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
-    task = model.resolve_task(args.task)
+    task = _one_task(model, args)
     spec = model.spec(task)
     layout = get_preset(task).layout if task in preset_names() else None
     data = Path(args.data)
@@ -390,12 +390,19 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _one_task(model, args) -> str:
+    """The task a command works on: --task, or the only one the folder holds."""
+    if args.task is None and len(model.specs) > 1:
+        raise ValueError(f"{args.path} holds several tasks; pass --task, one of {sorted(model.specs)}")
+    return model.resolve_task(args.task)
+
+
 def _export(args) -> int:
     from mtpeft.export import export_task
     from mtpeft.model import MultiTaskModel
 
     model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
-    task = model.resolve_task(args.task)
+    task = _one_task(model, args)
     export_task(model, task, args.out)
     print(f"exported {task} to {args.out}: load it with transformers and trust_remote_code=True")
     return 0
