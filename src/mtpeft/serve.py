@@ -511,11 +511,11 @@ def model_thread() -> ThreadPoolExecutor:
 
 def _build_server(bundle, faq, backbone, settings, support_tasks, max_active_adapters, admin_root,
                   executor: ThreadPoolExecutor) -> FastAPI:
-    from mtpeft.router import load_router
+    from mtpeft.router import ShapeRouter
 
     if max_active_adapters is None:
-        model = MultiTaskModel.load(bundle, backbone=backbone)
-        store, router = None, load_router(bundle, model)
+        model = MultiTaskModel.load(bundle, backbone=backbone)  # with the bundle's learned router, if any
+        store, router = None, model.router or ShapeRouter(model.specs)
     else:
         store, router = serving_store(bundle, max_active_adapters, backbone)
         model = store.model
