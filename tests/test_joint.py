@@ -387,3 +387,15 @@ def test_task_epochs_or_total_steps_that_would_change_the_run_silently_are_clear
         train_joint(model, _data(), config, task_epochs={"sent": 1, "sim": 0}, progress=False)
     with pytest.raises(ValueError, match="total_steps must be >= 1"):  # trained nothing, reported metrics
         train_joint(model, _data(), config, total_steps=0, progress=False)
+
+
+def test_joint_training_takes_the_models_bf16_setting_unless_the_config_names_one(tokenizer, monkeypatch):
+    from mtpeft import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    config = TrainConfig(epochs=1, batch_size=4, max_train_examples=4, max_eval_examples=2)
+    model.bf16 = False  # e.g. a QLoRA model with fp32 compute
+    assert train_joint(model, _data(), config, progress=False).bf16 is False
+    model.bf16 = None
+    assert train_joint(model, _data(), config, progress=False).bf16 is True

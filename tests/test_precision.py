@@ -190,3 +190,24 @@ def test_bf16_is_asked_of_the_gpu_named_not_the_current_one(monkeypatch, current
     _two_gpus(monkeypatch, current)
     assert bf16_supported("cuda:0") is False and bf16_supported("cuda:1") is True
     assert bf16_supported("cuda") is (current == 1)
+
+
+@pytest.mark.parametrize("model_bf16, config_bf16, trained_in_bf16", [
+    (None, None, True),    # the hardware decides (made fast here)
+    (False, None, False),  # the model's own "no" (a QLoRA model with fp32 compute) stands
+    (False, True, True),   # an explicit training setting wins
+])
+def test_training_takes_the_models_bf16_setting_unless_the_config_names_one(backbone, monkeypatch, tmp_path,
+                                                                            model_bf16, config_bf16, trained_in_bf16):
+    from mtpeft import precision
+    from mtpeft.config import TrainConfig
+    from mtpeft.examples import Example
+    from mtpeft.train import train_task
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    model = _model(backbone)
+    model.bf16 = model_bf16
+    examples = [Example(text=t, label=i % 2) for i, t in enumerate(TEXTS)]
+    result = train_task(model, "a", examples, [], TrainConfig(epochs=1, batch_size=2, bf16=config_bf16,
+                                                               checkpoint_every=-1), progress=False, report_to=())
+    assert result.bf16 is trained_in_bf16

@@ -74,3 +74,13 @@ def test_four_bit_backbone_trains_an_adapter_that_loads_on_the_full_backbone(tok
         export_task(model, "mood", tmp_path / "export")
     export_task(full, "mood", tmp_path / "export")  # the way the message points to
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("compute_dtype, bf16", [(torch.bfloat16, None), (torch.float32, False), (torch.float16, False)])
+def test_a_compute_dtype_other_than_bf16_turns_bf16_autocast_off(tokenizer, monkeypatch, compute_dtype, bf16):
+    """Autocast would run the embeddings, norms and adapters in bf16 around fp32 4-bit layers."""
+    from conftest import tiny_bert
+
+    monkeypatch.setattr(qlora, "load_backbone_4bit", lambda name, **settings: tiny_bert(tokenizer))
+    model = qlora.qlora_model("tiny", compute_dtype=compute_dtype)
+    assert model.bf16 is bf16 and model.merge_min_rows == 0

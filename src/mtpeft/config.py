@@ -49,7 +49,9 @@ class TrainConfig:
         warmup_ratio: fraction of steps with a linear warm-up, then linear decay to zero.
         max_grad_norm: gradient clipping; 0 disables it.
         seed: seeds initialisation and data order.
-        bf16: bf16 compute; ``None`` uses it where the hardware has fast bf16.
+        bf16: bf16 compute; ``None`` takes the model's own setting (``MultiTaskModel.bf16``:
+            by default bf16 where the hardware has it fast; a QLoRA model with another
+            compute dtype says no).
         max_train_examples: use only the first N training examples (quick runs).
         max_eval_examples: evaluate on only the first N evaluation examples.
         eval_batch_size: batch size for evaluation and prediction.

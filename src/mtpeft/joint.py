@@ -200,7 +200,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
         optimizer.load_state_dict(saved_optimizer)
         print(f"resuming the joint run from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
     device = model.device
-    use_bf16 = resolve_bf16(config.bf16, device)
+    use_bf16 = resolve_bf16(model.bf16 if config.bf16 is None else config.bf16, device)
     pad_id = model.tokenizer.pad_token_id
     streams = {task: _batch_stream(lengths[task], config.batch_size, config.seed + 1000 * i)
                for i, task in enumerate(features)}

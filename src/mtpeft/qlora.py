@@ -77,4 +77,8 @@ def qlora_model(name: str | os.PathLike | None = DEFAULT_BACKBONE, **settings):
 
     model = MultiTaskModel(load_backbone_4bit(name, **settings))
     model.merge_min_rows = 0
+    if settings.get("compute_dtype", torch.bfloat16) != torch.bfloat16:
+        # The 4-bit layers compute in the dtype asked for; bf16 autocast around them would run
+        # the embeddings, norms and adapters in bf16 all the same.
+        model.bf16 = False
     return model

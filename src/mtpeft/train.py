@@ -115,7 +115,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     if config.compile and (parallel.sharded or parallel.zero_stage is not None):
         raise ValueError("compile runs on one process or under DDP; FSDP and DeepSpeed train uncompiled")
     device = parallel.device or model.device
-    use_bf16 = resolve_bf16(config.bf16, device)
+    use_bf16 = resolve_bf16(model.bf16 if config.bf16 is None else config.bf16, device)
     sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
     if sharding and parallel.is_main:
         print(sharding, file=sys.stderr)
