@@ -179,6 +179,13 @@ def test_stacked_inference_path_equals_grouped_training_path(backbone, tokenizer
         changed = model.encode(batch, rows)
     assert (changed[1] - stacked[1]).abs().max() > 1e-4
     torch.testing.assert_close(changed[0], stacked[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for layer in model.lora_layers().values():  # nor one whose scaling changed
+            layer.scaling["c"] *= 3
+        rescaled = model.encode(batch, rows)
+    with torch.enable_grad():
+        torch.testing.assert_close(rescaled, model.encode(batch, rows).detach(), rtol=1e-5, atol=1e-5)
+    assert (rescaled[3] - stacked[3]).abs().max() > 1e-4
 
 
 def test_a_task_added_at_inference_is_not_in_training_mode(backbone):

@@ -117,6 +117,30 @@ def test_single_task_inference_merges_and_matches_the_unmerged_path(backbone):
             assert abs(probability - y.probabilities[label]) < 1e-5
 
 
+@pytest.mark.parametrize("edit", ["in place", "replaced", "rescaled"])
+def test_a_merged_adapter_whose_weights_change_is_merged_again(backbone, edit):
+    """Loading other weights into a task (or editing them) while it was merged kept the old delta."""
+    model = _model(backbone)
+    model.bf16 = False
+    texts = [f"sentence number {i} with some words" for i in range(12)]
+    model.predict(texts, task="a")
+    assert model._merged_task() == "a"
+    with torch.no_grad():
+        for layer in model.lora_layers().values():
+            if edit == "in place":
+                layer.lora_B["a"].weight.mul_(-3.0)
+            elif edit == "replaced":
+                layer.lora_B["a"].weight = torch.nn.Parameter(-3.0 * layer.lora_B["a"].weight)
+            else:
+                layer.scaling["a"] *= -3.0
+    merged = model.predict(texts, task="a")
+    model.merge_min_rows = 0
+    model.unmerge_adapters()
+    unmerged = model.predict(texts, task="a")
+    for x, y in zip(merged, unmerged):
+        assert x.probabilities["x"] == pytest.approx(y.probabilities["x"], abs=1e-5)
+
+
 def test_moving_a_model_held_in_bf16_moves_its_fp32_originals_too(backbone, tokenizer):
     # The fp32 originals stayed where the model was: back in fp32 (export, training in fp32, a
     # device without fast bf16) the backbone's weights were on the old device again.

@@ -113,6 +113,7 @@ class MultiLoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.merged: str | None = None
         self._unmerged_weight: torch.Tensor | None = None
+        self._merged_from: tuple | None = None  # the merged adapter's _adapter_state when it was merged
         self._stack_cache: dict = {}
         self._cast_cache: dict[str, dict[torch.dtype, tuple]] = {}  # task -> dtype -> (versions, (A, scaled B))
         self._spare: dict[int, list[tuple[nn.Linear, nn.Linear]]] = {}  # rank -> removed adapters' (A, B) modules
@@ -221,9 +222,9 @@ class MultiLoraLayer(nn.Module):
         return out.add_(F.linear(low, b_stack).to(out.dtype))
 
     def _cast(self, task: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Task's A and scaled B in ``dtype``, cached until either weight changes."""
+        """Task's A and scaled B in ``dtype``, cached until either weight or the scaling changes."""
         a, b = self.lora_A[task].weight, self.lora_B[task].weight
-        versions = (a._version, a.data_ptr(), b._version, b.data_ptr())
+        versions = self._adapter_state(task)
         by_dtype = self._cast_cache.setdefault(task, {})
         cached = by_dtype.get(dtype)
         if cached is None or cached[0] != versions:
@@ -305,13 +306,18 @@ class MultiLoraLayer(nn.Module):
         The unmerged weight is kept aside, so unmerging restores it exactly even in bf16,
         where subtracting the delta again would not.
         """
-        if self.merged == task or task not in self.lora_A:
+        if task not in self.lora_A or self.merged == task and self._merged_from == self._adapter_state(task):
             return
-        self.unmerge()
+        self.unmerge()  # another task's delta, or this task's from weights changed since (a reload, an edit)
         weight = self.base_layer.weight
         self._unmerged_weight = weight.detach().clone()
         weight.copy_((weight.float() + self._delta_weight(task)).to(weight.dtype))
-        self.merged = task
+        self.merged, self._merged_from = task, self._adapter_state(task)
+
+    def _adapter_state(self, task: str) -> tuple:
+        """What changes when ``task``'s adapter weights or scaling do (in place or replaced)."""
+        a, b = self.lora_A[task].weight, self.lora_B[task].weight
+        return a._version, a.data_ptr(), b._version, b.data_ptr(), self.scaling[task]
 
     @torch.no_grad()
     def unmerge(self) -> None:
