@@ -67,8 +67,9 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     several = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [p["label"] for p in several] == ["pos", "neg"]
     assert several[0]["probabilities"]["pos"] == pytest.approx(out["probabilities"]["pos"], abs=1e-5)  # padded now
-    assert main(["predict", str(run), "--task", "mood", *texts]) == 0
-    assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == several
+    for argv in (["--task", "mood", *texts], [texts[0], "--task", "mood", texts[1]]):  # before, after, around
+        assert main(["predict", str(run), *argv]) == 0
+        assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == several
     assert main(["predict", str(run), "a", "--file", "inputs.txt"]) == 2
     assert "not both" in capsys.readouterr().err
 

@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse takes a command's positionals in one go, so `predict RUN --task T "text" ...` left the
     # texts over: after the options, they are texts all the same.
-    if args.command == "predict" and not args.text and extra and not any(e.startswith("-") for e in extra):
-        args.text, extra = extra, []
+    if args.command == "predict" and extra and not any(e.startswith("-") for e in extra):
+        args.text, extra = [*args.text, *extra], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
