@@ -141,6 +141,28 @@ def test_a_merged_adapter_whose_weights_change_is_merged_again(backbone, edit):
         assert x.probabilities["x"] == pytest.approx(y.probabilities["x"], abs=1e-5)
 
 
+@pytest.mark.parametrize("edit", ["in place", "rescaled"])
+def test_a_small_batch_after_a_merged_adapter_changes_gets_the_new_delta(backbone, edit):
+    """A batch below merge_min_rows does not merge again: it ran on the stale merged weight."""
+    model = _model(backbone)
+    model.bf16 = False
+    texts = [f"sentence number {i} with some words" for i in range(12)]
+    model.predict(texts, task="a")
+    assert model._merged_task() == "a"
+    with torch.no_grad():
+        for layer in model.lora_layers().values():
+            if edit == "in place":
+                layer.lora_B["a"].weight.mul_(-3.0)
+            else:
+                layer.scaling["a"] *= -3.0
+    small = model.predict(texts[:2], task="a")
+    model.merge_min_rows = 0
+    model.unmerge_adapters()
+    unmerged = model.predict(texts[:2], task="a")
+    for x, y in zip(small, unmerged):
+        assert x.probabilities["x"] == pytest.approx(y.probabilities["x"], abs=1e-5)
+
+
 def test_moving_a_model_held_in_bf16_moves_its_fp32_originals_too(backbone, tokenizer):
     # The fp32 originals stayed where the model was: back in fp32 (export, training in fp32, a
     # device without fast bf16) the backbone's weights were on the old device again.

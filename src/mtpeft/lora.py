@@ -185,6 +185,9 @@ class MultiLoraLayer(nn.Module):
         return F.linear(F.linear(self.lora_dropout[task](x), a), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None and self._merged_from != self._adapter_state(self.merged):
+            # Its adapter changed since the merge: a batch too small to merge again would run the old delta.
+            self.unmerge()
         out = self.base_layer(x)
         single = self.routing.single
         if single is not None:
