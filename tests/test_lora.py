@@ -269,6 +269,13 @@ def test_task_names_that_cannot_be_module_keys_are_refused(name):
         TaskSpec(name=name, type="classification", labels=["x", "y"])
 
 
+@pytest.mark.parametrize("name", ["router", "joint"])
+def test_task_names_of_a_bundles_own_folders_are_refused(name):
+    """A bundle's learned router (router/) and train-joint's run state (joint/) would overwrite the task."""
+    with pytest.raises(ValueError, match=f"task name '{name}' is a folder every bundle may hold"):
+        TaskSpec(name=name, type="classification", labels=["x", "y"])
+
+
 def test_an_install_after_a_removal_reuses_modules_with_the_new_weights(backbone, tokenizer, tmp_path):
     from mtpeft.storage import load_task
 

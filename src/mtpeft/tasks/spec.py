@@ -25,6 +25,9 @@ class UnknownTaskError(KeyError):
 
 # No '.': a task name is a key of torch module dicts and of PEFT-layout state-dict paths.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Folders a bundle keeps beside its task folders (a learned router, train-joint's run state):
+# a task of that name would be overwritten by them.
+RESERVED_NAMES = ("router", "joint")
 
 
 @dataclass
@@ -80,6 +83,8 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"task name {self.name!r}: use 1-64 letters, digits, '_', '-', starting with a letter or digit")
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"task name {self.name!r} is a folder every bundle may hold; choose another name")
         if self.type not in TASK_TYPES:
             raise ValueError(f"task {self.name!r}: unknown type {self.type!r}; choose one of {TASK_TYPES}")
         if self.type in ("classification", "pair-classification"):
