@@ -165,6 +165,18 @@ def test_train_router_cli_writes_router_into_the_bundle(tokenizer, tmp_path, cap
     manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert {"router/router.json", "router/router.safetensors"} <= set(manifest["files"])
 
+    # A router changed since the bundle recorded it (a train-router stopped midway) is refused where it
+    # is read, but the tasks still load, so that train-router can replace it.
+    from mtpeft import MultiTaskModel
+    from mtpeft.storage import BundleIntegrityError
+
+    (tmp_path / "bundle" / "router" / "router.json").write_text(json.dumps({**record, "threshold": 0.9}))
+    with pytest.raises(BundleIntegrityError, match="router.json: changed since the bundle was saved"):
+        MultiTaskModel.load(tmp_path / "bundle")
+    assert MultiTaskModel.load(tmp_path / "bundle", router=False).router is None
+    assert main(["train-router", str(tmp_path / "bundle"), "--data", f"sentiment={data}"]) == 0
+    assert isinstance(MultiTaskModel.load(tmp_path / "bundle").router, LearnedRouter)
+
 
 def test_spread_takes_items_evenly_and_refuses_no_room():
     assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
@@ -259,6 +271,7 @@ def test_predict_without_a_task_routes_by_shape_until_a_router_is_set(model, rou
         assert duplicate_request.reason.startswith("routed to 'similar-questions'") and "pass a pair" in duplicate_request.reason
         assert pair.task == "similar-questions"
         assert [p.task for p in model.predict(["tell me a joke", "hi"], task=["sentiment", None])] == ["sentiment", None]
+        assert [d.task for d in model.route("I love it, great service")] == ["sentiment"]  # one input, not its letters
         with pytest.raises(ValueError, match="compares two texts"):  # an explicit task stays the caller's to get right
             model.predict("just text", task="similar-questions")
     finally:

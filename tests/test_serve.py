@@ -281,6 +281,18 @@ def test_support_reindexes_an_edited_faq_on_the_model_thread(model, tmp_path):
         assert sorted(s["id"] for s in reply.json()["similar"]) == [e.id for e in FAQ]
 
 
+def test_an_app_routes_with_the_models_own_router_by_default(model, router):
+    """As model.predict does: a loaded bundle's learned router, not the shape rule."""
+    model.router = router
+    try:
+        with TestClient(create_app(model, settings=ServeSettings(max_wait_ms=1))) as c:
+            assert c.get("/healthz").json()["router"] == "learned"
+            result = c.post("/v1/predict", json={"inputs": ["tell me a joke"]}).json()["results"][0]
+            assert result["route"]["source"] == "router" and result["task"] is None
+    finally:
+        model.router = None
+
+
 def test_support_is_404_without_a_pipeline(model):
     with TestClient(create_app(model)) as c:
         response = c.post("/v1/support", json={"message": "hi"})

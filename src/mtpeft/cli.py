@@ -370,7 +370,7 @@ def _evaluate(args) -> int:
     from mtpeft.storage import TASK_FILE, write_json
     from mtpeft.tasks.presets import get_preset, preset_names
 
-    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
+    model = MultiTaskModel.load(args.path, router=False).to(resolve_device(args.device))
     task = _one_task(model, args)
     spec = model.spec(task)
     layout = get_preset(task).layout if task in preset_names() else None
@@ -401,7 +401,7 @@ def _export(args) -> int:
     from mtpeft.export import export_task
     from mtpeft.model import MultiTaskModel
 
-    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
+    model = MultiTaskModel.load(args.path, router=False).to(resolve_device(args.device))
     task = _one_task(model, args)
     export_task(model, task, args.out)
     print(f"exported {task} to {args.out}: load it with transformers and trust_remote_code=True")
@@ -463,7 +463,7 @@ def _train_router(args) -> int:
     from mtpeft.router import ROUTER_DIR, LearnedRouter
     from mtpeft.router_data import router_examples
 
-    model = MultiTaskModel.load(args.bundle, backbone=args.backbone)
+    model = MultiTaskModel.load(args.bundle, backbone=args.backbone, router=False)  # the router being replaced
     examples, summary = router_examples(model, _router_data(model, args.data), args.phrasings,
                                         packaged=not args.no_packaged_phrasings)
     missing = [t for t in model.task_names if not any(task == t for task, _ in examples)]
@@ -481,7 +481,7 @@ def _support(args) -> int:
     from mtpeft.model import MultiTaskModel
     from mtpeft.support import SupportPipeline
 
-    model = MultiTaskModel.load(args.bundle, backbone=args.backbone)
+    model = MultiTaskModel.load(args.bundle, backbone=args.backbone, router=False)
     pipeline = SupportPipeline(model, args.faq, top_k=args.top_k, answer_threshold=args.answer_threshold)
     print(json.dumps(pipeline.answer(args.message).to_dict(), indent=2))
     return 0

@@ -511,12 +511,15 @@ class MultiTaskModel(nn.Module):
             predictions[i] = prediction
         return predictions[0] if single else predictions
 
-    def route(self, inputs: Sequence[ModelInput], task: str | Sequence[str | None] | None = None) -> list[RouteDecision]:
-        """Each input's task: an explicit ``task`` (one for all, or one per input) wins; the rest
-        go to ``self.router``, else to the shape rule (the one task that takes the input's shape)."""
+    def route(self, inputs: ModelInput | Sequence[ModelInput],
+              task: str | Sequence[str | None] | None = None) -> list[RouteDecision]:
+        """Each input's task (one input or a list, as ``predict`` takes them): an explicit ``task``
+        (one for all, or one per input) wins; the rest go to ``self.router``, else to the shape
+        rule (the one task that takes the input's shape)."""
         from mtpeft.router import ShapeRouter, decide
 
-        return decide(list(inputs), task if task is None or isinstance(task, str) else list(task),
+        batch = [inputs] if isinstance(inputs, (str, tuple, dict)) else list(inputs)
+        return decide(batch, task if task is None or isinstance(task, str) else list(task),
                       self.router or ShapeRouter(self.specs))
 
     def resolve_task(self, task: str | None) -> str:
@@ -547,10 +550,12 @@ class MultiTaskModel(nn.Module):
         save_bundle(self, path, tasks)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None) -> MultiTaskModel:
+    def load(cls, path: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None,
+             router: bool = True) -> MultiTaskModel:
         """Open a task folder or a bundle of them on one shared backbone.
 
-        ``backbone`` defaults to the one the tasks were trained on.
+        ``backbone`` defaults to the one the tasks were trained on; ``router=False`` leaves a
+        bundle's learned router unread (for work that never routes, or retrains it).
         """
         from mtpeft.storage import load_into, read_backbone_name
 
@@ -558,7 +563,7 @@ class MultiTaskModel(nn.Module):
             backbone = load_backbone(backbone if backbone is not None else read_backbone_name(path))
         model = cls(backbone)
         load_into(model, path)
-        if (Path(path) / ROUTER_DIR / ROUTER_FILE).is_file():  # a bundle's learned router (`mtpeft train-router`)
+        if router and (Path(path) / ROUTER_DIR / ROUTER_FILE).is_file():  # a bundle's learned router
             from mtpeft.router import LearnedRouter
 
             model.router = LearnedRouter.load(Path(path) / ROUTER_DIR, model)

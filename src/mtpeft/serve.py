@@ -267,7 +267,8 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                settings: ServeSettings | None = None, store: AdapterStore | None = None,
                admin_root: str | os.PathLike | None = None, api_key: str | None = None,
                executor: ThreadPoolExecutor | None = None) -> FastAPI:
-    """An app serving ``model``'s tasks; ``router`` defaults to the shape rule, ``support`` enables ``/v1/support``.
+    """An app serving ``model``'s tasks; ``router`` defaults to ``model.router`` (a loaded bundle's
+    learned router), else the shape rule; ``support`` enables ``/v1/support``.
 
     With ``store``, the app serves every task registered there, keeping the hot ones active in ``model``.
     The task management endpoints (``mtpeft.admin``) load from ``admin_root`` and need ``api_key``
@@ -276,6 +277,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     settings = settings or ServeSettings()
     tasks_of = model if store is None else store  # specs, spec(), task_metrics and run() of the tasks served
     view = TaskView(tasks_of)  # what the event loop reads about tasks; the model thread changes tasks_of
+    router = router or (model.router if store is None else None)  # as model.predict routes
     if router is None or isinstance(router, ShapeRouter):
         router = ShapeRouter(view)
     metrics = Metrics()
@@ -515,7 +517,7 @@ def _build_server(bundle, faq, backbone, settings, support_tasks, max_active_ada
 
     if max_active_adapters is None:
         model = MultiTaskModel.load(bundle, backbone=backbone)  # with the bundle's learned router, if any
-        store, router = None, model.router or ShapeRouter(model.specs)
+        store, router = None, model.router  # create_app's shape rule where the bundle has no router
     else:
         store, router = serving_store(bundle, max_active_adapters, backbone)
         model = store.model
