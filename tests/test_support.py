@@ -254,16 +254,26 @@ def test_a_faq_edit_that_does_not_load_keeps_the_last_good_one(model, tmp_path, 
     assert pipeline.refresh() and [e.id for e in pipeline.entries] == ["faq-1"]
 
 
-def test_a_failed_faq_rebuild_is_tried_again(model, tmp_path):
+def test_a_failed_faq_rebuild_keeps_answering_and_is_tried_again_later(model, tmp_path, monkeypatch, caplog):
+    """A re-index that times out on the model thread must not turn every support request into an error."""
+    import mtpeft.support as support
+
     path = tmp_path / "faq.jsonl"
     _write_faq(path, FAQ)
     pipeline = SupportPipeline(model, path, top_k=5)
     _write_faq(path, FAQ[:3])
     os.utime(path, ns=(3, 3))
+    calls = []
 
     def timing_out(texts, **options):
+        calls.append(len(texts))
         raise TimeoutError("the model thread did not answer")
 
-    with pytest.raises(TimeoutError):
-        pipeline.refresh(timing_out)
-    assert len(pipeline.entries) == 4 and pipeline.refresh() and len(pipeline.entries) == 3
+    with caplog.at_level("WARNING", logger="mtpeft.support"):
+        reply = pipeline.answer("refund time?", embed=lambda texts, **options: (
+            timing_out(texts) if len(texts) > 1 else support.embed_texts(model, texts, **options)))
+    assert len(reply.similar) == 4 and calls == [3]  # answered from the last good FAQ
+    assert "could not be re-indexed (TimeoutError: the model thread did not answer)" in caplog.text
+    assert not pipeline.refresh(timing_out) and calls == [3]  # not again right away
+    monkeypatch.setattr(pipeline, "_retry_at", 0.0)  # the minute has passed
+    assert pipeline.refresh() and len(pipeline.entries) == 3

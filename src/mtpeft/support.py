@@ -25,6 +25,7 @@ import logging
 import numbers
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ Run = Callable[[Sequence[tuple[str, Example]]], list[Prediction]]
 Embed = Callable[..., torch.Tensor]  # embed(texts, **embed_texts options) -> (N, H)
 
 log = logging.getLogger("mtpeft.support")
+REINDEX_RETRY_S = 60  # seconds between tries to re-index an edited FAQ whose embedding failed
 
 
 @dataclass
@@ -121,7 +123,8 @@ class SupportPipeline:
     A file is watched: when its size or modification time changes, the next ``answer``
     reads it again and rebuilds the index, so an edited FAQ needs no restart. An edit that
     does not load (a malformed row, an empty file) is logged and the last good FAQ stays in
-    use; it is tried again when the file changes again.
+    use; it is tried again when the file changes again. A re-index that fails on the model's
+    side (a timeout) also keeps the last good FAQ, and is tried again a minute later.
     """
 
     def __init__(self, model: MultiTaskModel, faq: Sequence[FaqEntry | dict] | str | os.PathLike | None = None,
@@ -138,6 +141,7 @@ class SupportPipeline:
         _check_task(model, qa_task, "QA", ("extractive-qa",), pair=None)
         self.top_k, self.answer_threshold = top_k, answer_threshold
         self._refresh_lock = threading.Lock()
+        self._retry_at = 0.0  # monotonic time before which a failed re-index is not tried again
         if faq is None or isinstance(faq, (str, os.PathLike)):
             # only None means the demo FAQ: an empty path (an unset variable) must not serve it to customers
             self.faq_path: str | None = os.fspath(packaged_faq_path() if faq is None else faq)
@@ -186,11 +190,11 @@ class SupportPipeline:
         A stat per call (microseconds); the rebuild embeds every entry once. Callers in other
         threads wait for a rebuild in progress rather than answer from a half-swapped index.
         """
-        if self.faq_path is None or _file_stamp(self.faq_path) == self._stamp:
+        if self.faq_path is None or _file_stamp(self.faq_path) == self._stamp or time.monotonic() < self._retry_at:
             return False
         with self._refresh_lock:
             stamp = _file_stamp(self.faq_path)
-            if stamp == self._stamp:  # another thread rebuilt it meanwhile
+            if stamp == self._stamp or time.monotonic() < self._retry_at:  # another thread got here first
                 return False
             try:
                 entries = load_faq(self.faq_path)
@@ -201,7 +205,14 @@ class SupportPipeline:
                 log.warning("FAQ %s changed but does not load, still answering from the last good one: %s",
                             self.faq_path, err)
                 return False
-            index = _build_index(self.model, entries, embed)  # if this fails (a timeout), the next call tries again
+            try:
+                index = _build_index(self.model, entries, embed)
+            except Exception as err:  # the model's side (a server's model thread timing out): the FAQ may be fine
+                # Not on every request: each try embeds the whole FAQ again, in the way of other work.
+                self._retry_at = time.monotonic() + REINDEX_RETRY_S
+                log.warning("FAQ %s changed but could not be re-indexed (%s: %s); still answering from the last "
+                            "good one, trying again in %d s", self.faq_path, type(err).__name__, err, REINDEX_RETRY_S)
+                return False
             self._stamp = stamp
             self.index = index
             log.info("FAQ %s reloaded: %d entries", self.faq_path, len(index.entries))
