@@ -305,8 +305,8 @@ def test_a_checkpoint_keeps_and_restores_the_gpu_generator(tmp_path, monkeypatch
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.arange(8, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.arange(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -316,13 +316,33 @@ def test_a_checkpoint_keeps_and_restores_the_gpu_generator(tmp_path, monkeypatch
     assert len(restored) == 1 and restored[0].tolist() == list(range(8))
 
 
+def test_a_run_on_a_named_gpu_keeps_and_restores_that_gpus_generator(tmp_path, monkeypatch):
+    """A run on cuda:1 draws dropout from cuda:1's generator; torch's default is the current GPU's."""
+    from mtpeft.checkpoint import RunPosition, load_checkpoint, save_checkpoint
+    from mtpeft.distributed import local_rng_state
+
+    generators = {"cuda": torch.zeros(8, dtype=torch.uint8), "cuda:1": torch.ones(8, dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": generators[str(device)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((str(device), state)))
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight.detach()}, optimizer.state_dict(), scheduler,
+                    RunPosition(step=3), {"seed": 0}, 1, [local_rng_state(torch.device("cuda:1"))])
+    load_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight}, scheduler, {"seed": 0}, device=torch.device("cuda:1"))
+    assert [(device, state.tolist()) for device, state in restored] == [("cuda:1", [1] * 8)]
+
+
 def test_each_process_takes_back_its_own_gpu_generator(tmp_path, monkeypatch):
     """Two processes on two GPUs draw different dropout masks from their own CUDA generators."""
     from mtpeft.checkpoint import RunPosition, load_checkpoint, save_checkpoint
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

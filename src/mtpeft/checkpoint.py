@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from mtpeft.distributed import like, local_rng_state
+from mtpeft.distributed import generator_gpu, like, local_rng_state
 from mtpeft.storage import fault_point, read_safetensors_with_metadata, write_safetensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -108,7 +108,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], scheduler,
-                    fingerprint: dict, rank: int = 0) -> tuple[RunPosition, dict]:
+                    fingerprint: dict, rank: int = 0,
+                    device: torch.device | str | None = None) -> tuple[RunPosition, dict]:
     """Put the checkpoint's weights into ``trainable`` (each process its own shard of them), and
     its scheduler and RNG state (process ``rank``'s, where it was saved) back; return the
     position and the optimizer state (whole tensors, for ``DataParallel.load_optimizer_state``
@@ -132,7 +133,7 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], schedu
     torch.set_rng_state(_rng_state(tensors, "torch", rank))
     cuda = _rng_state(tensors, "cuda", rank)
     if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
+        torch.cuda.set_rng_state(cuda, generator_gpu(device))  # the GPU the run draws on (``device``), else the current one
     return RunPosition(**meta["position"]), {"state": state, "param_groups": meta["param_groups"]}
 
 

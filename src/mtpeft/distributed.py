@@ -183,15 +183,15 @@ class DataParallel:
                  for i, entry in state["state"].items()}
         return weights, {"state": whole, "param_groups": state["param_groups"]}
 
-    def rng_states(self) -> list[dict[str, torch.Tensor]]:
-        """Every process's ``local_rng_state()`` (CPU and GPU generators), by rank (a collective):
-        each draws its own dropout masks, so each must take its own state back on resume."""
+    def rng_states(self, device: torch.device | str | None = None) -> list[dict[str, torch.Tensor]]:
+        """Every process's ``local_rng_state(device)`` (CPU and GPU generators), by rank (a
+        collective): each draws its own dropout masks, so each must take its own state back on resume."""
         if self.world_size == 1:
-            return [local_rng_state()]
+            return [local_rng_state(device)]
         import torch.distributed as dist
 
         states = [None] * self.world_size
-        dist.all_gather_object(states, local_rng_state())
+        dist.all_gather_object(states, local_rng_state(device))
         return states
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -322,13 +322,19 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def local_rng_state() -> dict[str, torch.Tensor]:
+def local_rng_state(device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """This process's generators: the CPU's, and its GPU's once it has drawn on one (dropout on
-    a GPU draws from the GPU's own generator)."""
+    a GPU draws from the GPU's own generator): ``device``'s where it names a GPU (a run on
+    ``cuda:1``), else the current GPU's."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state(generator_gpu(device))
     return state
+
+
+def generator_gpu(device: torch.device | str | None) -> torch.device | str:
+    """``device`` if it is a GPU, else the current one (torch's ``"cuda"``)."""
+    return device if device is not None and torch.device(device).type == "cuda" else "cuda"
 
 
 def like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, features_digest, load_checkpoint,
                                recipe_key, save_checkpoint)
 from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.distributed import local_rng_state
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.lora import inject_lora_layers
@@ -196,7 +197,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)
     if checkpoint is not None and checkpoint.exists():
-        position, saved_optimizer = load_checkpoint(checkpoint, named, scheduler, fingerprint)
+        position, saved_optimizer = load_checkpoint(checkpoint, named, scheduler, fingerprint, device=model.device)
         optimizer.load_state_dict(saved_optimizer)
         print(f"resuming the joint run from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
     device = model.device
@@ -239,7 +240,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
                     (step % config.checkpoint_every == 0 or step == total_steps):
                 reached = RunPosition(step=step, seen=seen, elapsed=time.perf_counter() - started, loss=loss_value)
                 save_checkpoint(checkpoint, {n: p.detach() for n, p in named.items()}, optimizer.state_dict(),
-                                scheduler, reached, fingerprint, step)
+                                scheduler, reached, fingerprint, step, [local_rng_state(device)])
         bar.close()
     elapsed = time.perf_counter() - started
     model.eval()

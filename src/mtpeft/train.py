@@ -132,7 +132,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)
     if checkpoint is not None and checkpoint.exists():
-        position, saved_optimizer = load_checkpoint(checkpoint, trainable, scheduler, fingerprint, parallel.rank)
+        position, saved_optimizer = load_checkpoint(checkpoint, trainable, scheduler, fingerprint, parallel.rank, device)
         print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
 
     writer = checkpoint if parallel.is_main else None  # one writer; every process reads on resume
@@ -156,7 +156,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         weights, optimizer_state = parallel.checkpoint_state(trainable, optimizer)
         save_checkpoint(writer, weights, optimizer_state, scheduler,
                         RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started, loss_value),
-                        fingerprint, saves, parallel.rng_states())
+                        fingerprint, saves, parallel.rng_states(device))
 
     try:  # an interrupted run leaves the model's precision and dropout as they came in
         with model.training_run(use_bf16, config.backbone_dropout), compiled(model.backbone, config.compile):
