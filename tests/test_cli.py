@@ -162,3 +162,18 @@ def test_a_bundle_command_without_task_names_the_flag_and_the_tasks(tmp_path, to
     assert main([command[0], str(bundle), *command[1:]]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "holds several tasks; pass --task, one of ['faq-answer', 'sentiment', 'similar-questions']")
+
+
+def test_evaluate_on_a_built_in_tasks_folder_reads_its_dev_file_only(backbone_dir, tmp_path, capsys):
+    rng = random.Random(0)
+    rows = [(f"the {rng.choice(['great', 'awful'])} film {i}", i % 2) for i in range(24)]
+    (tmp_path / "sst").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "sst" / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
+    assert main(["train", "--task", "sst2", "--data", str(tmp_path / "sst"), "--out", str(tmp_path / "run"),
+                 "--backbone", str(backbone_dir), "--epochs", "1", "--no-progress", "--no-tensorboard"]) == 0
+    (tmp_path / "dev-only").mkdir()
+    (tmp_path / "dev-only" / "dev.tsv").write_text((tmp_path / "sst" / "dev.tsv").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / "dev-only")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 24

@@ -366,7 +366,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from mtpeft.evaluate import evaluate_task
     from mtpeft.model import MultiTaskModel
-    from mtpeft.sources import load_task_data
+    from mtpeft.sources import load_eval_examples
     from mtpeft.storage import TASK_FILE, write_json
     from mtpeft.tasks.presets import get_preset, preset_names
 
@@ -376,7 +376,7 @@ def _evaluate(args) -> int:
     layout = get_preset(task).layout if task in preset_names() else None
     data = Path(args.data)
     if data.is_dir():
-        examples = load_task_data(spec, data, None, layout, args.skip_bad_rows).eval
+        examples = load_eval_examples(spec, data, layout, args.skip_bad_rows)
     else:
         from mtpeft.data import load_examples
 

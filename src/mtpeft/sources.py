@@ -64,6 +64,19 @@ def load_task_data(spec: TaskSpec, data: str | Path, eval_data: str | Path | Non
                     {"train": train.description, "eval": f"every {every}th row of {train_path}, held out"})
 
 
+def load_eval_examples(spec: TaskSpec, data: str | Path, layout: DataLayout | None,
+                       skip_bad_rows: bool = False) -> list[Example]:
+    """The evaluation examples of a built-in task's folder, reading its evaluation file only
+    (a folder with just ``dev.tsv`` will do, and 67k training rows are not parsed to score 872);
+    a layout that holds rows out of its training file reads that file."""
+    data = Path(data)
+    if layout is None:
+        raise ValueError(f"{data} is a folder; pass a data file for task {spec.name!r} (a folder works for built-in tasks)")
+    if layout.holdout_every:
+        return load_task_data(spec, data, None, layout, skip_bad_rows).eval
+    return _load(data / layout.eval_file, spec, layout.eval_articles, skip_bad_rows).examples
+
+
 @dataclass
 class _Loaded:
     examples: list[Example]
