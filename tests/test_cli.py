@@ -113,6 +113,16 @@ def test_bad_data_fails_with_file_and_line(backbone_dir, tmp_path, capsys):
     assert f"{data}:2: field 'text': empty text" in capsys.readouterr().err
 
 
+def test_a_misnamed_label_column_is_named_with_the_columns_there(tmp_path, capsys):
+    """It said 'found 0 distinct labels; pass --labels', advice that only led to the next error."""
+    data = tmp_path / "train.csv"
+    data.write_text("message,topic\nhello,billing\nbye,other\n", encoding="utf-8")
+    assert main(["train", "--task", "t", "--task-type", "classification", "--data", str(data), "--text-column",
+                 "message", "--label-column", "label", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"mtpeft: error: --label-column 'label': no such column in {data}; "
+                                               "its columns are ['message', 'topic']")
+
+
 def test_unknown_builtin_task_lists_the_known_ones(tmp_path, capsys):
     code = main(["train", "--task", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2

@@ -305,7 +305,13 @@ def _labels_in(data: str, column: str) -> list[str]:
     """Class names found in a data file, sorted (numbers numerically)."""
     from mtpeft.data import read_records
 
-    values = {str(row[column]) for _, row in read_records(data) if column in row}
+    values, columns = set(), set()
+    for _, row in read_records(data):
+        columns.update(row)
+        if column in row:
+            values.add(str(row[column]))
+    if column not in columns:  # a misnamed column, not a lack of classes: --labels would not help
+        raise ValueError(f"--label-column {column!r}: no such column in {data}; its columns are {sorted(columns)}")
     if len(values) < 2:
         raise ValueError(f"--label-column {column!r}: found {len(values)} distinct labels in {data}; pass --labels")
     return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
