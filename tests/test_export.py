@@ -35,6 +35,7 @@ def test_exported_classifier_matches(backbone, tmp_path):
         ours = model(dict(encoded), "cls")
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert exported.config.id2label[1] == "pos"
+    assert exported.config.architectures == [type(exported).__name__] == ["MtpeftForSequenceClassification"]
     assert not any("lora" in k for k in exported.state_dict())
 
 
@@ -76,8 +77,8 @@ def test_a_joint_task_exports_with_its_shared_adapter(backbone, tmp_path):
     model.eval()
     export_task(model, "b", tmp_path / "b")
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b", trust_remote_code=True).eval()
-    encoded = AutoTokenizer.from_pretrained(tmp_path / "b")(["one text", "and another one"], padding=True,
-                                                           return_tensors="pt")
+    encoded = AutoTokenizer.from_pretrained(tmp_path / "b", trust_remote_code=True)(
+        ["one text", "and another one"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(exported(**encoded).logits, model(dict(encoded), "b"), rtol=1e-4, atol=1e-4)
 

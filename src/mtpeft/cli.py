@@ -410,7 +410,8 @@ def _export(args) -> int:
     model = MultiTaskModel.load(args.path, router=False).to(resolve_device(args.device))
     task = _one_task(model, args)
     export_task(model, task, args.out)
-    print(f"exported {task} to {args.out}: load it with transformers and trust_remote_code=True")
+    print(f"exported {task} to {args.out}: load the model and its tokenizer with transformers and "
+          "trust_remote_code=True")
     return 0
 
 

@@ -6,6 +6,7 @@ tokenizer, the head, and a short ``modeling_mtpeft.py`` that ``transformers`` lo
 
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)   # classification, regression
     AutoModelForQuestionAnswering.from_pretrained(folder, trust_remote_code=True)        # extractive QA
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # it reads the config too
 
 Bi-encoder pair tasks are exported too: the model's output for a batch is computed the
 same way (first texts, then second texts), so their use stays specific; see the card.
@@ -135,7 +136,7 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     labels = spec.labels or []
     config = {
         "model_type": "mtpeft-export",
-        "architectures": ["MtpeftModel"],
+        "architectures": [f"Mtpeft{auto[9:]}"],  # the class auto_map names
         "auto_map": {"AutoConfig": "modeling_mtpeft.MtpeftConfig", auto: f"modeling_mtpeft.Mtpeft{auto[9:]}"},
         "backbone": backbone_config,
         "head": kind,
@@ -152,7 +153,9 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     atomic_write(folder / MODELING_FILE, MODELING_SOURCE.encode())
     model.tokenizer.save_pretrained(folder)
     readme = (f"# {spec.name} (exported by mtpeft)\n\n{spec.description}\n\nLoad with `{auto}.from_pretrained(folder, "
-              f"trust_remote_code=True)`; the LoRA adapter is merged into the backbone weights.\n\n"
+              f"trust_remote_code=True)` and `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` (it "
+              f"reads the folder's config, which names the head's code); the LoRA adapter is merged into the "
+              f"backbone weights.\n\n"
               f"Task spec:\n\n```json\n{json.dumps(spec.to_dict(), indent=2)}\n```\n")
     atomic_write(folder / "README.md", readme.encode())
     return folder
