@@ -35,7 +35,7 @@ def test_exported_classifier_matches(backbone, tmp_path):
         ours = model(dict(encoded), "cls")
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert exported.config.id2label[1] == "pos"
-    assert exported.config.architectures == [type(exported).__name__] == ["MtpeftForSequenceClassification"]
+    assert exported.config.architectures == [type(exported).__name__]
     assert not any("lora" in k for k in exported.state_dict())
 
 

@@ -136,7 +136,7 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     labels = spec.labels or []
     config = {
         "model_type": "mtpeft-export",
-        "architectures": [f"Mtpeft{auto[9:]}"],  # the class auto_map names
+        "architectures": ["MtpeftModel"],  # the class both auto_map names are aliases of
         "auto_map": {"AutoConfig": "modeling_mtpeft.MtpeftConfig", auto: f"modeling_mtpeft.Mtpeft{auto[9:]}"},
         "backbone": backbone_config,
         "head": kind,
