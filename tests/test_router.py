@@ -299,3 +299,25 @@ def test_a_loaded_bundle_routes_with_its_trained_router(model, router, tokenizer
     assert isinstance(MultiTaskModel.load(tmp_path / "again").router, LearnedRouter)
     loaded.save(tmp_path / "part", tasks=["sentiment"])  # the router would name tasks left out
     assert not (tmp_path / "part" / ROUTER_DIR).exists()
+
+
+def test_router_data_folders_are_data_roots_or_one_tasks_files_never_guessed(tokenizer, tmp_path):
+    """A bundle of stsb-bi and mrpc: MRPC's folder was handed to STS-B too (both read train.tsv),
+    and a data root found nothing without a word."""
+    from mtpeft import MultiTaskModel
+    from mtpeft.cli import _router_data
+    from mtpeft.tasks.presets import get_preset
+
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    for name in ("stsb-bi", "mrpc"):
+        model.add_task(get_preset(name).spec)
+    for sub in ("glue/MRPC", "glue/STS-B"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "train.tsv").write_text("x\n")
+    assert _router_data(model, [str(tmp_path)]) == {"stsb-bi": str(tmp_path / "glue/STS-B"),
+                                                     "mrpc": str(tmp_path / "glue/MRPC")}
+    with pytest.raises(ValueError, match=r"its train.tsv could be the data of \['mrpc', 'stsb-bi'\]; name the task"):
+        _router_data(model, [str(tmp_path / "glue/MRPC")])
+    assert _router_data(model, [f"mrpc={tmp_path / 'glue/MRPC'}"]) == {"mrpc": str(tmp_path / "glue/MRPC")}
+    with pytest.raises(ValueError, match="no training file of the bundle's built-in tasks"):
+        _router_data(model, [str(tmp_path / "glue")])

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     router = sub.add_parser("train-router", help="train the bundle's router (which task an input is for); saves BUNDLE/router")
     router.add_argument("bundle", help="a bundle folder")
     router.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
-                        help="a task's training data (TASK=FILE), or a folder holding built-in tasks' files; repeatable "
+                        help="a task's training data (TASK=FILE or TASK=FOLDER), a data root (glue/MRPC, squad, ... "
+                             "inside), or a folder holding built-in tasks' files; repeatable "
                              "(default: the packaged support data, for the tasks it has)")
     router.add_argument("--phrasings", action="append", default=[], metavar="FILE",
                         help="extra request phrasings: JSON Lines of {'task': NAME or null, 'text': ...}; repeatable")
@@ -446,8 +447,10 @@ def _predict(args) -> int:
 
 
 def _router_data(model, values: list[str]) -> dict:
-    """``--data`` values as {task: path}: ``TASK=PATH`` names one task; a folder serves every
-    built-in task whose training file is in it."""
+    """``--data`` values as {task: path}: ``TASK=PATH`` names one task; a folder is a data root
+    (``glue/MRPC``, ``squad``, ... inside, as ``--data-root`` elsewhere) or a folder of built-in
+    tasks' files, each task's training file found under its own name."""
+    from mtpeft.compare import DATA_DIRS
     from mtpeft.tasks.presets import get_preset, preset_names, support_data_dir
 
     data = {}
@@ -460,7 +463,25 @@ def _router_data(model, values: list[str]) -> dict:
             if sep:
                 raise ValueError(f"--data {value!r}: unknown task {task!r}; tasks in the bundle: {model.task_names}")
             raise ValueError(f"--data {value!r}: pass TASK=FILE for a data file, or a folder of built-in tasks' files")
-        found = [t for t in model.task_names if t in preset_names() and (Path(value) / get_preset(t).layout.train_file).is_file()]
+        built_in = [t for t in model.task_names if t in preset_names()]
+        under_root = {t: str(Path(value) / DATA_DIRS[t]) for t in built_in if t in DATA_DIRS
+                      and (Path(value) / DATA_DIRS[t] / get_preset(t).layout.train_file).is_file()}
+        if under_root:
+            data.update({t: path for t, path in under_root.items() if t not in data})
+            continue
+        found = [t for t in built_in if (Path(value) / get_preset(t).layout.train_file).is_file()]
+        by_file: dict[str, list[str]] = {}
+        for t in found:
+            by_file.setdefault(get_preset(t).layout.train_file, []).append(t)
+        shared = {file: tasks for file, tasks in by_file.items() if len(tasks) > 1}
+        if shared:  # MRPC's train.tsv read as STS-B's failed on its columns
+            file, tasks = next(iter(shared.items()))
+            raise ValueError(f"--data {value!r}: its {file} could be the data of {sorted(tasks)}; "
+                             f"name the task: --data {tasks[0]}={value}")
+        if not found and values:  # the packaged folder by default serves only the tasks it has
+            raise ValueError(f"--data {value!r}: no training file of the bundle's built-in tasks ({built_in}) here or "
+                             f"in a data root's sub-folders ({sorted({DATA_DIRS[t] for t in built_in if t in DATA_DIRS})}); "
+                             "pass TASK=PATH")
         data.update({t: value for t in found if t not in data})
     return data
 
