@@ -132,7 +132,10 @@ def test_structured_inputs_route_by_shape_and_text_routed_to_qa_explains(client)
     ({"input": "x", "inputs": ["y"]}, 422, "exactly one of 'input'"),
     ({}, 422, "exactly one of 'input'"),
     ({"inputs": []}, 422, "'inputs' is empty"),
-    ({"inputs": [["a", "b", "c"]]}, 422, "invalid request: inputs"),
+    ({"inputs": [["a", "b", "c"]]}, 422, "invalid request: inputs.0 (as a [text, text] pair): List should have at most 2"),
+    # an input that fits no form is told the form it comes closest to, not every form's complaint
+    ({"inputs": [{"question": "x"}]}, 422, 'invalid request: inputs.0 (as {"question", "context"}): context: Field required'),
+    ({"inputs": ["ok", 123]}, 422, 'inputs.1: expected a text, {"question", "context"}, {"text", "text_pair"}, {"text"} or a'),
     ({"inputs": [3]}, 422, "invalid request: inputs"),
     ({"input": "x", "extra": 1}, 422, "invalid request: extra"),
 ])
@@ -217,9 +220,10 @@ def test_a_body_not_sent_as_json_is_not_read_as_json(client):
     assert response.status_code == 422 and "invalid request" in response.json()["detail"]
 
 
-def test_invalid_json_is_422(client):
-    response = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "invalid request" in response.json()["detail"]
+def test_invalid_json_is_422_with_the_reason(client):
+    response = client.post("/v1/predict", content=b'{"inputs": ["hi"', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "invalid request: invalid JSON at character 16: Expecting ',' delimiter"
 
 
 def test_metrics_count_requests_latency_batches_and_tasks(client):

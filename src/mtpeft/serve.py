@@ -259,6 +259,41 @@ def _where(loc) -> str:
     return ".".join(re.sub(r"function-after\[\w+\(\), ([^\]]+)\]", r"\1", str(part)) for part in loc)
 
 
+# What each member of an input's union (schemas.InputItem) takes, by pydantic's name for it.
+INPUT_FORMS = {"str": "a text", "QAInput": '{"question", "context"}', "PairInput": '{"text", "text_pair"}',
+               "TextInput": '{"text"}', "list[str]": "a [text, text] pair"}
+TYPE_ERRORS = ("string_type", "model_type", "model_attributes_type", "list_type", "dict_type")
+
+
+def validation_detail(errors: list[dict]) -> str:
+    """A request's validation errors in a sentence: malformed JSON with its reason (pydantic says
+    only "JSON decode error" at a character offset), and an input that fits no form of the union
+    by the form it comes closest to, not by each form's complaint (the useful one came fifth)."""
+    lines, unions = [], {}
+    for error in errors:
+        loc = [_where([part]) for part in error["loc"][1:]]  # without "body"
+        if error["type"] == "json_invalid":
+            lines.append(f"invalid JSON at character {loc[0] if loc else 0}: {error.get('ctx', {}).get('error', '')}")
+            continue
+        branch = 1 if loc[:1] == ["input"] else 2 if loc[:1] == ["inputs"] and len(loc) > 1 else None
+        if branch is not None and len(loc) > branch and loc[branch] in INPUT_FORMS:
+            unions.setdefault(".".join(loc[:branch]), {}).setdefault(loc[branch], []).append((loc[branch + 1:], error))
+            continue
+        lines.append(f"{'.'.join(loc) or 'body'}: {error['msg']}")
+    for where, forms in unions.items():
+        near = {form: found for form, found in forms.items()
+                if not (len(found) == 1 and not found[0][0] and found[0][1]["type"] in TYPE_ERRORS)}
+        if not near:
+            *forms_but_last, last = INPUT_FORMS.values()
+            lines.append(f"{where}: expected {', '.join(forms_but_last)} or {last}")
+            continue
+        form, found = min(near.items(), key=lambda item: len(item[1]))
+        lines.append(f"{where} (as {INPUT_FORMS[form]}): "
+                     + "; ".join(f"{'.'.join(field) + ': ' if field else ''}{e['msg']}" for field, e in found))
+    more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+    return "; ".join(lines[:3]) + more
+
+
 def page_html() -> str:
     return (resources.files("mtpeft") / "resources" / "web" / "index.html").read_text(encoding="utf-8")
 
@@ -345,9 +380,8 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         errors = err.errors()
-        first = "; ".join(f"{_where(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:3])
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        return JSONOut({"detail": f"invalid request: {first}{more}", "errors": _finite(jsonable_encoder(errors))}, 422)
+        return JSONOut({"detail": f"invalid request: {validation_detail(errors)}",
+                        "errors": _finite(jsonable_encoder(errors))}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
