@@ -78,6 +78,13 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert main(["predict", str(run), "--file", str(inputs)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["label"] for line in lines] == ["neg", "pos"]
+    # a bad input names where it is and what a pair looks like
+    assert main(["predict", str(run), "fine", '["a", "b"']) == 2
+    assert capsys.readouterr().err.startswith(
+        """mtpeft: error: argument 2: '["a", "b"' starts like JSON but is not valid JSON (Expecting ',' delimiter""")
+    inputs.write_text('fine\n\n{"question": "q",\n', encoding="utf-8")
+    assert main(["predict", str(run), "--file", str(inputs)]) == 2
+    assert f"mtpeft: error: {inputs}:3: " in capsys.readouterr().err
 
 
 def test_custom_qa_task_takes_its_window_from_the_command_line(backbone_dir, tmp_path):

@@ -420,7 +420,11 @@ def parse_input_line(line: str):
     """A JSON object/array line is parsed (QA dicts, pairs); a tab separates a pair; else plain text."""
     stripped = line.strip()
     if stripped.startswith(("{", "[")):
-        value = json.loads(stripped)
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{stripped!r} starts like JSON but is not valid JSON ({err.msg} at character {err.pos}); "
+                             'a pair is ["text a", "text b"], a QA input {"question": ..., "context": ...}') from None
         return tuple(value) if isinstance(value, list) else value
     if "\t" in stripped:
         return tuple(stripped.split("\t", 1))
@@ -435,12 +439,17 @@ def _predict(args) -> int:
     if args.text and args.file:
         raise ValueError("pass inputs as arguments or --file, not both")
     if args.text:
-        lines = args.text
+        lines = [(f"argument {i}", text) for i, text in enumerate(args.text, 1)]
     else:
         source = open(args.file, encoding="utf-8") if args.file else sys.stdin
         with source:
-            lines = [line for line in source if line.strip()]
-    inputs = [parse_input_line(line) for line in lines]
+            lines = [(f"{args.file or 'stdin'}:{i}", line) for i, line in enumerate(source, 1) if line.strip()]
+    inputs = []
+    for where, line in lines:
+        try:
+            inputs.append(parse_input_line(line))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     for prediction in model.predict(inputs, task=task, batch_size=args.batch_size):
         print(json.dumps(prediction.to_dict()))
     return 0
