@@ -80,7 +80,7 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert [line["label"] for line in lines] == ["neg", "pos"]
     # a bad input names where it is and what a pair looks like
     assert main(["predict", str(run), "fine", '["a", "b"']) == 2
-    assert capsys.readouterr().err.startswith(
+    assert capsys.readouterr().err.startswith(  # before the model loads
         """mtpeft: error: argument 2: '["a", "b"' starts like JSON but is not valid JSON (Expecting ',' delimiter""")
     inputs.write_text('fine\n\n{"question": "q",\n', encoding="utf-8")
     assert main(["predict", str(run), "--file", str(inputs)]) == 2

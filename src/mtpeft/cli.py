@@ -434,8 +434,6 @@ def parse_input_line(line: str):
 def _predict(args) -> int:
     from mtpeft.model import MultiTaskModel
 
-    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))
-    task = None if args.task is None else model.spec(args.task).name  # an unknown name fails before reading inputs
     if args.text and args.file:
         raise ValueError("pass inputs as arguments or --file, not both")
     if args.text:
@@ -450,6 +448,8 @@ def _predict(args) -> int:
             inputs.append(parse_input_line(line))
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))  # after the inputs: a bad one fails fast
+    task = None if args.task is None else model.spec(args.task).name
     for prediction in model.predict(inputs, task=task, batch_size=args.batch_size):
         print(json.dumps(prediction.to_dict()))
     return 0
