@@ -118,8 +118,9 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], schedu
     saved = meta["fingerprint"]
     differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if differing:
+        details = "; ".join(_what_differs(k, saved.get(k), fingerprint.get(k)) for k in differing)
         raise CheckpointMismatchError(
-            f"{path} was written by a run with different settings ({', '.join(differing)}); "
+            f"{path} was written by a run with different settings ({', '.join(differing)}: {details}); "
             f"continue with the same settings, or train into a new --out folder")
     with torch.no_grad():
         for name, param in trainable.items():
@@ -140,3 +141,20 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], schedu
 def _rng_state(tensors: dict[str, torch.Tensor], kind: str, rank: int) -> torch.Tensor | None:
     """Process ``rank``'s saved generator; the main process's where the run had fewer processes."""
     return tensors.get(f"rng.{kind}.{rank}", tensors.get(f"rng.{kind}"))
+
+
+def _what_differs(key: str, saved, now) -> str:
+    """The fields of a fingerprint entry that differ ("lr 0.001 there, 0.002 here"), where the
+    entry is a JSON object (the recipe, the task's spec); else what the entry stands for."""
+    described = {"features": "the training examples differ", "backbone": "the backbone's weights differ"}
+    if key in described:
+        return described[key]
+    try:
+        before, after = json.loads(saved), json.loads(now)
+    except (TypeError, ValueError):
+        before = after = None
+    if isinstance(before, dict) and isinstance(after, dict):
+        fields = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if fields:
+            return ", ".join(f"{k} {before.get(k)!r} there, {after.get(k)!r} here" for k in fields)
+    return f"{saved!r} there, {now!r} here"
