@@ -194,3 +194,28 @@ def test_evaluate_on_a_built_in_tasks_folder_reads_its_dev_file_only(backbone_di
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / "dev-only")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 24
+
+
+def test_serve_flags_reach_the_servers_settings(monkeypatch):
+    import mtpeft.serve
+
+    seen = {}
+    monkeypatch.setattr(mtpeft.serve, "serve", lambda bundle, **kwargs: seen.update(kwargs))
+    assert main(["serve", "runs/x", "--max-queued", "7", "--request-timeout", "2.5", "--drain-timeout", "1"]) == 0
+    settings = seen["settings"]
+    assert (settings.max_queued, settings.request_timeout_s, settings.drain_timeout_s) == (7, 2.5, 1.0)
+
+
+def test_train_says_how_many_examples_it_uses_and_when_none_is_left_to_score(backbone_dir, tmp_path, capsys):
+    _write_sentiment(tmp_path / "train.csv", 6, 0)  # too few for a held-out tenth
+    assert main(["train", "--task", "mood", "--task-type", "classification", "--labels", "neg,pos", "--data",
+                 str(tmp_path / "train.csv"), "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir),
+                 "--epochs", "1", "--max-train-examples", "4", "--no-progress", "--no-tensorboard"]) == 0
+    err = capsys.readouterr().err
+    assert "task mood: 4 (of 6) training and 0 evaluation examples" in err
+    assert "warning: no evaluation examples: the run will not be scored" in err
+
+
+def test_a_mistyped_run_folder_is_named_as_missing(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "runs" / "dmeo"), "hello"]) == 2
+    assert capsys.readouterr().err.strip() == f"mtpeft: error: {tmp_path / 'runs' / 'dmeo'}: no such folder"

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits to share a forward pass (default 2)")
     serve.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request (default 64)")
     serve.add_argument("--max-text-chars", type=int, default=2000, help="characters per text (default 2000)")
+    serve.add_argument("--max-queued", type=int, default=1024,
+                       help="requests waiting for the model; beyond it 503 with Retry-After (default 1024)")
+    serve.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="longest a prediction may take; beyond it 503 (default 30)")
+    serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="at shutdown, longest to finish the requests already accepted (default 10)")
     serve.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
     serve.add_argument("--admin-root", help="folder the task management API loads tasks from (default: the bundle); "
                                             "the API is on only when MTPEFT_API_KEY is set")
@@ -297,6 +303,10 @@ def _custom_spec(args) -> TaskSpec:
     return TaskSpec(**fields, **_window_flags(args))
 
 
+def _count(used: int, found: int) -> str:
+    return f"{used}" if used == found else f"{used} (of {found})"
+
+
 def _window_flags(args) -> dict:
     """``--max-length`` and ``--doc-stride`` where given: they apply to built-in tasks too."""
     return {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v is not None}
@@ -354,7 +364,13 @@ def _train(args) -> int:
     data = load_task_data(spec, args.data, args.eval_data, preset.layout if preset else None, args.skip_bad_rows)
     if data.skipped:
         print(f"skipped {len(data.skipped)} bad rows; first: {data.skipped[0]}", file=sys.stderr)
-    print(f"task {spec.name}: {len(data.train)} training and {len(data.eval)} evaluation examples", file=sys.stderr)
+    train_n, eval_n = (min(len(examples), limit) if limit else len(examples)
+                       for examples, limit in ((data.train, config.max_train_examples),
+                                               (data.eval, config.max_eval_examples)))
+    print(f"task {spec.name}: {_count(train_n, len(data.train))} training and {_count(eval_n, len(data.eval))} "
+          "evaluation examples", file=sys.stderr)
+    if not eval_n:
+        print("warning: no evaluation examples: the run will not be scored (pass --eval-data)", file=sys.stderr)
     device = "cpu" if fsdp_launch() else resolve_device(args.device)
     model = MultiTaskModel.from_backbone(args.backbone).to(device)
     torch.manual_seed(config.seed)  # the adapter's and head's initial weights
@@ -527,7 +543,9 @@ def _support(args) -> int:
 def _serve(args) -> int:
     from mtpeft.serve import ServeSettings, serve
 
-    settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars)
+    settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars,
+                             max_queued=args.max_queued, request_timeout_s=args.request_timeout,
+                             drain_timeout_s=args.drain_timeout)
     serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings,
           max_active_adapters=args.max_active_adapters, admin_root=args.admin_root)
     return 0

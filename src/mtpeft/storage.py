@@ -370,6 +370,9 @@ def bundle_entries(path: str | os.PathLike) -> list[tuple[Path, dict[str, str]]]
     """The task folders at ``path`` (itself if it is one, else the bundle's tasks), each with
     the sha256 its bundle manifest records per file name; nothing is hashed here."""
     path = Path(path)
+    if not path.is_dir():  # a typo in the path, not a folder that lacks a task
+        raise FileNotFoundError(f"{path}: no such folder" if not path.exists() else
+                                f"{path} is a file; pass a saved task's or bundle's folder")
     if (path / TASK_FILE).is_file():
         return [(path, {})]
     manifest_path = path / BUNDLE_FILE
