@@ -283,3 +283,18 @@ def test_report_errors(tmp_path):
     with pytest.raises(ReportError, match="broken quality section"):
         replace_section(f"{END}\n{START}\n", "x")
     assert replace_section("", f"{START}\nnew\n{END}").startswith("# Results")
+
+
+def test_a_task_file_without_labels_finds_them_in_its_data_as_train_does(tmp_path):
+    from mtpeft.compare import resolve_task
+
+    write_task_files(tmp_path)
+    record = json.loads((tmp_path / "same.json").read_text())
+    del record["spec"]["labels"]
+    (tmp_path / "same.json").write_text(json.dumps(record))
+    assert resolve_task("same", tmp_path, task_files=[str(tmp_path / "same.json")]).spec.labels == ["0", "1"]
+    record["spec"]["label_column"] = "verdict"
+    (tmp_path / "same.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"same.json: spec.label_column 'verdict': no such column in .*same.csv; "
+                                         r"its columns are \['a', 'b', 'label'\]"):
+        resolve_task("same", tmp_path, task_files=[str(tmp_path / "same.json")])

@@ -297,7 +297,9 @@ def _custom_spec(args) -> TaskSpec:
               "label_column": args.label_column or ("answers" if qa else "label"),
               "labels": args.labels, "label_range": args.label_range}
     if args.task_type in ("classification", "pair-classification") and not args.labels:
-        fields["labels"] = _labels_in(args.data, fields["label_column"])
+        from mtpeft.data import labels_in
+
+        fields["labels"] = labels_in(args.data, fields["label_column"], "--label-column", "pass --labels")
     if args.head_dropout is not None:
         fields["head_dropout"] = args.head_dropout
     return TaskSpec(**fields, **_window_flags(args))
@@ -310,22 +312,6 @@ def _count(used: int, found: int) -> str:
 def _window_flags(args) -> dict:
     """``--max-length`` and ``--doc-stride`` where given: they apply to built-in tasks too."""
     return {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v is not None}
-
-
-def _labels_in(data: str, column: str) -> list[str]:
-    """Class names found in a data file, sorted (numbers numerically)."""
-    from mtpeft.data import read_records
-
-    values, columns = set(), set()
-    for _, row in read_records(data):
-        columns.update(row)
-        if column in row:
-            values.add(str(row[column]))
-    if column not in columns:  # a misnamed column, not a lack of classes: --labels would not help
-        raise ValueError(f"--label-column {column!r}: no such column in {data}; its columns are {sorted(columns)}")
-    if len(values) < 2:
-        raise ValueError(f"--label-column {column!r}: found {len(values)} distinct labels in {data}; pass --labels")
-    return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
 
 
 def _lora_settings(args, preset: LoraSettings | None) -> LoraSettings:

@@ -205,7 +205,14 @@ def resolve_task(name: str, data_root: str | Path, data: dict[str, str] | None =
             raise ValueError(f"{file}: missing {missing}; a task file holds spec, data, eval_data (optional), recipe")
         here = Path(file).parent
         eval_data = here / record["eval_data"] if record.get("eval_data") else None
-        return TaskSource(TaskSpec.from_dict(record["spec"]), here / record["data"], eval_data, None,
+        spec = dict(record["spec"])
+        if spec.get("type") in ("classification", "pair-classification") and not spec.get("labels"):
+            # found in the data, as `mtpeft train --task-type` does
+            from mtpeft.data import labels_in
+
+            spec["labels"] = labels_in(here / record["data"], spec.get("label_column", "label"),
+                                       f"{file}: spec.label_column", "name them in spec.labels")
+        return TaskSource(TaskSpec.from_dict(spec), here / record["data"], eval_data, None,
                           dict(record.get("recipe", {})))
     preset = get_preset(name)
     folder = Path((data or {}).get(name) or Path(data_root) / DATA_DIRS.get(name, name))

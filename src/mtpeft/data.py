@@ -243,6 +243,21 @@ def to_example(where: str, row: dict, spec: TaskSpec) -> Example:
     return example
 
 
+def labels_in(path: str | Path, column: str, named: str, otherwise: str) -> list[str]:
+    """Class names found in ``column`` of a data file, sorted (numbers numerically), for a task
+    given no labels; ``named`` is how the user named the column, ``otherwise`` how to name the labels."""
+    values, columns = set(), set()
+    for _, row in read_records(path):
+        columns.update(row)
+        if column in row:
+            values.add(str(row[column]))
+    if column not in columns:  # a misnamed column, not a lack of classes: naming labels would not help
+        raise ValueError(f"{named} {column!r}: no such column in {path}; its columns are {sorted(columns)}")
+    if len(values) < 2:
+        raise ValueError(f"{named} {column!r}: found {len(values)} distinct labels in {path}; {otherwise}")
+    return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
+
+
 def to_examples(records: Iterable[tuple[str, dict]], spec: TaskSpec, skip_bad_rows: bool = False) -> LoadReport:
     """Validate every record; raise on the first bad one, or skip and count them."""
     report = LoadReport(examples=[])
