@@ -131,15 +131,17 @@ def test_a_finished_run_counts_by_the_recipe_it_trained_with_not_by_its_flags(wo
     assert build_parser().parse_args(GridSettings(**grid).cell_argv(["mood"], "head-only", 1)).backbone_dropout is None
 
 
-def test_cli_runs_a_cell_in_a_child_process(workspace, capsys):
+def test_cli_runs_a_cell_in_a_child_process(workspace, capfd):
     root, files = workspace
     code = main(["compare", "--tasks", "same", "--methods", "zero-shot", "--task-file", files[1], "--backbone", "tiny",
                  "--no-progress"])
     assert code == 0
+    log = capfd.readouterr().err  # the child's lines too: it adds what it wrote, not a second grid's numbering
+    assert log.count(": running") == 1 and log.count("already done") == 1 and "  same / zero-shot / seed 1: wrote " in log
     run = json.loads((root / "results" / "compare" / "same" / "zero-shot-seed1.json").read_text())
     assert run["peak_rss_scope"] == "run" and "threshold" in run["hyperparameters"]["zero_shot"]
     assert run["grid_command"].startswith("mtpeft compare --tasks same")
-    assert main(["compare", "--list-methods"]) == 0 and "prefix-tuning" in capsys.readouterr().out
+    assert main(["compare", "--list-methods"]) == 0 and "prefix-tuning" in capfd.readouterr().out
 
 
 def test_grid_settings_and_cells_fail_clearly():

@@ -555,7 +555,8 @@ def _compare(args) -> int:
         batch_size=args.batch_size, backbone_dropout=args.backbone_dropout, joint_temperature=args.joint_temperature,
         keep_weights=args.keep_weights, in_process=args.in_process, progress=not args.no_progress)
     grid_command = args.grid_command or "mtpeft " + shlex.join(args.argv)
-    summary = run_grid(settings, grid_command, log=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = run_grid(settings, grid_command, log=lambda line: print(line, file=sys.stderr, flush=True),
+                       child=args.grid_command is not None)
     return 1 if summary.failed else 0
 
 

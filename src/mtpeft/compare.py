@@ -506,12 +506,16 @@ def _other_data(cell: Cell, settings: GridSettings) -> str | None:
     return None
 
 
-def run_grid(settings: GridSettings, grid_command: str | None = None, log=print) -> GridSummary:
-    """Run every cell of the grid that has no result yet; one child process per cell unless ``in_process``."""
+def run_grid(settings: GridSettings, grid_command: str | None = None, log=print, child: bool = False) -> GridSummary:
+    """Run every cell of the grid that has no result yet; one child process per cell unless ``in_process``.
+
+    ``child``: this is one cell's process of a larger grid, whose log already numbers the cell,
+    says it is running and sums the grid up; it adds only what happened.
+    """
     summary = GridSummary()
     cells = grid_cells(settings)
     for number, cell in enumerate(cells, 1):
-        label = f"[{number}/{len(cells)}] {cell.label()}"
+        label = f"  {cell.label()}" if child else f"[{number}/{len(cells)}] {cell.label()}"
         if all(p.exists() for p in cell.result_paths(settings.results)):
             conflict = _conflict(cell, settings)
             if conflict:
@@ -531,7 +535,8 @@ def run_grid(settings: GridSettings, grid_command: str | None = None, log=print)
             summary.failed.append(cell.label())
             log(f"{label}: {conflict}")
             continue
-        log(f"{label}: running")
+        if not child:
+            log(f"{label}: running")
         if settings.in_process:
             try:
                 paths = run_cell(cell, settings, grid_command)
@@ -556,5 +561,6 @@ def run_grid(settings: GridSettings, grid_command: str | None = None, log=print)
                 log(f"{label}: failed (exit code {code})")
                 continue
         summary.done.append(cell.label())
-    log(summary.line())
+    if not child:
+        log(summary.line())
     return summary
