@@ -551,7 +551,7 @@ def _build_server(bundle, faq, backbone, settings, support_tasks, max_active_ada
 
     if max_active_adapters is None:
         model = MultiTaskModel.load(bundle, backbone=backbone)  # with the bundle's learned router, if any
-        store, router = None, model.router  # create_app's shape rule where the bundle has no router
+        store, router = None, None  # create_app takes model.router: the bundle's, else the shape rule
     else:
         store, router = serving_store(bundle, max_active_adapters, backbone)
         model = store.model
