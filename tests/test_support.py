@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_bert
 from mtpeft import TaskSpec
 from mtpeft.data import DataError
-from mtpeft.faq import FaqIndex, faq_entries, load_faq, packaged_faq_path
+from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path, sentences
 from mtpeft.predictions import LabelPrediction, ScorePrediction
 from mtpeft.support import SupportPipeline, answer, match_score
 from tiny_bundle import FAQ, support_model
@@ -57,7 +57,8 @@ def test_index_finds_the_same_entry_first(model):
     index = FaqIndex.build(model, FAQ)
     query = index.vectors[2]
     hits = index.search(query, 2)
-    assert hits[0][0].id == "faq-3" and hits[0][1] == pytest.approx(1.0, abs=1e-5) and len(hits) == 2
+    assert hits[0][0].id == "faq-3" and len(hits) == 2
+    assert hits[0][1] == pytest.approx(float(index.scores(query)[2])) and hits[0][1] >= hits[1][1]
     assert len(index.search(query, 99)) == len(FAQ)
 
 
@@ -173,6 +174,37 @@ def test_equal_scores_rank_in_faq_order_whatever_k():
     query = torch.tensor([1.0, 0.0])
     assert [e.id for e, _ in index.search(query, 3)] == ["e0", "e1", "e39"]
     assert [e.id for e, _ in index.search(query, 1)] == ["e0"]
+
+
+def test_faq_contexts_are_cut_into_sentences():
+    assert sentences("Refunds take 3 days. Banks need 5 more!  Why?\nCall us") == [
+        "Refunds take 3 days.", "Banks need 5 more!", "Why?", "Call us"]
+    assert sentences("Costs $5.99 per item.") == ["Costs $5.99 per item."]  # no cut inside a number
+
+
+def test_an_entry_scores_the_mean_of_its_whole_text_and_its_closest_sentence():
+    import torch
+
+    entries = [FaqEntry("a", "a?", "x."), FaqEntry("b", "b?", "y."), FaqEntry("c", "c?", "z.")]
+    query = torch.tensor([1.0, 0.0])
+    whole = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])  # cosines 0.8, 0.6, 0.0
+    # a's sentences stay far from the query; one of b's names exactly what it asks; c has none
+    sentence_vectors = torch.tensor([[0.0, 1.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0]])
+    index = FaqIndex(entries, whole, sentence_vectors, torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(index.scores(query), torch.tensor([(0.8 + 0.6) / 2, (0.6 + 1.0) / 2, 0.0]))
+    assert [e.id for e, _ in index.search(query, 3)] == ["b", "a", "c"]
+    assert [e.id for e, _ in FaqIndex(entries, whole).search(query, 3)] == ["a", "b", "c"]  # whole texts alone
+    with pytest.raises(ValueError, match="one entry index per sentence"):
+        FaqIndex(entries, whole, sentence_vectors, torch.tensor([0, 1]))
+
+
+def test_the_index_embeds_each_context_sentence_for_its_entry(model):
+    entries = faq_entries(FAQ)
+    index = FaqIndex.build(model, entries)
+    owners = [i for i, e in enumerate(entries) for _ in sentences(e.context)]
+    assert index.sentence_entries.tolist() == owners
+    assert index.sentence_vectors.shape == (len(owners), index.vectors.shape[1])
+    assert FaqIndex.build(model, entries, with_context=False).sentence_vectors is None
 
 
 @pytest.mark.parametrize("top_k", [0, -1])

@@ -1,8 +1,9 @@
 """The customer-support pipeline: one message in, sentiment + similar FAQ questions + answer out.
 
 1. Sentiment of the message (a text classification task).
-2. The ``top_k`` FAQ entries nearest to the message by bare-backbone cosine (``FaqIndex``,
-   over question + context), re-ranked by the similarity task's score for each
+2. The ``top_k`` FAQ entries nearest to the message by bare-backbone cosine (``FaqIndex``:
+   question + context as one text, and the context's closest sentence), re-ranked by the
+   similarity task's score for each
    ``(message, FAQ question)`` pair. The sentiment row and the pair rows go through one
    mixed-task ``run`` call.
 3. The answer span by the QA task from the context of the entry retrieval ranks first;
@@ -50,7 +51,8 @@ REINDEX_RETRY_S = 60  # seconds between tries to re-index an edited FAQ whose em
 
 @dataclass
 class SimilarQuestion:
-    """An FAQ question close to the message: ``score`` from the similarity task, ``retrieval_score`` the cosine."""
+    """An FAQ question close to the message: ``score`` from the similarity task, ``retrieval_score`` the
+    index's (``FaqIndex.scores``: the mean of two cosines)."""
 
     id: str
     question: str
