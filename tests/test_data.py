@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import require_shared_data
-from mtpeft.data import DataError, load_examples, read_records
+from mtpeft.data import DataError, labels_in, load_examples, read_records
 from mtpeft.sources import load_task_data
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.presets import get_preset
@@ -62,6 +62,22 @@ def test_label_out_of_range_names_file_line_and_field(tmp_path):
     with pytest.raises(DataError) as err:
         load_examples(path, SENTIMENT)
     assert str(err.value).startswith(f"{path}:2: field 'label': label 7 is not one of ['negative', 'positive']")
+
+
+def test_json_number_labels_are_class_names_as_in_a_tsv(tmp_path):
+    # JSON 1, 2, 3 with the labels found in the file (["1", "2", "3"]) were read as indices:
+    # 1 became class "2", 2 became "3" and 3 was refused as "not one of ['1', '2', '3']".
+    path = tmp_path / "stars.jsonl"
+    path.write_text("".join(json.dumps({"text": f"r{i}", "label": s}) + "\n" for i, s in enumerate([1, 2, 3, 2])))
+    labels = labels_in(path, "label", "--label-column", "pass --labels")
+    assert labels == ["1", "2", "3"]
+    spec = TaskSpec(name="stars", type="classification", labels=labels)
+    assert [labels[e.label] for e in load_examples(path, spec).examples] == ["1", "2", "3", "2"]
+    path.write_text(json.dumps({"text": "r", "label": 2.0}) + "\n")  # pandas writes whole numbers so
+    assert [labels[e.label] for e in load_examples(path, spec).examples] == ["2"]
+    tsv = tmp_path / "stars.tsv"
+    tsv.write_text("text\tlabel\nr0\t1\nr1\t3\n", encoding="utf-8")
+    assert [labels[e.label] for e in load_examples(tsv, spec).examples] == ["1", "3"]
 
 
 @pytest.mark.parametrize("row, field, message", [

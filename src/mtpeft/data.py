@@ -174,6 +174,13 @@ def _class_index(where: str, spec: TaskSpec, value: Any) -> int:
     labels = spec.labels
     if isinstance(value, str) and value in labels:
         return labels.index(value)
+    # A JSON number that names a class (labels_in finds JSON 3 as "3") is that class, as the
+    # same "3" read from a TSV is; only a number that names none is a class index.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        names = [str(value), str(int(value))] if isinstance(value, float) and value.is_integer() else [str(value)]
+        for name in names:
+            if name in labels:
+                return labels.index(name)
     try:
         index = int(value) if not isinstance(value, float) or value.is_integer() else None
     except (TypeError, ValueError):
