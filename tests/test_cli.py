@@ -196,6 +196,21 @@ def test_evaluate_on_a_built_in_tasks_folder_reads_its_dev_file_only(backbone_di
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 24
 
 
+def test_evaluate_on_a_built_in_tasks_own_file_scores_its_held_out_rows(backbone_dir, tmp_path, capsys):
+    # The file was read whole, scoring the rows the task trained on with the held-out ones.
+    folder = tmp_path / "support"
+    folder.mkdir()
+    moods = ["negative", "neutral", "positive"]
+    (folder / "sentiment.jsonl").write_text("".join(
+        json.dumps({"text": f"message {i}", "label": moods[i % 3]}) + "\n" for i in range(20)))
+    assert main(["train", "--task", "sentiment", "--data", str(folder), "--out", str(tmp_path / "run"),
+                 "--backbone", str(backbone_dir), "--epochs", "1", "--no-progress", "--no-tensorboard"]) == 0
+    for data in (folder, folder / "sentiment.jsonl"):
+        capsys.readouterr()
+        assert main(["evaluate", str(tmp_path / "run"), "--data", str(data)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 4  # every 5th of 20
+
+
 def test_serve_flags_reach_the_servers_settings(monkeypatch):
     import mtpeft.serve
 

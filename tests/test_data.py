@@ -174,6 +174,27 @@ def test_an_own_squad_eval_file_is_read_whole_not_cut_to_the_presets_articles(tm
     assert len(own.train) + len(own.eval) == 60 and "held out" in own.description["eval"]
 
 
+def test_an_evaluation_file_is_read_as_training_read_it(tmp_path):
+    # mtpeft evaluate cut any .json file to the preset's articles 39 on (an own three-article
+    # file scored nothing) and read the built-in's own holdout file whole, training rows too.
+    from mtpeft.sources import load_eval_examples
+
+    squad = get_preset("squad")
+    own_eval = _squad_file(tmp_path / "mine.json", 3)
+    assert len(load_eval_examples(squad.spec, own_eval, squad.layout)) == 3
+    assert len(load_task_data(squad.spec, _squad_file(tmp_path / "t.json", 5), own_eval, squad.layout).eval) == 3
+    (tmp_path / "squad").mkdir()
+    dev = _squad_file(tmp_path / "squad" / squad.layout.eval_file, 48)
+    assert [e.id for e in load_eval_examples(squad.spec, dev, squad.layout)] == [str(a) for a in range(38, 48)]
+    sentiment = get_preset("sentiment")
+    (tmp_path / "support").mkdir()
+    rows = tmp_path / "support" / sentiment.layout.train_file
+    rows.write_text("".join(json.dumps({"text": f"row {i}", "label": "neutral"}) + "\n" for i in range(10)))
+    held = load_task_data(sentiment.spec, rows.parent, layout=sentiment.layout).eval
+    assert [e.text for e in load_eval_examples(sentiment.spec, rows, sentiment.layout)] == [e.text for e in held]
+    assert [e.text for e in held] == ["row 4", "row 9"]
+
+
 def test_real_squad_split_is_38_10():
     folder = require_shared_data("squad")
     preset = get_preset("squad")

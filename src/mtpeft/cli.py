@@ -383,14 +383,7 @@ def _evaluate(args) -> int:
     task = _one_task(model, args)
     spec = model.spec(task)
     layout = get_preset(task).layout if task in preset_names() else None
-    data = Path(args.data)
-    if data.is_dir():
-        examples = load_eval_examples(spec, data, layout, args.skip_bad_rows)
-    else:
-        from mtpeft.data import load_examples
-
-        articles = layout.eval_articles if layout and data.suffix == ".json" else None
-        examples = load_examples(data, spec, articles=articles, skip_bad_rows=args.skip_bad_rows).examples
+    examples = load_eval_examples(spec, args.data, layout, args.skip_bad_rows)
     metrics = evaluate_task(model, task, examples, args.batch_size)
     out = args.out or (Path(args.path) / "eval-metrics.json" if (Path(args.path) / TASK_FILE).is_file() else None)
     if out:

@@ -68,8 +68,16 @@ def load_eval_examples(spec: TaskSpec, data: str | Path, layout: DataLayout | No
                        skip_bad_rows: bool = False) -> list[Example]:
     """The evaluation examples of a built-in task's folder, reading its evaluation file only
     (a folder with just ``dev.tsv`` will do, and 67k training rows are not parsed to score 872);
-    a layout that holds rows out of its training file reads that file."""
+    a layout that holds rows out of its training file reads that file.
+
+    A file is read whole, as ``load_task_data`` reads an evaluation file, unless it is the
+    built-in task's own evaluation file: that one gives the rows its folder would.
+    """
     data = Path(data)
+    if not data.is_dir():
+        if layout is None or data.name != layout.eval_file:
+            return load_examples(data, spec, skip_bad_rows=skip_bad_rows).examples
+        data = data.parent
     if layout is None:
         raise ValueError(f"{data} is a folder; pass a data file for task {spec.name!r} (a folder works for built-in tasks)")
     if layout.holdout_every:
