@@ -132,6 +132,19 @@ def test_invalid_json_and_undecodable_bytes_name_the_line(tmp_path):
         list(read_records(raw))
 
 
+def test_undecodable_bytes_after_a_bom_or_in_cr_lines_name_their_line(tmp_path):
+    # With a BOM the error counted bytes from after it: a bad byte starting line 2 was named
+    # on line 1 at byte 11; lines ended by \r alone were all line 1.
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbftext,label\n\xd6konomie,1\n")
+    with pytest.raises(DataError, match=r"bom.csv:2: bytes that are not UTF-8 at byte 14$"):
+        list(read_records(path))
+    path = tmp_path / "cr.tsv"
+    path.write_bytes(b"sentence\tlabel\rok\t1\r\xff bad\t0\r")
+    with pytest.raises(DataError, match=r"cr.tsv:3: bytes that are not UTF-8"):
+        list(read_records(path))
+
+
 def test_squad_json_and_article_split(tmp_path):
     data = {"data": [{"title": f"T{a}", "paragraphs": [{"context": "Paris is in France.", "qas": [
         {"id": f"{a}-{q}", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]}

@@ -7,6 +7,7 @@ case it is skipped and counted. Nothing trains silently on garbage.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -43,17 +44,22 @@ class LoadReport:
 # ------------------------------------------------------------------ raw records
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_BYTES_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
 def decode_file(path: Path) -> str:
     """A text file's contents; a byte-order mark is dropped, bytes that are not UTF-8 name their line."""
     data = path.read_bytes()
+    # The BOM is cut here, not by "utf-8-sig": its errors count bytes from after the BOM, which
+    # put a bad byte near a line start on the line before.
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # GLUE's MRPC header has one
     try:
-        return data.decode("utf-8-sig")  # GLUE's MRPC header starts with a BOM
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}", None, f"bytes that are not UTF-8 at byte {err.start}") from None
-
-
-_LINE_END = re.compile(r"\r\n|\r|\n")
+        at = bom + err.start
+        line = len(_BYTES_LINE_END.findall(data, 0, at)) + 1  # lines end as split_lines ends them
+        raise DataError(f"{path}:{line}", None, f"bytes that are not UTF-8 at byte {at}") from None
 
 
 def split_lines(text: str) -> list[str]:
