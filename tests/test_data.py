@@ -80,6 +80,15 @@ def test_json_number_labels_are_class_names_as_in_a_tsv(tmp_path):
     assert [labels[e.label] for e in load_examples(tsv, spec).examples] == ["1", "3"]
 
 
+def test_json_boolean_labels_found_in_the_data_are_accepted(tmp_path):
+    # labels_in found ["False", "True"], then every row was refused: "label True is not one of ['False', 'True']".
+    path = tmp_path / "spam.jsonl"
+    path.write_text("".join(json.dumps({"text": f"m{i}", "spam": i % 3 == 0}) + "\n" for i in range(4)))
+    labels = labels_in(path, "spam", "--label-column", "pass --labels")
+    spec = TaskSpec(name="spam", type="classification", labels=labels, label_column="spam")
+    assert [labels[e.label] for e in load_examples(path, spec).examples] == ["True", "False", "False", "True"]
+
+
 @pytest.mark.parametrize("row, field, message", [
     ({"label": 1}, "sentence", "missing"),
     ({"sentence": "   ", "label": 1}, "sentence", "empty text"),

@@ -180,9 +180,10 @@ def _class_index(where: str, spec: TaskSpec, value: Any) -> int:
     labels = spec.labels
     if isinstance(value, str) and value in labels:
         return labels.index(value)
-    # A JSON number that names a class (labels_in finds JSON 3 as "3") is that class, as the
-    # same "3" read from a TSV is; only a number that names none is a class index.
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    # A JSON number or boolean that names a class (labels_in finds JSON 3 as "3", true as "True")
+    # is that class, as the same "3" read from a TSV is; only a number that names none is a
+    # class index (a boolean never is).
+    if isinstance(value, (int, float)):
         names = [str(value), str(int(value))] if isinstance(value, float) and value.is_integer() else [str(value)]
         for name in names:
             if name in labels:
