@@ -315,6 +315,30 @@ def test_management_with_an_adapter_store(tokenizer, root):
         assert len(model.specs) == 1  # capacity 1: only the task of the last batch is active
 
 
+def test_a_routers_task_loaded_again_into_an_adapter_store_is_routed_to(tokenizer, root):
+    """The store pins the learned router's tasks, which picks among the model's active ones; one
+    unloaded and loaded back must be pinned again, not routed to only while it happens to be active."""
+    from mtpeft import MultiTaskModel
+    from mtpeft.adapter_cache import AdapterStore
+    from mtpeft.router import LearnedRouter
+    from tiny_bundle import ROUTER_EXAMPLES
+
+    fitted = LearnedRouter.fit(support_model(tiny_bert(tokenizer)), ROUTER_EXAMPLES)
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.bf16 = False
+    store = AdapterStore.from_bundle(model, root, capacity=1)
+    router = LearnedRouter(model, fitted.classes, fitted.shapes, fitted.weight, fitted.bias, fitted.threshold)
+    store.pin(task for task in router.classes if task in store.specs)  # as serving_store does
+    body = {"input": "I love it, great service"}
+    with TestClient(create_app(model, router, store=store, admin_root=root, api_key=KEY)) as c:
+        assert c.post("/v1/predict", json=body).json()["results"][0]["task"] == "sentiment"
+        assert c.delete("/v1/admin/tasks/sentiment", headers=AUTH).status_code == 200
+        assert c.post("/v1/admin/tasks", json={"path": "sentiment"}, headers=AUTH).status_code == 200
+        assert "sentiment" in store.pinned_tasks
+        result = c.post("/v1/predict", json=body).json()["results"][0]
+        assert result["task"] == "sentiment", result["route"]
+
+
 def test_a_joint_models_tasks_loaded_one_at_a_time_share_its_adapter(tokenizer, served, root):
     from mtpeft.config import LoraSettings
     from mtpeft.joint import build_joint_model

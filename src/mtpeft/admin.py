@@ -31,7 +31,7 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -141,16 +141,20 @@ class TaskManager:
             they cannot be unloaded, and a reload must keep their type and labels.
         store: when the server keeps only some tasks active (``AdapterStore``), tasks are
             registered there instead of added to the model.
+        keep_active: tasks the store keeps active whenever they are loaded, as at start-up
+            (a learned router's classes: it picks only among the tasks in ``model.specs``).
     """
 
     def __init__(self, model: MultiTaskModel, executor: Executor, view: TaskView,
                  root: str | os.PathLike | None = None, api_key: str | None = None,
-                 pinned: dict[str, str] | None = None, store: AdapterStore | None = None) -> None:
+                 pinned: dict[str, str] | None = None, store: AdapterStore | None = None,
+                 keep_active: Iterable[str] = ()) -> None:
         self.model, self.executor, self.view, self.store = model, executor, view, store
         self.served = model if store is None else store
         self.root = Path(root).resolve() if root is not None else None
         self.api_key = api_key or None
         self.pinned = dict(pinned or {})
+        self.keep_active = set(keep_active)
         self._busy = threading.Lock()  # one management request at a time, whichever event loop it comes from
 
     # ----------------------------------------------------------------- requests
@@ -242,12 +246,13 @@ class TaskManager:
                 self.model.remove_task(name)
             install_task(self.model, saved)
         else:
-            pinned = name in self.store.pinned_tasks
+            new = saved.spec.name
+            pinned = name in self.store.pinned_tasks or new in self.keep_active
             if name is not None:
                 self.store.unregister(name)
             self.store.register_saved(saved)
             if pinned:
-                self.store.pin([name])
+                self.store.pin([new])
         return snapshot(served)
 
     def _probe(self, saved: SavedTask) -> None:

@@ -319,8 +319,10 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
     executor = executor or model_thread()  # the model thread
     pinned = {} if support is None else dict.fromkeys(
         (support.sentiment_task, support.similarity_task, support.qa_task), "used by /v1/support")
+    # A store pins the learned router's tasks (serving_store): one loaded later must be pinned too.
     manager = TaskManager(model, executor, view, admin_root,
-                          os.environ.get(API_KEY_ENV) if api_key is None else api_key, pinned, store)
+                          os.environ.get(API_KEY_ENV) if api_key is None else api_key, pinned, store,
+                          keep_active=getattr(router, "classes", ()))
     admission = Admission()
 
     def on_batch(rows: int, requests: int) -> None:
