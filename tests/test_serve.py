@@ -496,3 +496,24 @@ def test_warm_up_runs_every_task_at_its_largest_batch(model, monkeypatch):
     for task in model.task_names:
         assert (task, 16, model.spec(task).max_length) in seen
         assert {rows for name, rows, _ in seen if name == task} == {1, 8, 16}
+
+
+def test_a_cold_task_whose_files_changed_on_disk_is_a_500_that_says_so(tokenizer, tmp_path):
+    """With few active adapters, a task saved anew into the served bundle (before its reload) fails
+    its sha256 check on a cold read: a JSON error naming the file, not a bare 'Internal Server Error'."""
+    from mtpeft import MultiTaskModel
+    from mtpeft.adapter_cache import AdapterStore
+
+    support_model(tiny_bert(tokenizer)).save(tmp_path / "bundle")
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    store = AdapterStore.from_bundle(model, tmp_path / "bundle", capacity=1)
+    app = create_app(model, store=store, settings=ServeSettings(max_wait_ms=1), admin_root=tmp_path / "bundle")
+    retrained = support_model(tiny_bert(tokenizer))
+    retrained.heads["sentiment"].out.bias.data += 1.0
+    retrained.save(tmp_path / "bundle", tasks=["sentiment"])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        response = c.post("/v1/predict", json={"input": "hi", "task": "sentiment"})
+    assert response.status_code == 500 and response.headers["content-type"].startswith("application/json")
+    detail = response.json()["detail"]
+    assert "sentiment/" in detail and "changed since the bundle was saved" in detail, detail
+    assert str(tmp_path) not in detail  # paths relative to the admin root

@@ -40,6 +40,7 @@ from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shap
 from mtpeft.runtime import bound_kernel_caches
 from mtpeft.schemas import (ErrorOut, Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput,
                             SupportRequest, SupportResponse, TasksResponse, TextInput)
+from mtpeft.storage import BundleIntegrityError
 from mtpeft.support import SupportPipeline
 from mtpeft.tasks.spec import UnknownTaskError
 
@@ -460,7 +461,11 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
         return {"results": results}
 
     async def prefetch(tasks: list[str]) -> None:
-        """``store.prefetch``; a task found missing in the moment a reload swaps it is asked for again."""
+        """``store.prefetch``; a task found missing in the moment a reload swaps it is asked for again.
+
+        A cold task whose files changed since the server registered them (saved anew into the
+        bundle, not reloaded yet) is refused by their sha256: a 500 that says so, not a bare one.
+        """
         for attempt in range(50):
             try:
                 return await run_in_threadpool(store.prefetch, tasks)
@@ -468,6 +473,9 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                 if attempt == 49 or not all(task in view for task in tasks):
                     raise HTTPException(422, str(err)) from None
                 await asyncio.sleep(0.01)
+            except (BundleIntegrityError, OSError) as err:
+                raise HTTPException(500, f"a task's saved files cannot be read: {manager.relative(str(err))}; "
+                                         "reload the task to serve its files as they are now") from None
 
     @app.post("/v1/support", response_model=SupportResponse, responses={404: {"model": ErrorOut}, **ERRORS})
     async def support_reply(request: SupportRequest) -> dict:
