@@ -74,7 +74,8 @@ def main() -> None:
     model = MultiTaskModel.from_backbone(args.backbone)
     entries = load_faq(packaged_faq_path())
     with open(support_data_dir() / "qa.jsonl", encoding="utf-8") as f:
-        questions = [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    questions = [row for row in rows if row["answers"]]  # the unanswerable rows pair a question with another entry
     started = time.perf_counter()
     variants = rank_quality(model, entries, questions)
     seconds = time.perf_counter() - started

@@ -102,6 +102,20 @@ def test_custom_qa_task_takes_its_window_from_the_command_line(backbone_dir, tmp
     assert (spec["max_length"], spec["doc_stride"], spec["text_pair_column"]) == (96, 20, "context")
 
 
+def test_a_custom_qa_task_with_unanswerable_rows_needs_allow_no_answer(backbone_dir, tmp_path, capsys):
+    rows = [{"question": f"who met {name}?", "context": f"{other} met {name} on day {i}.",
+             "answers": [{"text": other, "answer_start": 0}] if i % 3 else []}
+            for i, (name, other) in enumerate([("Bob", "Alice"), ("Dan", "Carol"), ("Fay", "Eve")] * 4)]
+    data = tmp_path / "faq.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    args = ["train", "--task", "faq", "--task-type", "extractive-qa", "--data", str(data), "--out", str(tmp_path / "run"),
+            "--backbone", str(backbone_dir), "--max-length", "96", "--doc-stride", "20", "--epochs", "1", "--no-progress", "--fp32"]
+    assert main(args) == 2
+    assert "faq.jsonl:1: field 'answers': expected a non-empty list of answers" in capsys.readouterr().err
+    assert main(args + ["--allow-no-answer"]) == 0
+    assert json.loads((tmp_path / "run" / "task.json").read_text())["spec"]["allow_no_answer"] is True
+
+
 def test_a_zero_window_flag_is_not_ignored(backbone_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "fine", "label": "a"}\n{"text": "bad", "label": "b"}\n', encoding="utf-8")

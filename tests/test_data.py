@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -359,6 +360,33 @@ def test_head_and_tail_keeps_the_end_of_the_text_when_the_tail_starts_mid_word(t
     assert len(ids) <= 16
     assert tokenizer.convert_ids_to_tokens(ids)[-4:] == ["didn", "'", "t", "[SEP]"]
     assert tokenizer.convert_ids_to_tokens(ids)[1:3] == ["the", "wow"]
+
+
+@pytest.mark.parametrize("answers", [[], {"text": [], "answer_start": []}, [{"text": "", "answer_start": -1}]])
+def test_unanswerable_rows_load_only_for_a_task_that_allows_them(tmp_path, answers):
+    """SQuAD v2.0 writes "no answer" as [], as `datasets`' empty lists, or as an empty text at -1."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "Who?", "context": "Alice met Bob.", "answers": answers}) + "\n")
+    with pytest.raises(DataError, match="non-empty list of answers .*allow_no_answer"):
+        load_examples(path, QA)
+    v2 = dataclasses.replace(QA, allow_no_answer=True)
+    assert load_examples(path, v2).examples[0].answers == []
+
+
+def test_squad_v2_json_with_unanswerable_questions(tmp_path):
+    data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Alice met Bob.", "qas": [
+        {"id": "a", "question": "Who did Alice meet?", "answers": [{"text": "Bob", "answer_start": 10}]},
+        {"id": "b", "question": "Who did Bob call?", "answers": [], "is_impossible": True,
+         "plausible_answers": [{"text": "Alice", "answer_start": 0}]}]}]}]}
+    path = tmp_path / "train-v2.0.json"
+    path.write_text(json.dumps(data))
+    examples = load_examples(path, dataclasses.replace(QA, allow_no_answer=True)).examples
+    assert [e.answers for e in examples] == [[{"text": "Bob", "answer_start": 10}], []]
+
+
+def test_allow_no_answer_is_for_qa_tasks_only():
+    with pytest.raises(ValueError, match="allow_no_answer is for extractive-qa tasks"):
+        TaskSpec(name="s", type="classification", labels=["a", "b"], allow_no_answer=True)
 
 
 @pytest.mark.parametrize("start", [-4, True])

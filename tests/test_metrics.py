@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from mtpeft.metrics import classification_metrics, normalize_answer, regression_metrics, squad_metrics
 
@@ -69,3 +72,39 @@ def test_qa_score_counts_every_example_even_with_repeated_or_missing_ids():
     predictions = [AnswerPrediction("qa", a, 0, 0, 1.0) for a in ("Bob", "met", "Fay", "met")]
     scores = task_type(spec).score(spec, predictions, examples)
     assert scores["exact_match"] == pytest.approx(50.0)
+
+
+def test_squad_v2_scores_unanswerable_questions_and_each_part():
+    gold = {"a": ["Bob"], "b": [], "c": [], "d": ["the red car"]}
+    predictions = {"a": "Bob", "b": "", "c": "Alice", "d": "red"}
+    scores = squad_metrics(predictions, gold, allow_no_answer=True)
+    assert scores["exact_match"] == pytest.approx(50.0) and scores["f1"] == pytest.approx(100 * (1 + 1 + 0 + 2 / 3) / 4)
+    assert scores["has_answer_exact_match"] == pytest.approx(50.0) and scores["has_answer_examples"] == 2
+    assert scores["no_answer_exact_match"] == pytest.approx(50.0) and scores["no_answer_f1"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="has no gold answer"):
+        squad_metrics(predictions, gold)  # SQuAD v1.1: every question has an answer
+
+
+def test_an_unanswerable_qa_example_trains_the_no_answer_position_and_may_be_answered_so(tokenizer):
+    from mtpeft.examples import Example
+    from mtpeft.tasks import TaskSpec, task_type
+
+    spec = TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", doc_stride=32, allow_no_answer=True)
+    kind = task_type(spec)
+    examples = [Example("Who?", "Alice met Bob.", answers=[{"text": "Bob", "answer_start": 10}]),
+                Example("Who called?", "Alice met Bob.", answers=[])]
+    features = kind.encode(spec, tokenizer, examples)
+    assert (features[0]["start_position"], features[1]["start_position"], features[1]["end_position"]) != (0, 0, 0)
+    assert (features[1]["start_position"], features[1]["end_position"]) == (0, 0)
+    length = max(len(f["input_ids"]) for f in features)
+    logits = torch.zeros(2, length, 2)
+    bob = [f["offsets"].index((10, 13)) for f in features]  # "Bob", after questions of different lengths
+    logits[0, bob[0]] = 5.0  # a confident span on the first; "no answer" (token 0) wins on the second
+    logits[1, 0] = 5.0
+    logits[1, bob[1]] = 2.0
+    predictions = kind.predict(spec, kind.summarize(spec, logits, features), features, examples)
+    assert predictions[0].answer == "Bob"
+    assert predictions[1].answer == "" and predictions[1].score > 0.9  # the probability of "no answer"
+    v1 = dataclasses.replace(spec, allow_no_answer=False)
+    assert kind.predict(v1, kind.summarize(v1, logits, features), features, examples)[1].answer == "Bob"
+    assert kind.score(spec, predictions, examples)["exact_match"] == pytest.approx(100.0)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     custom.add_argument("--doc-stride", type=int, help="QA: tokens shared by consecutive context windows "
                                                        "(default a third of --max-length)")
     custom.add_argument("--head-dropout", type=float, help="dropout before the head's linear layer (default 0.1)")
+    custom.add_argument("--allow-no-answer", action="store_true",
+                        help="QA: some questions have no answer in their context (SQuAD v2.0: answers []); "
+                             "predictions may be empty")
     recipe = train.add_argument_group("recipe (defaults: the task's preset, else TrainConfig's)")
     recipe.add_argument("--epochs", type=float)
     recipe.add_argument("--lr", type=float)
@@ -302,6 +305,10 @@ def _custom_spec(args) -> TaskSpec:
         fields["labels"] = labels_in(args.data, fields["label_column"], "--label-column", "pass --labels")
     if args.head_dropout is not None:
         fields["head_dropout"] = args.head_dropout
+    if args.allow_no_answer:
+        if not qa:
+            raise ValueError(f"--allow-no-answer is for --task-type extractive-qa, not {args.task_type}")
+        fields["allow_no_answer"] = True
     return TaskSpec(**fields, **_window_flags(args))
 
 

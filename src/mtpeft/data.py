@@ -224,19 +224,24 @@ def _answers(where: str, spec: TaskSpec, value: Any, context: str) -> list[dict]
                                                       "'text' (or a list of {text, answer_start})")
         else:
             value = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
-    if not isinstance(value, list) or not value:
-        raise DataError(where, spec.label_column, "expected a non-empty list of answers")
+    if not isinstance(value, list):
+        raise DataError(where, spec.label_column, "expected a list of answers")
     answers = []
     for answer in value:
         if not isinstance(answer, dict) or "text" not in answer or "answer_start" not in answer:
             raise DataError(where, spec.label_column, f"answer {answer!r} needs 'text' and 'answer_start'")
         text, start = str(answer["text"]), answer["answer_start"]
+        if not text:  # SQuAD v2.0 exports write "no answer" as an empty text at -1 too
+            continue
         # Not bool (an int to Python) nor negative (slicing would count from the end of the context).
-        if not isinstance(start, int) or isinstance(start, bool) or (start < 0 and text) \
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0 \
                 or context[start:start + len(text)] != text:
             raise DataError(where, spec.label_column,
                             f"answer {text!r} does not appear in the context at offset {start!r}")
         answers.append({"text": text, "answer_start": start})
+    if not answers and not spec.allow_no_answer:
+        raise DataError(where, spec.label_column, "expected a non-empty list of answers (a task with "
+                                                  "allow_no_answer takes [] for a question its context does not answer)")
     return answers
 
 

@@ -101,7 +101,11 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
         print(f"message: {message}")
         print(f"  sentiment          -> {reply.sentiment.label} (score {reply.sentiment.score:.2f})")
         print(f"  similar-questions  -> {best.question!r} (score {best.score:.2f})")
-        shown = "no answer" if answer.no_answer else repr(answer.text)
-        print(f"  faq-answer         -> {shown} from {answer.faq_id} (score {answer.score:.2f})")
+        if not answer.text:  # the QA task's "not answered here", scored by its probability
+            shown = f"no answer in {answer.faq_id} (p {answer.score:.2f})"
+        else:
+            shown = f"{'no confident answer' if answer.no_answer else repr(answer.text)} from {answer.faq_id} " \
+                    f"(score {answer.score:.2f})"
+        print(f"  faq-answer         -> {shown}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return {skill: dataclasses.asdict(r) for skill, r in results.items()}

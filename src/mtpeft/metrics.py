@@ -73,19 +73,37 @@ def _token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    """SQuAD v1.1 exact match and F1 over every question in ``references``.
+def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                  allow_no_answer: bool = False) -> dict[str, float]:
+    """SQuAD exact match and F1 over every question in ``references``.
 
-    A question without a prediction scores zero, as in the official script.
+    A question without a prediction scores zero, as in the official v1.1 script. With
+    ``allow_no_answer`` (SQuAD v2.0), a question whose gold list is empty scores 1 for an
+    empty prediction and 0 for any other, and the scores are also given for the answerable
+    (``has_answer_*``) and unanswerable (``no_answer_*``) questions apart, as the v2.0 script does.
     """
     if not references:
         raise ValueError("no reference answers to score against")
-    exact = f1 = 0.0
+    scores = {}
     for qid, golds in references.items():
-        if not golds:
-            raise ValueError(f"question {qid!r} has no gold answer")
         prediction = predictions.get(qid, "")
-        exact += max(_exact_match(prediction, g) for g in golds)
-        f1 += max(_token_f1(prediction, g) for g in golds)
-    n = len(references)
-    return {"exact_match": 100.0 * exact / n, "f1": 100.0 * f1 / n}
+        if not golds:
+            if not allow_no_answer:
+                raise ValueError(f"question {qid!r} has no gold answer")
+            found = float(not normalize_answer(prediction))
+            scores[qid] = (found, found)
+        else:
+            scores[qid] = (max(_exact_match(prediction, g) for g in golds), max(_token_f1(prediction, g) for g in golds))
+    result = _mean_scores(scores.values())
+    unanswerable = [qid for qid, golds in references.items() if not golds]
+    if allow_no_answer and unanswerable:
+        for part, ids in (("has_answer", [q for q in references if references[q]]), ("no_answer", unanswerable)):
+            if ids:
+                result |= {f"{part}_{k}": v for k, v in _mean_scores([scores[q] for q in ids]).items()}
+            result[f"{part}_examples"] = len(ids)
+    return result
+
+
+def _mean_scores(pairs) -> dict[str, float]:
+    pairs = list(pairs)
+    return {"exact_match": 100.0 * sum(e for e, _ in pairs) / len(pairs), "f1": 100.0 * sum(f for _, f in pairs) / len(pairs)}

@@ -38,7 +38,9 @@ class ScorePrediction:
 class AnswerPrediction:
     """An extractive answer: its text and ``context[start:end]`` character span.
 
-    ``score`` is the softmax probability of the chosen span among the candidate spans.
+    ``score`` is the softmax probability of the chosen span among the candidate spans and
+    "no answer". An empty ``answer`` is "no answer": from a task with ``allow_no_answer``,
+    whose ``score`` is then the probability of "no answer", or for a context with no tokens.
     """
 
     task: str

@@ -12,9 +12,9 @@
 
 Why the answer does not come from the re-ranked list's first entry: the similarity task
 compares the message with FAQ *questions* (paraphrase detection), while customers often
-ask about a detail that only an entry's context names. On the 40 QA questions the demo
-holds out, the retrieval's first entry is the right one for 60 %, the re-ranked list's
-first for 20 % (``benchmarks/support_eval.py``, ``results/support_eval.json``).
+ask about a detail that only an entry's context names. On the 40 answerable QA questions
+the demo holds out, the retrieval's first entry is the right one for 67.5 %, the re-ranked
+list's first for 42.5 % (``benchmarks/support_eval.py``, ``results/support_eval.json``).
 
 ``answer(model, message)`` is the one-call Python entry point (``model.support`` in spirit);
 the HTTP server passes its own ``run``/``embed`` so these rows share micro-batches.
@@ -62,7 +62,8 @@ class SimilarQuestion:
 
 @dataclass
 class SupportAnswer:
-    """The answer span ``context[start:end]`` from the best FAQ entry; ``no_answer`` below the threshold."""
+    """The answer span ``context[start:end]`` from the best FAQ entry; ``no_answer`` below the threshold,
+    or when the QA task found no answer there (``text`` empty, ``score`` the probability of that)."""
 
     text: str
     score: float

@@ -5,7 +5,9 @@ Long contexts are cut into overlapping windows of ``max_length`` tokens that sha
 highest start+end logit sum with start <= end, both inside the context and at most
 ``max_answer_length`` tokens long; an example's answer comes from its best window.
 Training windows that do not contain the answer point at token 0 (the "no answer here"
-position), as in the reference BERT recipe.
+position), as in the reference BERT recipe. A task with ``allow_no_answer`` (SQuAD v2.0)
+also trains questions without an answer there, and answers "" when the "no answer" logit
+sum of the example's windows (the lowest, as in the reference v2.0 recipe) beats its best span.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ExtractiveQA:
             answers = examples[index].answers
             if answers:
                 feature["start_position"], feature["end_position"] = _token_span(offsets, answers[0])
+            elif spec.allow_no_answer:  # unanswerable (or unlabelled, where the targets go unused)
+                feature["start_position"] = feature["end_position"] = 0
             features.append(feature)
         return features
 
@@ -88,20 +92,30 @@ class ExtractiveQA:
                 continue
             s, e = divmod(int(best_index[row]), length)
             summaries.append((float(best_logit[row]), feature["offsets"][s][0], feature["offsets"][e][1],
-                              float(torch.exp(best_logit[row] - normaliser[row]))))
+                              float(torch.exp(best_logit[row] - normaliser[row])), float(null_logit[row]),
+                              float(torch.exp(null_logit[row] - normaliser[row]))))
         return summaries
 
     def predict(self, spec: TaskSpec, summaries, features, examples) -> list[AnswerPrediction]:
-        best: dict[int, tuple] = {}
+        best: dict[int, tuple] = {}  # example -> its best window's summary
+        null: dict[int, tuple] = {}  # example -> the summary of its window least sure there is no answer
         for summary, feature in zip(summaries, features):
-            if summary is not None and (feature["example"] not in best or summary[0] > best[feature["example"]][0]):
-                best[feature["example"]] = summary
+            if summary is None:
+                continue
+            index = feature["example"]
+            if index not in best or summary[0] > best[index][0]:
+                best[index] = summary
+            if index not in null or summary[4] < null[index][4]:
+                null[index] = summary
         predictions = []
         for index, example in enumerate(examples):
             if index not in best:
                 predictions.append(AnswerPrediction(spec.name, "", 0, 0, 0.0))
                 continue
-            _, start, end, probability = best[index]
+            _, start, end, probability, _, _ = best[index]
+            if spec.allow_no_answer and null[index][4] > best[index][0]:
+                predictions.append(AnswerPrediction(spec.name, "", 0, 0, null[index][5]))  # score: P(no answer)
+                continue
             predictions.append(AnswerPrediction(spec.name, (example.text_pair or "")[start:end], start, end, probability))
         return predictions
 
@@ -109,7 +123,8 @@ class ExtractiveQA:
         # Keyed by position: ids need not be unique (or present), and every example counts once.
         keys = [f"#{i} {ex.id}".rstrip() for i, ex in enumerate(examples)]
         return squad_metrics({k: p.answer for k, p in zip(keys, predictions)},
-                             {k: [a["text"] for a in ex.answers] for k, ex in zip(keys, examples)})
+                             {k: [a["text"] for a in ex.answers] for k, ex in zip(keys, examples)},
+                             allow_no_answer=spec.allow_no_answer)
 
 
 def _token_span(offsets: list, answer: dict) -> tuple[int, int]:

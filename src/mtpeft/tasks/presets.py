@@ -117,7 +117,7 @@ _PRESETS: dict[str, Preset] = {
         {"epochs": 8.0, "lr": 1e-3, "batch_size": 16}),
     "faq-answer": Preset(
         TaskSpec(name="faq-answer", type="extractive-qa", text_column="question", text_pair_column="context",
-                 label_column="answers", max_length=192, doc_stride=64, max_answer_length=24,
+                 label_column="answers", max_length=192, doc_stride=64, max_answer_length=24, allow_no_answer=True,
                  description="The answer span to a customer question in an FAQ entry."),
         DataLayout("qa.jsonl", "qa.jsonl", holdout_every=6),
         {"epochs": 15.0, "lr": 2e-3, "batch_size": 16,

@@ -51,6 +51,9 @@ class TaskSpec:
             third of ``max_length`` (128 at 384), kept below what a window leaves for context.
         max_answer_length: QA: longest answer span, in tokens.
         max_question_length: QA: questions are cut to this many tokens.
+        allow_no_answer: QA: a question may have no answer in its context (SQuAD v2.0 style:
+            ``answers`` is ``[]``); such rows train the "no answer" position, and a prediction
+            is "" when that outscores every span.
         label_range: regression: ``[low, high]`` of the gold scores, used to scale targets.
         pooling: ``mean``, ``cls`` or ``last`` (decoders) for pooled heads.
         head_dropout: dropout before a pooled head's linear layer, in training.
@@ -72,6 +75,7 @@ class TaskSpec:
     doc_stride: int | None = None
     max_answer_length: int = 30
     max_question_length: int = 64
+    allow_no_answer: bool = False
     label_range: list[float] | None = None
     pooling: str = "mean"
     head_dropout: float = 0.1
@@ -94,6 +98,8 @@ class TaskSpec:
                 raise ValueError(f"task {self.name!r}: duplicate labels in {self.labels}")
         if self.type in ("pair-classification", "extractive-qa") and not self.text_pair_column:
             raise ValueError(f"task {self.name!r}: a {self.type} task needs text_pair_column")
+        if self.allow_no_answer and self.type != "extractive-qa":
+            raise ValueError(f"task {self.name!r}: allow_no_answer is for extractive-qa tasks, not {self.type}")
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"task {self.name!r}: truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
         if self.pair_encoding not in PAIR_ENCODINGS:
