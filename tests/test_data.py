@@ -131,27 +131,24 @@ def test_qa_answer_must_match_the_context(tmp_path):
         load_examples(path, QA)
 
 
-def test_invalid_json_and_undecodable_bytes_name_the_line(tmp_path):
+def test_invalid_json_names_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"sentence": "a", "label": 0}\n{"sentence": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
         list(read_records(path))
-    raw = tmp_path / "e.tsv"
-    raw.write_bytes(b"sentence\tlabel\nok\t1\n\xff\xfe bad\t0\n")
-    with pytest.raises(DataError, match=r"e.tsv:3: bytes that are not UTF-8"):
-        list(read_records(raw))
 
 
-def test_undecodable_bytes_after_a_bom_or_in_cr_lines_name_their_line(tmp_path):
+@pytest.mark.parametrize("name, content, where", [
+    ("e.tsv", b"sentence\tlabel\nok\t1\n\xff\xfe bad\t0\n", "e.tsv:3: bytes that are not UTF-8"),
     # With a BOM the error counted bytes from after it: a bad byte starting line 2 was named
     # on line 1 at byte 11; lines ended by \r alone were all line 1.
-    path = tmp_path / "bom.csv"
-    path.write_bytes(b"\xef\xbb\xbftext,label\n\xd6konomie,1\n")
-    with pytest.raises(DataError, match=r"bom.csv:2: bytes that are not UTF-8 at byte 14$"):
-        list(read_records(path))
-    path = tmp_path / "cr.tsv"
-    path.write_bytes(b"sentence\tlabel\rok\t1\r\xff bad\t0\r")
-    with pytest.raises(DataError, match=r"cr.tsv:3: bytes that are not UTF-8"):
+    ("bom.csv", b"\xef\xbb\xbftext,label\n\xd6konomie,1\n", "bom.csv:2: bytes that are not UTF-8 at byte 14$"),
+    ("cr.tsv", b"sentence\tlabel\rok\t1\r\xff bad\t0\r", "cr.tsv:3: bytes that are not UTF-8"),
+])
+def test_undecodable_bytes_name_their_line(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=where):
         list(read_records(path))
 
 
