@@ -105,6 +105,13 @@ def test_bad_classification_rows(tmp_path, row, field, message):
     assert err.value.field == field and err.value.where == f"{path}:1"
 
 
+def test_a_json_boolean_is_not_a_regression_score(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"a": "x", "b": "y", "score": True}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'score': expected a number, found True"):
+        load_examples(path, STS)
+
+
 def test_regression_scores_are_checked(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('a,b,score\n"x, with comma",y,4.5\nx,y,seven\nx,y,6\n', encoding="utf-8")

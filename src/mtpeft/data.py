@@ -199,6 +199,8 @@ def _class_index(where: str, spec: TaskSpec, value: Any) -> int:
 
 def _score(where: str, spec: TaskSpec, value: Any) -> float:
     try:
+        if isinstance(value, bool):  # float(True) is 1.0: a yes/no column is not a score
+            raise TypeError
         score = float(value)
     except (TypeError, ValueError):
         raise DataError(where, spec.label_column, f"expected a number, found {value!r}") from None
