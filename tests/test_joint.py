@@ -296,8 +296,8 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights(tokenizer, tmp_pat
 
     config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, bf16=False, seed=0, checkpoint_every=3)
 
-    def run(out_dir, settings=config):
-        model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    def run(out_dir, settings=config, lora=LoraSettings(r=4, alpha=8)):
+        model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], lora, seed=0)
         model.bf16 = False
         result = train_joint(model, _data(), settings, progress=False, out_dir=out_dir)
         return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
@@ -315,6 +315,9 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights(tokenizer, tmp_pat
     monkeypatch.undo()
     with pytest.raises(CheckpointMismatchError, match="different settings"):
         run(tmp_path, TrainConfig(epochs=2, batch_size=4, lr=5e-3, bf16=False, seed=0, checkpoint_every=3))
+    # The shared adapter's scaling, which config.lora does not carry (train-joint --alpha sets the adapter alone).
+    with pytest.raises(CheckpointMismatchError, match="adapter: alpha 8 there, 16 here"):
+        run(tmp_path, lora=LoraSettings(r=4, alpha=16))
     resumed, weights = run(tmp_path)
     assert resumed.steps == whole.steps and resumed.total_steps == whole.total_steps
     for name, weight in expected.items():

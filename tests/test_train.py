@@ -259,12 +259,13 @@ def test_run_interrupted_after_its_last_step_resumes_with_its_final_loss(tokeniz
     assert resumed.metrics == whole.metrics
 
 
-def _resume(tokenizer, out_dir, backbone_seed=0, flip_labels=False, **changes):
-    """A 3-step run into ``out_dir`` (continuing its checkpoint), with ``changes`` to its TrainConfig."""
+def _resume(tokenizer, out_dir, backbone_seed=0, flip_labels=False, lora=None, **changes):
+    """A 3-step run into ``out_dir`` (continuing its checkpoint), with ``changes`` to its TrainConfig
+    and ``lora`` (LoraSettings fields) to the model's adapter."""
     spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
     train = [Example(text=ex.text, label=1 - ex.label if flip_labels else ex.label) for ex in _sentiment(0, 20)]
     config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1, **changes})
-    return train_task(_model(tiny_bert(tokenizer, seed=backbone_seed), spec), "sent", train, _sentiment(1, 4), config,
+    return train_task(_model(tiny_bert(tokenizer, seed=backbone_seed), spec, **(lora or {})), "sent", train, _sentiment(1, 4), config,
                       progress=False, out_dir=out_dir, report_to=())
 
 
@@ -283,6 +284,8 @@ def _stopped_after_step_2(tokenizer, out_dir, monkeypatch):
     ({"backbone_seed": 1}, "backbone: the backbone's weights differ"),  # same shapes, other weights
     ({"flip_labels": True}, "features: the training examples differ"),  # other data with as many rows: a mix
     ({"lr": FAST["lr"] / 2}, f"config: lr {FAST['lr']!r} there, {FAST['lr'] / 2!r} here"),  # named, not just "config"
+    # The model's adapter, which the TrainConfig's lora need not describe: other scaling, same shapes.
+    ({"lora": {"alpha": 64.0}}, "adapter: alpha 16.0 there, 64.0 here"),
 ])
 def test_a_checkpoint_does_not_resume_on_another_backbone_data_or_recipe(tokenizer, tmp_path, monkeypatch, change,
                                                                           differing):

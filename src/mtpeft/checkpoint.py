@@ -56,6 +56,12 @@ def backbone_key(identity) -> str:
     return json.dumps({k: v for k, v in identity.to_dict().items() if k != "name"}, sort_keys=True)
 
 
+def adapter_key(settings) -> str:
+    """The LoRA adapter a run trains, for its fingerprint: the model's own settings, which the
+    recipe's ``lora`` need not name (the Python API and ``train-joint --alpha`` set them apart)."""
+    return json.dumps(None if settings is None else settings.to_dict(), sort_keys=True)
+
+
 def features_digest(features: Sequence[dict], targets: Iterable[str]) -> str:
     """What a run trains on, for its fingerprint: every feature's token ids and targets, so a
     data file replaced by another with as many rows does not resume into a mix of the two."""

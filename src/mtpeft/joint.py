@@ -37,8 +37,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.backbone import Backbone
 from mtpeft.batching import bucketed_batches, collate
-from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, features_digest, load_checkpoint,
-                               recipe_key, save_checkpoint)
+from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, adapter_key, backbone_key, fault_point, features_digest,
+                               load_checkpoint, recipe_key, save_checkpoint)
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.distributed import local_rng_state
 from mtpeft.evaluate import evaluate_task
@@ -188,7 +188,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
     fingerprint = {"tasks": json.dumps({t: model.spec(t).to_dict() for t in features}, sort_keys=True),
-                   "config": recipe_key(config),
+                   "config": recipe_key(config), "adapter": adapter_key(model.shared_adapters[SHARED_ADAPTER]),
                    "sampling": f"{sampling} T={temperature}", "total_steps": str(total_steps),
                    "features": json.dumps({t: features_digest(f, task_type(model.spec(t)).targets)
                                           for t, f in features.items()}),

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mtpeft.batching import bucketed_batches, collate
-from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, backbone_key, fault_point, features_digest, load_checkpoint,
-                               recipe_key, save_checkpoint)
+from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, adapter_key, backbone_key, fault_point, features_digest,
+                               load_checkpoint, recipe_key, save_checkpoint)
 from mtpeft.compiled import compiled
 from mtpeft.config import TrainConfig
 from mtpeft.distributed import DataParallel, parameter_count
@@ -127,6 +127,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
     # What must not change between a run and its resumption.
     fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True), "config": recipe_key(config),
+                   "adapter": adapter_key(model.adapters.get(task)),
                    "features": features_digest(features, kind.targets), "backbone": backbone_key(model.identity)}
     position, saved_optimizer = RunPosition(), None
     if out_dir is not None and Path(out_dir).is_dir():
