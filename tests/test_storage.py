@@ -207,3 +207,44 @@ def test_saved_files_get_the_permissions_of_the_umask_not_owner_only(backbone, t
         os.umask(umask)
     files = [p for p in (tmp_path / "bundle").rglob("*") if p.is_file()]
     assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a fault point: nothing after it runs."""
+
+
+def _kill_at(monkeypatch, point: str, nth: int = 1) -> None:
+    import mtpeft.storage
+
+    seen = []
+
+    def fault(kind, at):
+        if f"{kind}:{at}" == point:
+            seen.append(at)
+            if len(seen) == nth:
+                raise _Killed
+
+    monkeypatch.setattr(mtpeft.storage, "fault_point", fault)
+
+
+@pytest.mark.parametrize("killed_at", ["adapter_config.json", "head.safetensors", "task.json"])
+def test_a_task_folder_saved_over_and_killed_midway_never_loads_torn(backbone, tokenizer, tmp_path, monkeypatch,
+                                                                    killed_at):
+    # A task folder (train --out) has no bundle manifest: killed after the new adapter replaced
+    # the old one but before head and task.json did, it loaded the new adapter with the old head.
+    from mtpeft.storage import BundleIntegrityError, save_task
+
+    model = _model(backbone)
+    save_task(model, "sentiment", tmp_path)
+    with torch.no_grad():
+        for param in model.task_parameters("sentiment").values():
+            param.add_(0.5)
+    with monkeypatch.context() as patch:
+        _kill_at(patch, f"save:{killed_at}")
+        with pytest.raises(_Killed):
+            save_task(model, "sentiment", tmp_path)
+    with pytest.raises(BundleIntegrityError, match="adapter_model.safetensors: not the file its task.json was saved"):
+        MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer))
+    save_task(model, "sentiment", tmp_path)  # saved again whole, it loads
+    assert MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer)).task_names == ["sentiment"]
+

@@ -180,6 +180,7 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in layers.values())
         write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(layers), fan_in_fan_out=conv1d))
     write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
+    written = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_WEIGHTS] if lora is not None else [HEAD_WEIGHTS]
     record = {
         "format": TASK_FORMAT,
         "spec": spec.to_dict(),
@@ -187,6 +188,9 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         "backbone": model.identity.to_dict(),
         "trainable_parameters": sum(p.numel() for p in model.task_parameters(name).values()),
         "metrics": model.task_metrics.get(name, {}),
+        # task.json is written after these: a save killed between them leaves a task.json whose
+        # sha256s the files do not match, so a task folder outside a bundle is never read torn.
+        "files": {file: _sha256(folder / file) for file in written},
     }
     if adapter != name:  # task_parameters holds the task's head; the shared adapter trained for it too
         record["trainable_parameters"] += sum(w.numel() for w in weights.values())
@@ -222,11 +226,18 @@ class SavedTask:
         return sum(t.numel() * t.element_size() for t in (*self.adapter.values(), *self.head.values()))
 
 
-def _read_checked(path: Path, digest: str | None) -> bytes:
-    """The bytes of ``path``, checked against the sha256 its bundle manifest recorded."""
+def _read_checked(path: Path, digest: str | None, recorded: str | None = None) -> bytes:
+    """The bytes of ``path``, checked against the sha256 its bundle manifest recorded, and the
+    one its task's ``task.json`` recorded (``recorded``)."""
     data = path.read_bytes()
-    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+    if digest is None and recorded is None:
+        return data
+    actual = hashlib.sha256(data).hexdigest()
+    if digest is not None and actual != digest:
         raise BundleIntegrityError(f"{path}: changed since the bundle was saved (sha256 differs from its manifest)")
+    if recorded is not None and actual != recorded:
+        raise BundleIntegrityError(f"{path}: not the file its {TASK_FILE} was saved with (sha256 differs): "
+                                   "a save of the task stopped midway, or the file was replaced; save the task again")
     return data
 
 
@@ -246,10 +257,13 @@ def read_task(folder: str | os.PathLike, digests: dict[str, str] | None = None, 
     adapter = record.get("adapter")
     lora = None if adapter is None else LoraSettings(r=adapter["r"], alpha=adapter["alpha"], dropout=adapter["dropout"],
                                                      target_modules=adapter["target_modules"])
+    recorded = record.get("files") or {}  # absent in task.json files written before it was kept
     weights = {}
     if lora is not None:
-        weights = load_safetensors_bytes(_read_checked(folder / ADAPTER_WEIGHTS, digests.get(ADAPTER_WEIGHTS)))
-    head = load_safetensors_bytes(_read_checked(folder / HEAD_WEIGHTS, digests.get(HEAD_WEIGHTS)))
+        weights = load_safetensors_bytes(_read_checked(folder / ADAPTER_WEIGHTS, digests.get(ADAPTER_WEIGHTS),
+                                                       recorded.get(ADAPTER_WEIGHTS)))
+    head = load_safetensors_bytes(_read_checked(folder / HEAD_WEIGHTS, digests.get(HEAD_WEIGHTS),
+                                                recorded.get(HEAD_WEIGHTS)))
     return SavedTask(TaskSpec.from_dict(record["spec"]), lora, weights, head, record, str(folder))
 
 
