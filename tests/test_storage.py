@@ -248,3 +248,22 @@ def test_a_task_folder_saved_over_and_killed_midway_never_loads_torn(backbone, t
     save_task(model, "sentiment", tmp_path)  # saved again whole, it loads
     assert MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer)).task_names == ["sentiment"]
 
+
+def test_a_new_bundle_whose_first_save_was_killed_midway_does_not_load_as_fewer_tasks(backbone, tokenizer, tmp_path,
+                                                                                      monkeypatch):
+    # With no bundle.json yet, the task folders holding a task.json were the bundle: killed
+    # while saving its second task, it loaded as a bundle of the first task alone.
+    from mtpeft.storage import BundleIntegrityError
+
+    model = _model(backbone)
+    with monkeypatch.context() as patch:
+        _kill_at(patch, "save:task.json", nth=2)
+        with pytest.raises(_Killed):
+            model.save(tmp_path)
+    assert (tmp_path / "sentiment" / "task.json").is_file() and not (tmp_path / "similarity" / "task.json").exists()
+    with pytest.raises(BundleIntegrityError, match="first save did not finish"):
+        MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer))
+    model.save(tmp_path, tasks=["sentiment"])  # saved again, and finished: only what this save names
+    assert MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer)).task_names == ["sentiment"]
+    model.save(tmp_path)
+    assert MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer)).task_names == ["sentiment", "similarity", "faq"]

@@ -47,6 +47,7 @@ HEAD_WEIGHTS = "head.safetensors"
 MODEL_CARD = "README.md"
 TASK_FORMAT = "mtpeft-task/1"
 BUNDLE_FORMAT = "mtpeft-bundle/1"
+UNFINISHED = "unfinished"  # in the manifest a bundle's first save writes before its tasks
 PEFT_PREFIX = "base_model.model."
 # The packaged default is these weights; PEFT users with a hub can load adapters by this name.
 DEFAULT_BACKBONE_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -325,14 +326,18 @@ def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) ->
     names = list(tasks) if tasks is not None else model.task_names
     for name in names:
         model.spec(name)
+    manifest = {"format": BUNDLE_FORMAT, "backbone": model.identity.to_dict(), "tasks": {}, "files": {}}
+    previous = read_json(folder / BUNDLE_FILE) if (folder / BUNDLE_FILE).exists() else None
+    if previous is None or previous.get(UNFINISHED):
+        # Without a manifest, the task folders with a task.json are the bundle: a first save
+        # stopped midway would load as a bundle of fewer tasks. This one says it is unfinished.
+        write_json(folder / BUNDLE_FILE, {**manifest, "tasks": {name: name for name in names}, UNFINISHED: True})
+        previous = {}
     for name in names:
         save_task(model, name, folder / name)
-    manifest = {"format": BUNDLE_FORMAT, "backbone": model.identity.to_dict(), "tasks": {}, "files": {}}
-    if (folder / BUNDLE_FILE).exists():  # adding tasks to an existing bundle keeps the others
-        previous = read_json(folder / BUNDLE_FILE)
-        manifest["tasks"].update(previous.get("tasks", {}))
-        manifest["files"].update({k: v for k, v in previous.get("files", {}).items()
-                                  if k.split("/", 1)[0] not in names})
+    # Adding tasks to an existing bundle keeps the others.
+    manifest["tasks"].update(previous.get("tasks", {}))
+    manifest["files"].update({k: v for k, v in previous.get("files", {}).items() if k.split("/", 1)[0] not in names})
     for name in names:
         manifest["tasks"][name] = name
         for file in sorted((folder / name).iterdir()):
@@ -392,6 +397,9 @@ def bundle_entries(path: str | os.PathLike) -> list[tuple[Path, dict[str, str]]]
     manifest_path = path / BUNDLE_FILE
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
+        if manifest.get(UNFINISHED):
+            raise BundleIntegrityError(f"{manifest_path}: the bundle's first save did not finish (stopped midway), "
+                                       "so some of its tasks are missing or incomplete; save it again")
         digests: dict[Path, dict[str, str]] = {}
         for relative, digest in manifest.get("files", {}).items():
             file = _inside(path, relative, manifest_path)
