@@ -50,6 +50,20 @@ def test_local_path_backbone_has_a_stable_identity(tokenizer, tmp_path):
     assert all(not p.requires_grad for p in loaded.model.parameters())
 
 
+def test_a_local_backbone_whose_weights_are_a_pickle_is_refused_unread(tokenizer, tmp_path, monkeypatch):
+    # transformers falls back to pytorch_model.bin where a folder has no safetensors; that is a pickle.
+    tiny = tiny_bert(tokenizer)
+    tiny.model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(tiny.model.state_dict(), tmp_path / "pytorch_model.bin")
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or real_load(*a, **k))
+    with pytest.raises(OSError, match="model.safetensors"):
+        load_backbone(tmp_path)
+    assert unpickled == []
+
+
 def test_another_checkpoint_of_the_same_base_is_told_apart(tokenizer):
     # Fine-tuning leaves the first (special, unused) embedding rows alone, so `fingerprint` agrees.
     from mtpeft.backbone import BackboneMismatchError

@@ -160,8 +160,9 @@ def load_backbone(name: str | os.PathLike | None = DEFAULT_BACKBONE) -> Backbone
     """
     name = DEFAULT_BACKBONE if name is None else str(name)
     path = resolve_backbone_path(name)
-    # sdpa: PyTorch's fused attention kernels, the fastest CPU path in transformers 5.
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    # sdpa: PyTorch's fused attention kernels, the fastest CPU path in transformers 5. Only
+    # safetensors: transformers would otherwise fall back to a folder's pytorch_model.bin, a pickle.
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return from_model(model, tokenizer, name)
 
