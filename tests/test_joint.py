@@ -280,6 +280,7 @@ def test_train_joint_command_writes_a_bundle_that_serves(tokenizer, tmp_path, mo
     assert training["tasks"] == ["mood", "same"] and training["sampling"] == "temperature"
     assert training["total_steps"] == 2 * (5 + 5) and training["config"]["seed"] == 4  # 2 epochs x 40 rows / 8
     assert training["config"]["pad_to_multiple_of"] == 8
+    assert training["config"]["lora"]["r"] == 2 and training["config"]["lora"]["alpha"] == 4.0  # the adapter trained
     assert "joint/training.json" in read_json(tmp_path / "joint" / "bundle.json")["files"]
     model = MultiTaskModel.load(tmp_path / "joint")  # the manifest's checksums hold
     assert model.task_names == ["mood", "same"] and model.shared_adapters[model.adapter_alias["mood"]].r == 2

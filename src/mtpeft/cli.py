@@ -591,6 +591,7 @@ def _train_joint(args) -> int:
     if args.r is not None or args.alpha is not None or args.target_modules is not None:
         r = args.r or lora.r
         lora = LoraSettings(r=r, alpha=args.alpha or 2.0 * r, target_modules=args.target_modules)
+        config = TrainConfig.from_dict({**config.to_dict(), "lora": lora})  # training.json records the adapter trained
     sources = {t: resolve_task(t, args.data_root, _task_data(args.data), args.task_file) for t in args.tasks}
     data = {}
     for task, source in sources.items():
