@@ -24,6 +24,7 @@ from mtpeft.storage import (  # noqa: E402
     ADAPTER_WEIGHTS,
     BUNDLE_FILE,
     HEAD_WEIGHTS,
+    TASK_FILE,
     read_json,
     read_safetensors,
     save_task,
@@ -251,7 +252,12 @@ def test_a_changed_file_or_a_misfit_adapter_changes_nothing(tokenizer, served, r
         weights = read_safetensors(adapter)
         write_safetensors(adapter, dict(list(weights.items())[2:]), metadata={"format": "pt"})
         manifest = read_json(root / "v3" / BUNDLE_FILE)
-        manifest["files"][f"sentiment/{ADAPTER_WEIGHTS}"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
+        task_file = root / "v3" / "sentiment" / TASK_FILE  # it records its files' sha256 too
+        record = read_json(task_file)
+        record["files"][ADAPTER_WEIGHTS] = hashlib.sha256(adapter.read_bytes()).hexdigest()
+        write_json(task_file, record)
+        for file in (adapter, task_file):
+            manifest["files"][f"sentiment/{file.name}"] = hashlib.sha256(file.read_bytes()).hexdigest()
         write_json(root / "v3" / BUNDLE_FILE, manifest)
         response = c.post("/v1/admin/tasks/sentiment/reload", json={"path": "v3"}, headers=AUTH)
         assert response.status_code == 422 and "does not fit" in response.json()["detail"]
