@@ -144,6 +144,20 @@ def test_cli_runs_a_cell_in_a_child_process(workspace, capfd):
     assert main(["compare", "--list-methods"]) == 0 and "prefix-tuning" in capfd.readouterr().out
 
 
+def test_a_cell_the_method_does_not_apply_to_is_no_failed_run_in_a_child_process(workspace, capfd):
+    # The child found it not applicable and wrote nothing, so the grid said "failed (exit code 0)" and exited 1.
+    root, files = workspace
+    record = json.loads(Path(files[1]).read_text())
+    record["spec"].update(name="three", labels=["0", "1", "2"])  # zero-shot pairs: a cosine threshold, two labels
+    Path("three.json").write_text(json.dumps(record))
+    code = main(["compare", "--tasks", "three", "--methods", "zero-shot", "--task-file", "three.json",
+                 "--backbone", "tiny", "--no-progress"])
+    log = capfd.readouterr().err
+    assert code == 0, log
+    assert "three / zero-shot / seed 1: not applicable (task 'three': zero-shot pair classification needs two labels)" in log
+    assert "0 run, 0 already done, 1 not applicable, 0 failed" in log
+
+
 def test_grid_settings_and_cells_fail_clearly():
     with pytest.raises(ValueError, match="unknown method 'lora-big'"):
         GridSettings(tasks=["sst2"], methods=["lora-big"])

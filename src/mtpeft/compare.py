@@ -431,18 +431,14 @@ def not_applicable(cell: Cell, settings: GridSettings) -> str | None:
     """Why a cell cannot run (decided before any data is read), or None."""
     if cell.method.kind != "zero-shot":
         return None
-    spec = resolve_task(cell.tasks[0], settings.data_root, settings.data, settings.task_files).spec
-    if spec.type == "extractive-qa":
-        return "extractive QA has no zero-shot form"
-    if spec.type == "regression" and not spec.is_pair:
-        return "zero-shot regression needs text pairs"
-    if spec.type == "classification":
-        from mtpeft.zero_shot import label_descriptions
+    from mtpeft.zero_shot import check_applicable
 
-        try:
-            label_descriptions(spec)
-        except MethodNotApplicable as err:
-            return str(err)
+    # Every reason the run itself would find: a child process's "not applicable" came back as a
+    # failed run (it wrote no result), and the whole grid exited 1.
+    try:
+        check_applicable(resolve_task(cell.tasks[0], settings.data_root, settings.data, settings.task_files).spec)
+    except MethodNotApplicable as err:
+        return str(err)
     return None
 
 

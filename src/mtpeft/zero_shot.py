@@ -111,14 +111,26 @@ def best_threshold(cosines: torch.Tensor, labels: Sequence[int]) -> float:
     return middle if middle > values[k - 1] else values[k]
 
 
-def zero_shot_scores(model: MultiTaskModel, spec: TaskSpec, eval_examples: Sequence[Example],
-                     train_examples: Sequence[Example] = (), batch_size: int = 64) -> tuple[dict[str, float], dict]:
-    """The task's metrics on ``eval_examples`` without training, and how they were made."""
+def check_applicable(spec: TaskSpec) -> None:
+    """Raise ``MethodNotApplicable`` where ``spec`` has no zero-shot form. Decided from the spec
+    alone, so that a grid says so before it reads data or starts a run's process."""
     if spec.type == "extractive-qa":
         raise MethodNotApplicable(f"task {spec.name!r}: extractive QA has no zero-shot form (it needs a span head)")
     if spec.type == "regression":
         if not spec.is_pair:
             raise MethodNotApplicable(f"task {spec.name!r}: zero-shot regression needs text pairs (a cosine)")
+    elif spec.is_pair:
+        if len(spec.labels) != 2:
+            raise MethodNotApplicable(f"task {spec.name!r}: zero-shot pair classification needs two labels")
+    else:
+        label_descriptions(spec)
+
+
+def zero_shot_scores(model: MultiTaskModel, spec: TaskSpec, eval_examples: Sequence[Example],
+                     train_examples: Sequence[Example] = (), batch_size: int = 64) -> tuple[dict[str, float], dict]:
+    """The task's metrics on ``eval_examples`` without training, and how they were made."""
+    check_applicable(spec)
+    if spec.type == "regression":
         low, high = spec.label_range or (0.0, 1.0)
         cosines = _pair_cosines(model, spec, eval_examples, batch_size)
         predictions = (low + (high - low) * cosines).tolist()
@@ -126,8 +138,6 @@ def zero_shot_scores(model: MultiTaskModel, spec: TaskSpec, eval_examples: Seque
             "rule": "score = low + (high - low) * cosine(mean-pooled embeddings)"}
     gold = [int(ex.label) for ex in eval_examples]
     if spec.is_pair:
-        if len(spec.labels) != 2:
-            raise MethodNotApplicable(f"task {spec.name!r}: zero-shot pair classification needs two labels")
         fit = list(train_examples)[:THRESHOLD_FIT_EXAMPLES]
         if not fit:
             raise MethodNotApplicable(f"task {spec.name!r}: the cosine threshold is fit on training pairs; none given")
