@@ -131,6 +131,26 @@ def test_a_finished_run_counts_by_the_recipe_it_trained_with_not_by_its_flags(wo
     assert build_parser().parse_args(GridSettings(**grid).cell_argv(["mood"], "head-only", 1)).backbone_dropout is None
 
 
+def test_a_finished_run_is_not_refused_for_flags_its_method_does_not_use(workspace):
+    # A zero-shot run was refused under --epochs/--lr (it trains nothing), and a joint-proportional
+    # run under another --joint-temperature (it samples by size): the grid failed on them.
+    root, files = workspace
+    grid = dict(seeds=[1], task_files=files, backbone="tiny", in_process=True, progress=False, max_train=8)
+    assert run_grid(GridSettings(tasks=["mood"], methods=["zero-shot"], **grid), log=lambda line: None).done
+    lines = []
+    again = run_grid(GridSettings(tasks=["mood"], methods=["zero-shot"], epochs=2.0, lr=1e-3, batch_size=4,
+                                  backbone_dropout=True, **grid), log=lines.append)
+    assert again.skipped == ["mood / zero-shot / seed 1"] and again.failed == [], lines
+    joint = dict(tasks=["mood", "same"], methods=["joint-proportional"], epochs=1.0, **grid)
+    assert run_grid(GridSettings(**joint), log=lambda line: None).done
+    lines.clear()
+    again = run_grid(GridSettings(**joint, joint_temperature=3.0), log=lines.append)
+    assert again.skipped == ["mood+same / joint-proportional / seed 1"] and again.failed == [], lines
+    lines.clear()  # the flags a method does use still count
+    assert run_grid(GridSettings(**{**joint, "epochs": 2.0}), log=lines.append).failed
+    assert "(epochs=1.0 there, 2.0 here)" in "\n".join(lines)
+
+
 def test_cli_runs_a_cell_in_a_child_process(workspace, capfd):
     root, files = workspace
     code = main(["compare", "--tasks", "same", "--methods", "zero-shot", "--task-file", files[1], "--backbone", "tiny",

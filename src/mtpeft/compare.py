@@ -113,11 +113,18 @@ class GridSettings:
             raise ValueError(f"--joint-temperature must be > 0, got {self.joint_temperature}")
 
     def run_settings(self, method: Method) -> dict:
-        """What a finished run must share with this grid to count as done (not the seed or the paths)."""
-        settings = {"backbone": self.backbone, "max_train": self.max_train, "max_eval": self.max_eval,
-                    **self.overrides()}
+        """What a finished run must share with this grid to count as done (not the seed or the paths).
+
+        Only what the method uses: a zero-shot run trains nothing and proportional sampling has no
+        temperature, and counting those flags refused such runs as made "with other settings".
+        """
+        settings = {"backbone": self.backbone, "max_train": self.max_train, "max_eval": self.max_eval}
+        if method.trains:
+            settings.update(self.overrides())
         if method.kind == "joint":
-            settings.update(joint_temperature=self.joint_temperature, joint_tasks=list(self.tasks))
+            if method.settings["sampling"] == "temperature":
+                settings["joint_temperature"] = self.joint_temperature
+            settings["joint_tasks"] = list(self.tasks)
         return settings
 
     def overrides(self) -> dict:
