@@ -198,6 +198,25 @@ def test_grid_settings_and_cells_fail_clearly():
         run_grid(settings, log=lambda line: None)
 
 
+def test_a_grid_names_a_bad_task_file_or_task_before_any_run(tmp_path, monkeypatch, capsys):
+    # Each was found inside a run's process: a traceback per cell (a bare JSON error naming no file,
+    # an AttributeError, advice to pass mtpeft train's --task-type), every cell "failed".
+    monkeypatch.chdir(tmp_path)
+    Path("cut.json").write_text('{"spec": ')
+    Path("list.json").write_text("[1, 2]")
+    for argv, message in (
+            (["--task-file", "cut.json"], "--task-file cut.json: not valid JSON (Expecting value: line 1"),
+            (["--task-file", "list.json"], '--task-file list.json: expected a JSON object {"spec": '),
+            (["--task-file", "gone.json"], "--task-file gone.json: no such file"),
+            ([], "unknown task 'mine': not built in (sst2, ")):
+        assert main(["compare", "--tasks", "mine", "--methods", "lora-r8,tiny", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mtpeft: error: {message}") and "Traceback" not in err and "running" not in err, err
+    assert "define your own with --task-file FILE" in err
+    with pytest.raises(FileNotFoundError, match="data folder nowhere/glue/SST-2 does not exist"):
+        run_grid(GridSettings(tasks=["sst2"], methods=["lora-r8"], data_root="nowhere"), log=print)
+
+
 def test_fixed_subset_is_seeded_ordered_and_described():
     examples = [Example(text=str(i), label=i % 2) for i in range(100)]
     subset, described = fixed_subset(examples, 10)

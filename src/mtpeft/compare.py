@@ -201,10 +201,11 @@ def resolve_task(name: str, data_root: str | Path, data: dict[str, str] | None =
                  task_files: Sequence[str] = ()) -> TaskSource:
     """The spec, data files and recipe of a built-in task (its data in ``data[name]``, else
     under ``data_root`` in ``DATA_DIRS`` layout) or of a task defined in one of ``task_files``."""
-    from mtpeft.tasks.presets import get_preset
+    from mtpeft.tasks.presets import get_preset, preset_names
+    from mtpeft.tasks.spec import UnknownTaskError
 
     for file in task_files:
-        record = json.loads(Path(file).read_text())
+        record = _read_task_file(file)
         if record.get("spec", {}).get("name") != name:
             continue
         missing = [k for k in ("spec", "data") if k not in record]
@@ -221,12 +222,33 @@ def resolve_task(name: str, data_root: str | Path, data: dict[str, str] | None =
                                        f"{file}: spec.label_column", "name them in spec.labels")
         return TaskSource(TaskSpec.from_dict(spec), here / record["data"], eval_data, None,
                           dict(record.get("recipe", {})))
+    if name not in preset_names():  # get_preset's advice, --task-type, is mtpeft train's
+        named = [_read_task_file(f).get("spec", {}).get("name") for f in task_files]
+        raise UnknownTaskError(f"unknown task {name!r}: not built in ({', '.join(preset_names())}) and not defined "
+                               f"by a --task-file (they define {named})" if task_files else
+                               f"unknown task {name!r}: not built in ({', '.join(preset_names())}); define your own "
+                               "with --task-file FILE")
     preset = get_preset(name)
     folder = Path((data or {}).get(name) or Path(data_root) / DATA_DIRS.get(name, name))
     if not folder.exists():
         raise FileNotFoundError(f"task {name!r}: data folder {folder} does not exist "
                                 f"(set --data-root, or --data {name}=FOLDER)")
     return TaskSource(preset.spec, folder, None, preset.layout, dict(preset.recipe))
+
+
+def _read_task_file(file: str | Path) -> dict:
+    """A ``--task-file``'s record. One that is not a JSON object ended in a bare JSON error that named
+    no file, or in a traceback."""
+    try:
+        record = json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--task-file {file}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--task-file {file}: not valid JSON ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("spec", {}), dict):
+        raise ValueError(f"--task-file {file}: expected a JSON object "
+                         '{"spec": {TaskSpec fields}, "data": FILE, "eval_data": FILE, "recipe": {...}}')
+    return record
 
 
 def fixed_subset(examples: list[Example], n: int | None, seed: int = SUBSET_SEED) -> tuple[list[Example], str]:
@@ -509,6 +531,15 @@ def _other_data(cell: Cell, settings: GridSettings) -> str | None:
     return None
 
 
+def _check_tasks(cells: list[Cell], settings: GridSettings) -> None:
+    """Find every task that a cell still to run needs; an unknown one, a bad ``--task-file`` or a
+    missing data folder raises its message before anything trains. (Found in each run's process,
+    each was a traceback and a failed run; done runs need no data, so their tasks are not looked up.)"""
+    pending = [c for c in cells if not all(p.exists() for p in c.result_paths(settings.results))]
+    for task in dict.fromkeys(task for cell in pending for task in cell.tasks):
+        resolve_task(task, settings.data_root, settings.data, settings.task_files)
+
+
 def run_grid(settings: GridSettings, grid_command: str | None = None, log=print, child: bool = False) -> GridSummary:
     """Run every cell of the grid that has no result yet; one child process per cell unless ``in_process``.
 
@@ -517,6 +548,7 @@ def run_grid(settings: GridSettings, grid_command: str | None = None, log=print,
     """
     summary = GridSummary()
     cells = grid_cells(settings)
+    _check_tasks(cells, settings)
     for number, cell in enumerate(cells, 1):
         label = f"  {cell.label()}" if child else f"[{number}/{len(cells)}] {cell.label()}"
         if all(p.exists() for p in cell.result_paths(settings.results)):
