@@ -173,6 +173,24 @@ def test_a_lora_flag_changes_only_its_own_setting_of_the_presets_adapter(backbon
     assert {"query", "value", "key", "dense"} <= set(adapter["target_modules"])  # still every linear layer
 
 
+def test_a_built_in_task_takes_the_task_flags_that_apply_and_refuses_the_data_flags(backbone_dir, tmp_path, capsys):
+    # --head-dropout, --text-column, --labels, --allow-no-answer ... were dropped without a word for a built-in task.
+    from mtpeft.tasks.presets import support_data_dir
+
+    base = ["train", "--task", "sentiment", "--data", str(support_data_dir()), "--out", str(tmp_path / "run"),
+            "--backbone", str(backbone_dir), "--epochs", "1", "--max-train-examples", "4", "--max-eval-examples", "2",
+            "--no-progress", "--fp32", "--no-tensorboard"]
+    assert main(base + ["--text-column", "message", "--labels", "a,b"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mtpeft: error: --text-column, --labels: for your own task; built-in task 'sentiment' reads its data as its "
+        "preset says (add --task-type to read the data as your own task of that name)")
+    assert main(base + ["--allow-no-answer"]) == 2
+    assert "--allow-no-answer is for extractive-qa tasks, not 'sentiment' (classification)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(base + ["--head-dropout", "0.3"]) == 0
+    assert json.loads((tmp_path / "run" / "task.json").read_text())["spec"]["head_dropout"] == 0.3
+
+
 def test_train_records_the_command_it_was_given(backbone_dir, tmp_path):
     # main(argv) from a script or notebook recorded the host process's argv (here: pytest's).
     _write_sentiment(tmp_path / "train.csv", 8, 0)

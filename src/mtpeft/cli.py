@@ -321,6 +321,27 @@ def _window_flags(args) -> dict:
     return {k: v for k, v in (("max_length", args.max_length), ("doc_stride", args.doc_stride)) if v is not None}
 
 
+# Flags that say how your own data reads: a built-in task reads its files its own way.
+DATA_FLAGS = ("text_column", "text_pair_column", "label_column", "labels", "label_range")
+
+
+def _preset_spec(spec: TaskSpec, args) -> TaskSpec:
+    """A built-in task's spec with the task flags that apply to it (window, head dropout, no-answer
+    QA); the data flags are refused. All of them but the window's used to be ignored without a word."""
+    given = [f"--{name.replace('_', '-')}" for name in DATA_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for your own task; built-in task {spec.name!r} reads its data as "
+                         "its preset says (add --task-type to read the data as your own task of that name)")
+    changes = _window_flags(args)
+    if args.head_dropout is not None:
+        changes["head_dropout"] = args.head_dropout
+    if args.allow_no_answer:
+        if spec.type != "extractive-qa":
+            raise ValueError(f"--allow-no-answer is for extractive-qa tasks, not {spec.name!r} ({spec.type})")
+        changes["allow_no_answer"] = True
+    return TaskSpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
+
+
 def _lora_settings(args, preset: LoraSettings | None) -> LoraSettings:
     """The adapter of ``mtpeft train``: the preset's (else the defaults), with each LoRA flag given
     replacing its one setting. A new ``--r`` without ``--alpha`` takes alpha = 2 * r."""
@@ -342,9 +363,7 @@ def _train(args) -> int:
     from mtpeft.train import format_metrics, train_task
 
     preset = get_preset(args.task) if args.task in preset_names() and not args.task_type else None
-    spec = preset.spec if preset else _custom_spec(args)
-    if preset and _window_flags(args):
-        spec = TaskSpec.from_dict({**spec.to_dict(), **_window_flags(args)})
+    spec = _preset_spec(preset.spec, args) if preset else _custom_spec(args)
     recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
                 "checkpoint_every", "pad_to_multiple_of", "backbone_dropout"):
