@@ -179,6 +179,12 @@ def test_model_card_front_matter_names_the_metrics(backbone, tmp_path):
     model.save(tmp_path)
     assert ModelCard.load(tmp_path / "sentiment" / "README.md").data.metrics == ["accuracy", "f1"]
     assert ModelCard.load(tmp_path / "faq" / "README.md").data.metrics is None  # not evaluated
+    # A no-answer QA task's metrics hold counts of answerable and unanswerable questions too: not metrics.
+    model.task_metrics["faq"] = {"exact_match": 50.0, "f1": 60.0, "has_answer_f1": 70.0, "has_answer_examples": 3,
+                                 "no_answer_f1": 40.0, "no_answer_examples": 2, "examples": 5}
+    model.save(tmp_path)
+    assert ModelCard.load(tmp_path / "faq" / "README.md").data.metrics == ["exact_match", "f1", "has_answer_f1",
+                                                                           "no_answer_f1"]
 
 
 def test_bundle_files_are_verified_against_their_sha256(backbone, tmp_path):

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 
-COUNTS = ("examples",)  # numbers in a task's metrics that count, not score
+
+def _is_count(metric: str) -> bool:
+    """Numbers in a task's metrics that count, not score: ``examples``, and no-answer QA's
+    ``has_answer_examples`` / ``no_answer_examples``, which the card listed as metrics."""
+    return metric == "examples" or metric.endswith("_examples")
 
 
 def render_model_card(record: dict, base_model: str) -> str:
@@ -17,7 +21,7 @@ def render_model_card(record: dict, base_model: str) -> str:
     adapter = record.get("adapter")
     metrics = {k: v for k, v in record.get("metrics", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    scores = [k for k in metrics if k not in COUNTS]
+    scores = [k for k in metrics if not _is_count(k)]
     front = [
         "---",
         "library_name: peft" if adapter else "library_name: mtpeft",
