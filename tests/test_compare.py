@@ -301,6 +301,26 @@ def test_report_targets_say_where_each_task_stands():
     assert targets_table(summarise(runs[-1:]), {"mrpc": "accuracy"}, True) is None
 
 
+def test_report_holds_only_the_packaged_minilms_tasks_to_its_absolute_targets(tmp_path):
+    # The first run's backbone stood for every task: sst2 on a bigger backbone was "met" against MiniLM's 90.5.
+    bert = {"name": "bert-base-uncased", "model_type": "bert", "parameters": 109_482_240}
+    runs = [_fixture_run("mrpc", "full", 1, 85.0, 1_000_770), _fixture_run("mrpc", "lora-r8", 1, 84.5, 4_000)]
+    for method, score in (("full", 93.0), ("lora-r8", 92.5)):
+        runs.append({**_fixture_run("sst2", method, 1, score, 4_000), "backbone": bert})
+    results = tmp_path / "results"
+    for run in runs:
+        path = results / run["task"] / f"{run['method']}-seed{run['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run))
+    text = write_report(results, tmp_path / "RESULTS.md", tmp_path / "plots").read_text()
+    assert ("Backbones: `default` (bert), 1,000,000 parameters for mrpc; "
+            "`bert-base-uncased` (bert), 109,482,240 parameters for sst2.") in text
+    sst2 = next(line for line in text.splitlines() if line.startswith("| sst2 | accuracy |"))
+    assert sst2.endswith("| – |") and "against 90.5" not in text
+    assert "F1 84.00 (`full`) against 88: **missed** |" in text  # mrpc ran on MiniLM: held to it
+    assert "the best row of any method (tasks run on it: mrpc)." in text
+
+
 def test_report_names_every_machine_the_runs_used():
     runs = [_fixture_run("sst2", "lora-r8", s, 90.0, 74_498) for s in (1, 2, 3)]
     assert environments(runs) == "test cpu (2 threads; torch 2, transformers 5, peft 0.21)"
