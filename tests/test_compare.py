@@ -299,6 +299,10 @@ def test_report_targets_say_where_each_task_stands():
     over = [_fixture_run("sst2", "full", 1, 91.0, 1_000_770), _fixture_run("sst2", "lora-r8", 1, 90.5, 6_000)]
     assert "90.50 (-0.50): met at 0.60 %: over the budget" in targets_table(summarise(over), {"sst2": "accuracy"}, False)
     assert targets_table(summarise(runs[-1:]), {"mrpc": "accuracy"}, True) is None
+    # exactly 1.0 behind, in means whose float sums round the gap to -1.0000000000000142: met, not missed
+    edge = [_fixture_run("sst2", "full", s, 85.9, 1_000_770) for s in (1, 2, 3)]
+    edge += [_fixture_run("sst2", "lora-r8", s, score, 4_000) for s, score in zip((1, 2, 3), (85.4, 84.9, 84.4))]
+    assert "| 84.90 (-1.00): met |" in targets_table(summarise(edge), {"sst2": "accuracy"}, False)
 
 
 def test_report_holds_only_the_packaged_minilms_tasks_to_its_absolute_targets(tmp_path):
