@@ -191,6 +191,23 @@ def test_a_built_in_task_takes_the_task_flags_that_apply_and_refuses_the_data_fl
     assert json.loads((tmp_path / "run" / "task.json").read_text())["spec"]["head_dropout"] == 0.3
 
 
+def test_train_joint_takes_a_zero_lora_flag_at_its_word(tokenizer, tmp_path, monkeypatch, capsys):
+    # `args.r or 8`: --r 0 trained a rank-8 adapter instead of being refused, and --alpha 0 became 2*r.
+    from test_compare import write_task_files
+    from tiny_bundle import saved_backbone
+
+    monkeypatch.chdir(tmp_path)
+    saved_backbone(tmp_path / "tiny", tokenizer)
+    files = write_task_files(tmp_path)
+    argv = ["train-joint", "--tasks", "mood,same", "--task-file", files[0], "--task-file", files[1], "--backbone", "tiny",
+            "--out", "joint", "--epochs", "1", "--max-train", "8", "--no-progress", "--fp32", "--checkpoint-every", "-1"]
+    assert main(argv + ["--r", "0"]) == 2
+    assert "lora r must be >= 1, got 0" in capsys.readouterr().err
+    assert main(argv + ["--r", "2", "--alpha", "0"]) == 0
+    adapter = json.loads((tmp_path / "joint" / "mood" / "task.json").read_text())["adapter"]
+    assert (adapter["r"], adapter["alpha"]) == (2, 0)
+
+
 def test_train_records_the_command_it_was_given(backbone_dir, tmp_path):
     # main(argv) from a script or notebook recorded the host process's argv (here: pytest's).
     _write_sentiment(tmp_path / "train.csv", 8, 0)

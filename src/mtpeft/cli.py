@@ -608,8 +608,9 @@ def _train_joint(args) -> int:
     config = method.train_config({}, {**overrides, "bf16": False if args.fp32 else None})
     lora = method.lora_settings()
     if args.r is not None or args.alpha is not None or args.target_modules is not None:
-        r = args.r or lora.r
-        lora = LoraSettings(r=r, alpha=args.alpha or 2.0 * r, target_modules=args.target_modules)
+        # `is None`, not `or`: --r 0 trained r=8 (not refused, as train refuses it) and --alpha 0 took 2*r.
+        r = lora.r if args.r is None else args.r
+        lora = LoraSettings(r=r, alpha=2.0 * r if args.alpha is None else args.alpha, target_modules=args.target_modules)
         config = TrainConfig.from_dict({**config.to_dict(), "lora": lora})  # training.json records the adapter trained
     sources = {t: resolve_task(t, args.data_root, _task_data(args.data), args.task_file) for t in args.tasks}
     data = {}
