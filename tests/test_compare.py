@@ -217,6 +217,23 @@ def test_a_grid_names_a_bad_task_file_or_task_before_any_run(tmp_path, monkeypat
         run_grid(GridSettings(tasks=["sst2"], methods=["lora-r8"], data_root="nowhere"), log=print)
 
 
+def test_a_data_flag_that_would_be_ignored_is_an_error(tmp_path, monkeypatch, capsys):
+    # --data for a task not in --tasks (a misspelt name: the task trained on --data-root's folder), or
+    # for a --task-file task (its file's data trained), was dropped without a word.
+    monkeypatch.chdir(tmp_path)
+    files = write_task_files(tmp_path)
+    with pytest.raises(ValueError, match="--data sst-2=mine: 'sst-2' is not one of --tasks sst2,mrpc"):
+        GridSettings(tasks=["sst2", "mrpc"], methods=["tiny"], data={"sst-2": "mine"})
+    for command in (["compare", "--methods", "lora-r8"], ["train-joint", "--out", "joint"]):
+        assert main([*command, "--tasks", "mood,same", "--task-file", files[0], "--task-file", files[1],
+                     "--data", "mood=elsewhere"]) == 2
+        assert capsys.readouterr().err.strip() == ("mtpeft: error: --data mood=elsewhere: task 'mood' is defined by "
+                                                   "--task-file mood.json, which names its data; change the data there")
+    assert main(["train-joint", "--out", "joint", "--tasks", "mood,same", "--task-file", files[0], "--task-file",
+                 files[1], "--data", "moood=elsewhere"]) == 2
+    assert "'moood' is not one of --tasks mood,same" in capsys.readouterr().err
+
+
 def test_fixed_subset_is_seeded_ordered_and_described():
     examples = [Example(text=str(i), label=i % 2) for i in range(100)]
     subset, described = fixed_subset(examples, 10)

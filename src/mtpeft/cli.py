@@ -592,7 +592,7 @@ def _task_data(values: list[str]) -> dict[str, str]:
 
 def _train_joint(args) -> int:
     from mtpeft.backbone import load_backbone
-    from mtpeft.compare import fixed_subset, resolve_task
+    from mtpeft.compare import check_data_flags, fixed_subset, resolve_task
     from mtpeft.joint import build_joint_model, train_joint
     from mtpeft.methods import get_method
     from mtpeft.sources import load_task_data
@@ -612,6 +612,7 @@ def _train_joint(args) -> int:
         r = lora.r if args.r is None else args.r
         lora = LoraSettings(r=r, alpha=2.0 * r if args.alpha is None else args.alpha, target_modules=args.target_modules)
         config = TrainConfig.from_dict({**config.to_dict(), "lora": lora})  # training.json records the adapter trained
+    check_data_flags(_task_data(args.data), args.tasks)
     sources = {t: resolve_task(t, args.data_root, _task_data(args.data), args.task_file) for t in args.tasks}
     data = {}
     for task, source in sources.items():

@@ -111,6 +111,7 @@ class GridSettings:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if not self.joint_temperature > 0:  # NaN too
             raise ValueError(f"--joint-temperature must be > 0, got {self.joint_temperature}")
+        check_data_flags(self.data, self.tasks)
 
     def run_settings(self, method: Method) -> dict:
         """What a finished run must share with this grid to count as done (not the seed or the paths).
@@ -208,6 +209,9 @@ def resolve_task(name: str, data_root: str | Path, data: dict[str, str] | None =
         record = _read_task_file(file)
         if record.get("spec", {}).get("name") != name:
             continue
+        if name in (data or {}):  # it was ignored: the task file's own data trained
+            raise ValueError(f"--data {name}={data[name]}: task {name!r} is defined by --task-file {file}, which "
+                             "names its data; change the data there")
         missing = [k for k in ("spec", "data") if k not in record]
         if missing:
             raise ValueError(f"{file}: missing {missing}; a task file holds spec, data, eval_data (optional), recipe")
@@ -234,6 +238,14 @@ def resolve_task(name: str, data_root: str | Path, data: dict[str, str] | None =
         raise FileNotFoundError(f"task {name!r}: data folder {folder} does not exist "
                                 f"(set --data-root, or --data {name}=FOLDER)")
     return TaskSource(preset.spec, folder, None, preset.layout, dict(preset.recipe))
+
+
+def check_data_flags(data: dict[str, str], tasks: Sequence[str]) -> None:
+    """``--data TASK=FOLDER`` for a task that is not run was ignored: a misspelt name trained the
+    task on the data under ``--data-root`` instead."""
+    for task, folder in data.items():
+        if task not in tasks:
+            raise ValueError(f"--data {task}={folder}: {task!r} is not one of --tasks {','.join(tasks)}")
 
 
 def _read_task_file(file: str | Path) -> dict:
