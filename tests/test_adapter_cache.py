@@ -76,6 +76,25 @@ def test_every_task_predicts_as_a_model_holding_it_permanently(reference, tokeni
             _same(g, w)
 
 
+def test_inputs_given_no_task_are_routed_as_a_model_routes_them(reference, tokenizer):
+    from mtpeft.predictions import NoTaskPrediction
+    from mtpeft.router import RouteDecision
+
+    model, bundle = reference
+    store = _store(tokenizer, bundle, capacity=2)
+    unrouted = store.predict("great product")  # 50 tasks take a text: the shape rule cannot choose
+    assert isinstance(unrouted, NoTaskPrediction) and "50 tasks take a text input" in unrouted.reason
+
+    class ToT07:
+        def route(self, inputs):
+            return [RouteDecision("t07", 0.9, [("t07", 0.9)], "router") for _ in inputs]
+
+    store.router = ToT07()
+    got = store.predict(TEXTS[:2] + TEXTS[:1], task=[None, None, "t31"])  # an explicit task still wins
+    for g, w in zip(got, model.predict(TEXTS[:2], task="t07") + [model.predict(TEXTS[0], task="t31")]):
+        _same(g, w)
+
+
 def test_least_recently_used_task_is_evicted(reference, tokenizer):
     store = _store(tokenizer, reference[1], capacity=3)
     for name in ("t00", "t01", "t02"):

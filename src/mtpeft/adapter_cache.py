@@ -30,9 +30,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mtpeft.model import ModelInput, MultiTaskModel, to_example
-from mtpeft.predictions import Prediction
+from mtpeft.model import ModelInput, MultiTaskModel, answer_routed
+from mtpeft.predictions import NoTaskPrediction, Prediction
 from mtpeft.storage import (
     BUNDLE_FILE,
     SavedTask,
@@ -44,6 +45,9 @@ from mtpeft.storage import (
 )
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.spec import UnknownTaskError
+
+if TYPE_CHECKING:
+    from mtpeft.router import Router
 
 # 256 active LoRA r=8 MiniLM tasks hold ~90 MB; against 64, the 1,000-task Zipf stream of
 # benchmarks/adapter_cache.py misses half as often (759 against 1,557 loads per 4,096 rows).
@@ -85,6 +89,9 @@ class AdapterStore:
         capacity: most tasks active at once besides the pinned ones.
         keep_in_memory: keep a task's weights as CPU tensors once read, so a later cold
             load skips the disk; ``False`` keeps only the folder of a saved task.
+
+    ``router``: where ``predict`` sends an input given no task (a ``LearnedRouter`` over
+    pinned tasks); ``None``: the one registered task that takes the input's shape.
     """
 
     def __init__(self, model: MultiTaskModel, capacity: int = DEFAULT_CAPACITY, keep_in_memory: bool = True) -> None:
@@ -94,6 +101,7 @@ class AdapterStore:
         self.specs: dict[str, TaskSpec] = dict(model.specs)  # every registered task; read-only for callers
         self.task_metrics: dict[str, dict] = {n: model.task_metrics.get(n, {}) for n in model.specs}
         self.stats = StoreStats()
+        self.router: Router | None = None
         self._entries: dict[str, _Entry] = {}
         self._pinned: set[str] = set(model.specs)
         self._lru: OrderedDict[str, None] = OrderedDict()  # active, unpinned; least recently used first
@@ -340,17 +348,19 @@ class AdapterStore:
                 results[i] = prediction
         return results
 
-    def predict(self, inputs: ModelInput | Sequence[ModelInput], task: str | Sequence[str],
-                batch_size: int = 64) -> Prediction | list[Prediction]:
-        """``MultiTaskModel.predict`` over registered tasks; ``task`` names one task or one per input."""
+    def predict(self, inputs: ModelInput | Sequence[ModelInput], task: str | Sequence[str | None] | None = None,
+                batch_size: int = 64) -> Prediction | NoTaskPrediction | list[Prediction | NoTaskPrediction]:
+        """``MultiTaskModel.predict`` over registered tasks: ``task`` names one task or one per input;
+        an input given none goes where ``self.router`` sends it (``serving_store`` sets the
+        bundle's learned router), else to the one registered task that takes its shape."""
+        from mtpeft.router import ShapeRouter, decide
+
         single = isinstance(inputs, (str, tuple, dict))
         batch = [inputs] if single else list(inputs)
-        tasks = [task] * len(batch) if isinstance(task, str) else list(task)
-        if len(tasks) != len(batch):
-            raise ValueError(f"{len(tasks)} task names for {len(batch)} inputs")
-        predictions = self.run([(t, to_example(x, self.spec(t))) for t, x in zip(tasks, batch)], batch_size)
+        decisions = decide(batch, task if task is None or isinstance(task, str) else list(task),
+                           self.router or ShapeRouter(self.specs))
+        predictions = answer_routed(batch, decisions, self.spec, self.run, batch_size)
         return predictions[0] if single else predictions
-
 
 def serving_store(bundle: str | os.PathLike, capacity: int, backbone: str | os.PathLike | None = None):
     """``(store, router)`` for serving every task of ``bundle`` with at most ``capacity`` active.
@@ -370,6 +380,7 @@ def serving_store(bundle: str | os.PathLike, capacity: int, backbone: str | os.P
     router = load_router(bundle, store.model)
     if isinstance(router, LearnedRouter):
         store.pin(task for task in router.classes if task in store.specs)
+        store.router = router
     else:
         router = ShapeRouter(store.specs)
     return store, router

@@ -7,7 +7,7 @@ backbone forward with each row's adapter -> each row's head -> task post-process
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -491,24 +491,7 @@ class MultiTaskModel(nn.Module):
                             f"or a list of these; got {type(inputs).__name__}") from None
         if task is None and len(self.specs) <= 1:
             task = self.resolve_task(None)
-        decisions = self.route(batch, task)
-        predictions: list = [NoTaskPrediction(d.reason, d.confidence, d.candidates) for d in decisions]
-        items, answered = [], []
-        for i, (value, decision) in enumerate(zip(batch, decisions)):
-            if decision.task is None:
-                continue
-            try:
-                items.append((decision.task, to_example(value, self.spec(decision.task))))
-            except ValueError as err:
-                if decision.source == "explicit":  # the caller's own mistake
-                    raise
-                # a plain-text request ("are these two the same?") routed to a task that needs a pair
-                predictions[i].reason = (f"routed to {decision.task!r} (p={decision.confidence:.2f}), "
-                                         f"which needs another input: {err}")
-                continue
-            answered.append(i)
-        for i, prediction in zip(answered, self.run(items, batch_size=batch_size)):
-            predictions[i] = prediction
+        predictions = answer_routed(batch, self.route(batch, task), self.spec, self.run, batch_size)
         return predictions[0] if single else predictions
 
     def route(self, inputs: ModelInput | Sequence[ModelInput],
@@ -569,6 +552,30 @@ class MultiTaskModel(nn.Module):
             model.router = LearnedRouter.load(Path(path) / ROUTER_DIR, model)
         return model
 
+
+
+def answer_routed(batch: Sequence[ModelInput], decisions: Sequence[RouteDecision], spec: Callable[[str], TaskSpec],
+                  run: Callable[..., list[Prediction]], batch_size: int = 64) -> list[Prediction | NoTaskPrediction]:
+    """Each input's prediction by its routed task in one ``run`` call; ``NoTaskPrediction`` for an
+    input routed nowhere, or routed (not named) to a task whose input it does not fit."""
+    predictions: list = [NoTaskPrediction(d.reason, d.confidence, d.candidates) for d in decisions]
+    items, answered = [], []
+    for i, (value, decision) in enumerate(zip(batch, decisions)):
+        if decision.task is None:
+            continue
+        try:
+            items.append((decision.task, to_example(value, spec(decision.task))))
+        except ValueError as err:
+            if decision.source == "explicit":  # the caller's own mistake
+                raise
+            # a plain-text request ("are these two the same?") routed to a task that needs a pair
+            predictions[i].reason = (f"routed to {decision.task!r} (p={decision.confidence:.2f}), "
+                                     f"which needs another input: {err}")
+            continue
+        answered.append(i)
+    for i, prediction in zip(answered, run(items, batch_size=batch_size)):
+        predictions[i] = prediction
+    return predictions
 
 def to_example(value: ModelInput, spec: TaskSpec) -> Example:
     """Turn a user input into an ``Example`` of ``spec``'s shape, or say what shape it needs."""
