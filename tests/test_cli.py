@@ -191,6 +191,14 @@ def test_a_built_in_task_takes_the_task_flags_that_apply_and_refuses_the_data_fl
     assert json.loads((tmp_path / "run" / "task.json").read_text())["spec"]["head_dropout"] == 0.3
 
 
+@pytest.mark.parametrize("argv", [["train-joint", "--tasks", "sst2,mrpc", "--max-train", "0"],
+                                  ["compare", "--tasks", "sst2", "--max-eval", "-3"]])
+def test_an_example_count_below_one_is_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be >= 1, got" in capsys.readouterr().err
+
+
 def test_train_joint_takes_a_zero_lora_flag_at_its_word(tokenizer, tmp_path, monkeypatch, capsys):
     # `args.r or 8`: --r 0 trained a rank-8 adapter instead of being refused, and --alpha 0 became 2*r.
     from test_compare import write_task_files

@@ -31,6 +31,14 @@ def _csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _example_count(value: str) -> int:
+    """A number of examples: 0 would train or score nothing, and a negative one means nothing."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
 def _range(value: str) -> list[float]:
     low, high = (float(v) for v in value.split(","))
     return [low, high]
@@ -183,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     joint.add_argument("--head-lr", type=float, help="the heads' learning rate")
     joint.add_argument("--batch-size", type=int)
     joint.add_argument("--seed", type=int)
-    joint.add_argument("--max-train", type=int, help="a fixed random subset of N training examples per task")
+    joint.add_argument("--max-train", type=_example_count, help="a fixed random subset of N training examples per task")
     joint.add_argument("--r", type=int, help="LoRA rank of the shared adapter (default 8)")
     joint.add_argument("--alpha", type=float, help="LoRA alpha (default 2*r)")
     joint.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear")
@@ -209,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--work", default="runs/compare", help="checkpoints of runs in progress (default runs/compare)")
     compare.add_argument("--backbone", default="default", help="'default' (packaged MiniLM), a local path or a hub name")
     compare.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
-    compare.add_argument("--max-train", type=int, help="a fixed random subset of N training examples per task")
-    compare.add_argument("--max-eval", type=int, help="a fixed random subset of N evaluation examples per task")
+    compare.add_argument("--max-train", type=_example_count, help="a fixed random subset of N training examples per task")
+    compare.add_argument("--max-eval", type=_example_count, help="a fixed random subset of N evaluation examples per task")
     compare.add_argument("--epochs", type=float, help="override every method's epochs")
     compare.add_argument("--lr", type=float, help="override the adapter's (full: the backbone's) learning rate")
     compare.add_argument("--head-lr", type=float, help="override the head's learning rate")
