@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mtpeft.cli import build_parser, main
-from mtpeft.compare import GridSettings, fixed_subset, grid_cells, run_grid
+from mtpeft.compare import GridSettings, grid_cells, run_grid
+from mtpeft.data import fixed_subset
 from mtpeft.examples import Example
 from mtpeft.report import (
     END,

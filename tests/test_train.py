@@ -168,6 +168,21 @@ def test_training_writes_run_folder(backbone, tmp_path):
             "config.json", "metrics.json"} <= names
 
 
+def test_example_limits_take_a_fixed_random_subset_not_a_label_sorted_prefix(backbone, monkeypatch):
+    """IMDb's files list every negative review first: the first N would all be one class."""
+    import mtpeft.train
+
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    by_label = sorted(_sentiment(0, 40), key=lambda e: e.label)
+    scored = []
+    monkeypatch.setattr(mtpeft.train, "evaluate_task", lambda m, t, examples, bs: scored.append(examples) or {})
+    config = TrainConfig(**{**FAST, "epochs": 1}, max_train_examples=10, max_eval_examples=10)
+    result = train_task(_model(backbone, spec), "sent", by_label, by_label, config, progress=False)
+    assert result.train_examples == 10
+    assert {e.label for e in scored[-1]} == {0, 1} and len(scored[-1]) == 10
+    assert scored[-1] == sorted(scored[-1], key=by_label.index)  # in file order
+
+
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=-1), dict(eval_batch_size=0),
                                  dict(max_train_examples=-1), dict(max_train_examples=0), dict(max_eval_examples=-3),
                                  dict(max_grad_norm=-1.0), dict(warmup_ratio=-0.1), dict(warmup_ratio=6.0)])

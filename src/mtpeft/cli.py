@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--head-lr", type=float)
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--seed", type=int)
-    recipe.add_argument("--max-train-examples", type=int, help="train on the first N examples only")
-    recipe.add_argument("--max-eval-examples", type=int, help="evaluate on the first N examples only")
+    recipe.add_argument("--max-train-examples", type=int, help="train on a fixed random N examples (seeded, in file order)")
+    recipe.add_argument("--max-eval-examples", type=int, help="evaluate on a fixed random N examples (seeded, in file order)")
     recipe.add_argument("--r", type=int, help="LoRA rank (default: the preset's, else 8)")
     recipe.add_argument("--alpha", type=float, help="LoRA alpha (default: the preset's with its rank, else 2*r)")
     recipe.add_argument("--lora-dropout", type=float, help="dropout on the adapter's input (default: the preset's, else 0)")
@@ -600,7 +600,8 @@ def _task_data(values: list[str]) -> dict[str, str]:
 
 def _train_joint(args) -> int:
     from mtpeft.backbone import load_backbone
-    from mtpeft.compare import check_data_flags, fixed_subset, resolve_task
+    from mtpeft.compare import check_data_flags, resolve_task
+    from mtpeft.data import fixed_subset
     from mtpeft.joint import build_joint_model, train_joint
     from mtpeft.methods import get_method
     from mtpeft.sources import load_task_data

@@ -13,9 +13,9 @@ turns that off), so its peak RSS is its own and its memory is returned afterward
 Deterministic methods (zero-shot) run once, whatever the seeds. Joint methods train one
 model on all ``--tasks`` per seed and write one JSON per task.
 
-Training subsets (``--max-train``/``--max-eval``) are a fixed random sample (seed
-``SUBSET_SEED``, the same for every method and seed) in file order, since some files are
-sorted by label (IMDb).
+Training subsets (``--max-train``/``--max-eval``) are a fixed random sample
+(``data.fixed_subset``: the same for every method and seed) in file order, since some
+files are sorted by label (IMDb).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import resource
 import shlex
 import shutil
@@ -39,13 +38,13 @@ from pathlib import Path
 
 import torch
 
+from mtpeft.data import fixed_subset
 from mtpeft.examples import Example
 from mtpeft.methods import Method, MethodNotApplicable, get_method, weights_bytes
 from mtpeft.storage import write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 
 RESULT_FORMAT = "mtpeft-compare-run/1"
-SUBSET_SEED = 0
 # Where each built-in task's files sit under --data-root (the layout of ../shared/data).
 DATA_DIRS = {"sst2": "glue/SST-2", "stsb": "glue/STS-B", "stsb-bi": "glue/STS-B", "mrpc": "glue/MRPC", "qqp": "glue/QQP",
              "imdb": "imdb", "squad": "squad"}
@@ -261,14 +260,6 @@ def _read_task_file(file: str | Path) -> dict:
         raise ValueError(f"--task-file {file}: expected a JSON object "
                          '{"spec": {TaskSpec fields}, "data": FILE, "eval_data": FILE, "recipe": {...}}')
     return record
-
-
-def fixed_subset(examples: list[Example], n: int | None, seed: int = SUBSET_SEED) -> tuple[list[Example], str]:
-    """A seeded random ``n`` of ``examples`` in their original order, and a description of it."""
-    if n is None or n >= len(examples):
-        return list(examples), f"all {len(examples)}"
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep], f"random {n} of {len(examples)} (seed {seed}), file order"
 
 
 def load_cell_data(source: TaskSource, settings: GridSettings) -> tuple[list[Example], list[Example], dict]:

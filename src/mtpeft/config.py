@@ -52,8 +52,9 @@ class TrainConfig:
         bf16: bf16 compute; ``None`` takes the model's own setting (``MultiTaskModel.bf16``:
             by default bf16 where the hardware has it fast; a QLoRA model with another
             compute dtype says no).
-        max_train_examples: use only the first N training examples (quick runs).
-        max_eval_examples: evaluate on only the first N evaluation examples.
+        max_train_examples: train on a fixed random N of the training examples (``data.fixed_subset``;
+            quick runs).
+        max_eval_examples: evaluate on a fixed random N of the evaluation examples.
         eval_batch_size: batch size for evaluation and prediction.
         checkpoint_every: steps between checkpoints (0: only at epoch ends; -1: none).
         compile: run the backbone through ``torch.compile`` while training (``mtpeft.compiled``):

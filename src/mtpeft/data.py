@@ -12,14 +12,17 @@ import csv
 import io
 import json
 import math
+import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtpeft.examples import Example
 from mtpeft.tasks.spec import TaskSpec
+
+SUBSET_SEED = 0  # every quick run and grid cell of a task draws the same subset
 
 csv.field_size_limit(1 << 24)  # IMDb reviews exceed the 128 KiB default on a few rows
 
@@ -243,7 +246,8 @@ def _answers(where: str, spec: TaskSpec, value: Any, context: str) -> list[dict]
         answers.append({"text": text, "answer_start": start})
     if not answers and not spec.allow_no_answer:
         raise DataError(where, spec.label_column, "expected a non-empty list of answers (a task with "
-                                                  "allow_no_answer takes [] for a question its context does not answer)")
+                                                  "allow_no_answer, --allow-no-answer, takes [] for a question its "
+                                                  "context does not answer)")
     return answers
 
 
@@ -314,3 +318,15 @@ def load_hub_dataset(name: str, split: str, config: str | None = None):
     import datasets
 
     return datasets.load_dataset(name, config, split=split)
+
+
+def fixed_subset(examples: Sequence[Example], n: int | None, seed: int = SUBSET_SEED) -> tuple[list[Example], str]:
+    """A seeded random ``n`` of ``examples`` in their original order, and a description of it.
+
+    Not the first ``n``: some files are sorted by label (IMDb's first 12,500 training reviews
+    are all negative), so a prefix can hold one class only.
+    """
+    if n is None or n >= len(examples):
+        return list(examples), f"all {len(examples)}"
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep], f"random {n} of {len(examples)} (seed {seed}), file order"

@@ -40,6 +40,7 @@ from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, adapter_key, backbone_key, fault_point, features_digest,
                                load_checkpoint, recipe_key, save_checkpoint)
 from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.data import fixed_subset
 from mtpeft.distributed import local_rng_state
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
@@ -161,8 +162,8 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     # Each task's first N examples, as train_task takes them.
-    data = {t: (train[: config.max_train_examples] if config.max_train_examples else train,
-                evaluation[: config.max_eval_examples] if evaluation and config.max_eval_examples else evaluation)
+    data = {t: (fixed_subset(train, config.max_train_examples)[0],
+                fixed_subset(evaluation, config.max_eval_examples)[0] if evaluation else evaluation)
             for t, (train, evaluation) in data.items()}
     torch.manual_seed(config.seed)
     features, lengths = {}, {}

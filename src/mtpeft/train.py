@@ -24,6 +24,7 @@ from mtpeft.batching import bucketed_batches, collate
 from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, adapter_key, backbone_key, fault_point, features_digest,
                                load_checkpoint, recipe_key, save_checkpoint)
 from mtpeft.compiled import compiled
+from mtpeft.data import fixed_subset
 from mtpeft.config import TrainConfig
 from mtpeft.distributed import DataParallel, parameter_count
 from mtpeft.evaluate import evaluate_task
@@ -93,10 +94,9 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         raise ValueError(f"task {task!r} shares its adapter with {others}: training it alone would change "
                          f"theirs too. model.unshare_adapter({task!r}) gives it its own copy first; "
                          "train_joint trains them together")
-    if config.max_train_examples:
-        train_examples = train_examples[: config.max_train_examples]
-    if eval_examples is not None and config.max_eval_examples:
-        eval_examples = eval_examples[: config.max_eval_examples]
+    train_examples = fixed_subset(train_examples, config.max_train_examples)[0]
+    if eval_examples is not None:
+        eval_examples = fixed_subset(eval_examples, config.max_eval_examples)[0]
     if not train_examples:
         raise ValueError(f"task {task!r}: no training examples (an empty data file, or every row skipped)")
     torch.manual_seed(config.seed)
