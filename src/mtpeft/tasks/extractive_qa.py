@@ -13,6 +13,7 @@ sum of the example's windows (the lowest, as in the reference v2.0 recipe) beats
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,18 @@ def _cut_questions(tokenizer, questions: list[str], max_tokens: int) -> list[str
     for question, offsets in zip(questions, encoded["offset_mapping"]):
         cut.append(question if len(offsets) <= max_tokens else question[: offsets[max_tokens - 1][1]])
     return cut
+
+
+class WindowAnswer(NamedTuple):
+    """One window's best span (``logit``: its start+end logit sum; ``start``/``end``: characters of the
+    context) and its "no answer" position, each with its probability among the window's choices."""
+
+    logit: float
+    start: int
+    end: int
+    probability: float
+    null_logit: float
+    null_probability: float
 
 
 class ExtractiveQA:
@@ -91,32 +104,32 @@ class ExtractiveQA:
                 summaries.append(None)  # window without context tokens
                 continue
             s, e = divmod(int(best_index[row]), length)
-            summaries.append((float(best_logit[row]), feature["offsets"][s][0], feature["offsets"][e][1],
-                              float(torch.exp(best_logit[row] - normaliser[row])), float(null_logit[row]),
-                              float(torch.exp(null_logit[row] - normaliser[row]))))
+            summaries.append(WindowAnswer(float(best_logit[row]), feature["offsets"][s][0], feature["offsets"][e][1],
+                                          float(torch.exp(best_logit[row] - normaliser[row])), float(null_logit[row]),
+                                          float(torch.exp(null_logit[row] - normaliser[row]))))
         return summaries
 
-    def predict(self, spec: TaskSpec, summaries, features, examples) -> list[AnswerPrediction]:
-        best: dict[int, tuple] = {}  # example -> its best window's summary
-        null: dict[int, tuple] = {}  # example -> the summary of its window least sure there is no answer
+    def predict(self, spec: TaskSpec, summaries: Sequence[WindowAnswer | None], features, examples) -> list[AnswerPrediction]:
+        best: dict[int, WindowAnswer] = {}  # example -> its window with the best span
+        null: dict[int, WindowAnswer] = {}  # example -> its window least sure there is no answer
         for summary, feature in zip(summaries, features):
             if summary is None:
                 continue
             index = feature["example"]
-            if index not in best or summary[0] > best[index][0]:
+            if index not in best or summary.logit > best[index].logit:
                 best[index] = summary
-            if index not in null or summary[4] < null[index][4]:
+            if index not in null or summary.null_logit < null[index].null_logit:
                 null[index] = summary
         predictions = []
         for index, example in enumerate(examples):
             if index not in best:
                 predictions.append(AnswerPrediction(spec.name, "", 0, 0, 0.0))
-                continue
-            _, start, end, probability, _, _ = best[index]
-            if spec.allow_no_answer and null[index][4] > best[index][0]:
-                predictions.append(AnswerPrediction(spec.name, "", 0, 0, null[index][5]))  # score: P(no answer)
-                continue
-            predictions.append(AnswerPrediction(spec.name, (example.text_pair or "")[start:end], start, end, probability))
+            elif spec.allow_no_answer and null[index].null_logit > best[index].logit:
+                predictions.append(AnswerPrediction(spec.name, "", 0, 0, null[index].null_probability))
+            else:
+                span = best[index]
+                predictions.append(AnswerPrediction(spec.name, (example.text_pair or "")[span.start:span.end],
+                                                    span.start, span.end, span.probability))
         return predictions
 
     def score(self, spec: TaskSpec, predictions, examples) -> dict[str, float]:
