@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import tiny_bert
-from mtpeft import TaskSpec
+from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.data import DataError
 from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path, sentences
 from mtpeft.predictions import LabelPrediction, ScorePrediction
@@ -110,7 +110,7 @@ def test_no_answer_below_threshold(model):
 def test_wrong_task_kinds_list_the_tasks_that_fit(model):
     with pytest.raises(ValueError, match=r"similarity task 'sentiment' is a classification task.*fit: \['similar-questions'\]"):
         SupportPipeline(model, FAQ, similarity_task="sentiment")
-    with pytest.raises(KeyError, match="known tasks"):
+    with pytest.raises(KeyError, match="needs a QA task named .nope., which this model does not hold"):
         SupportPipeline(model, FAQ, qa_task="nope")
     with pytest.raises(ValueError, match="message is empty"):
         SupportPipeline(model, FAQ).answer("  ")
@@ -205,6 +205,16 @@ def test_the_index_embeds_each_context_sentence_for_its_entry(model):
     assert index.sentence_entries.tolist() == owners
     assert index.sentence_vectors.shape == (len(owners), index.vectors.shape[1])
     assert FaqIndex.build(model, entries, with_context=False).sentence_vectors is None
+
+
+def test_a_model_without_a_support_skill_says_which_one_is_missing(tokenizer):
+    from mtpeft.tasks.spec import UnknownTaskError
+
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(TaskSpec(name="sentiment", type="classification", labels=["neg", "pos"]))
+    with pytest.raises(UnknownTaskError, match=r"needs a similarity task named 'similar-questions', which this model "
+                                               r"does not hold \(its tasks: \['sentiment'\]\).*similarity_task="):
+        SupportPipeline(model)
 
 
 @pytest.mark.parametrize("top_k", [0, -1])

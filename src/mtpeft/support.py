@@ -38,6 +38,7 @@ from mtpeft.examples import Example
 from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path
 from mtpeft.predictions import AnswerPrediction, LabelPrediction, Prediction, ScorePrediction
 from mtpeft.tasks import TaskSpec
+from mtpeft.tasks.spec import UnknownTaskError
 
 if TYPE_CHECKING:
     from mtpeft.model import MultiTaskModel
@@ -103,6 +104,10 @@ def match_score(prediction: Prediction, spec: TaskSpec) -> float:
 
 
 def _check_task(model: MultiTaskModel, name: str, role: str, types: tuple[str, ...], pair: bool | None) -> TaskSpec:
+    if name not in model.specs:  # a bundle without the three skills (a joint model, one task)
+        raise UnknownTaskError(f"the support pipeline needs a {role} task named {name!r}, which this model does not "
+                               f"hold (its tasks: {sorted(model.specs) or 'none'}); `mtpeft demo` trains all three "
+                               f"skills, or pass {role.lower()}_task= the name of yours (Python)")
     spec = model.spec(name)
     if spec.type not in types or (pair is not None and spec.is_pair != pair):
         fitting = sorted(n for n, s in model.specs.items() if s.type in types and (pair is None or s.is_pair == pair))
