@@ -268,6 +268,37 @@ def test_evaluate_on_a_built_in_tasks_own_file_scores_its_held_out_rows(backbone
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 4  # every 5th of 20
 
 
+def test_evaluate_reads_a_task_of_ones_own_named_as_a_built_in_one_as_its_own(tmp_path, tokenizer, capsys):
+    # A task called "sentiment" with other labels was read in the built-in's layout by its name: its
+    # own sentiment.jsonl scored only the built-in's held-out every 5th row, and a folder was taken.
+    from mtpeft import MultiTaskModel, TaskSpec
+    from mtpeft.tasks.presets import get_preset
+    from tiny_bundle import path_backbone, saved_backbone
+
+    backbone = path_backbone(saved_backbone(tmp_path / "backbone", tokenizer))
+    own, built_in = MultiTaskModel(backbone), MultiTaskModel(backbone)
+    own.add_task(TaskSpec(name="sentiment", type="classification", labels=["bad", "good"], max_length=32))
+    own.save(tmp_path / "own")
+    # the built-in task with a flag that applies to it (a shorter window) still reads its preset's files
+    built_in.add_task(TaskSpec.from_dict({**get_preset("sentiment").spec.to_dict(), "max_length": 32}))
+    built_in.save(tmp_path / "built-in")
+    rows = [{"text": f"message {i}", "label": ["bad", "good"][i % 2]} for i in range(20)]
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "data").mkdir()
+    moods = ["negative", "neutral", "positive"]
+    (tmp_path / "data" / "sentiment.jsonl").write_text("".join(  # the built-in task's file name
+        json.dumps({"text": f"message {i}", "label": moods[i % 3]}) + "\n" for i in range(20)))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "built-in"), "--data", str(tmp_path / "data" / "sentiment.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 4  # every 5th of 20
+
+    (tmp_path / "data" / "sentiment.jsonl").write_text((tmp_path / "own.jsonl").read_text())
+    assert main(["evaluate", str(tmp_path / "own"), "--data", str(tmp_path / "data" / "sentiment.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 20  # the whole file
+    assert main(["evaluate", str(tmp_path / "own"), "--data", str(tmp_path / "data")]) == 2
+    assert "is a folder; pass a data file for task 'sentiment'" in capsys.readouterr().err
+
+
 def test_serve_flags_reach_the_servers_settings(monkeypatch):
     import mtpeft.serve
 

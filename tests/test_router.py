@@ -252,6 +252,22 @@ def test_an_empty_data_path_is_an_error_not_the_current_folder(model, tmp_path, 
         task_inputs(model, "sentiment", "")
 
 
+def test_router_data_of_a_task_of_ones_own_named_as_a_built_in_one_is_its_own(tokenizer, tmp_path):
+    # A task called "sentiment" with other labels was read in the built-in's layout by its name: its
+    # own sentiment.jsonl lost the built-in's every 5th row, and a folder holding one was taken as its data.
+    from mtpeft import MultiTaskModel, TaskSpec
+    from mtpeft.cli import _router_data
+    from mtpeft.router_data import task_inputs
+
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(TaskSpec(name="sentiment", type="classification", labels=["bad", "good"]))
+    (tmp_path / "sentiment.jsonl").write_text("".join(
+        json.dumps({"text": f"message {i}", "label": ["bad", "good"][i % 2]}) + "\n" for i in range(20)))
+    assert len(task_inputs(model, "sentiment", tmp_path / "sentiment.jsonl")) == 18  # every 10th held out, as any file
+    with pytest.raises(ValueError, match="no training file of the bundle's built-in tasks"):
+        _router_data(model, [str(tmp_path)])
+
+
 def test_predict_without_a_task_routes_by_shape_until_a_router_is_set(model, router):
     from mtpeft.predictions import AnswerPrediction, LabelPrediction, NoTaskPrediction
 

@@ -411,13 +411,12 @@ def _evaluate(args) -> int:
     from mtpeft.model import MultiTaskModel
     from mtpeft.sources import load_eval_examples
     from mtpeft.storage import TASK_FILE, write_json
-    from mtpeft.tasks.presets import get_preset, preset_names
+    from mtpeft.tasks.presets import built_in_layout
 
     model = MultiTaskModel.load(args.path, router=False).to(resolve_device(args.device))
     task = _one_task(model, args)
     spec = model.spec(task)
-    layout = get_preset(task).layout if task in preset_names() else None
-    examples = load_eval_examples(spec, args.data, layout, args.skip_bad_rows)
+    examples = load_eval_examples(spec, args.data, built_in_layout(spec), args.skip_bad_rows)
     metrics = evaluate_task(model, task, examples, args.batch_size)
     out = args.out or (Path(args.path) / "eval-metrics.json" if (Path(args.path) / TASK_FILE).is_file() else None)
     if out:
@@ -489,8 +488,10 @@ def _router_data(model, values: list[str]) -> dict:
     (``glue/MRPC``, ``squad``, ... inside, as ``--data-root`` elsewhere) or a folder of built-in
     tasks' files, each task's training file found under its own name."""
     from mtpeft.compare import DATA_DIRS
-    from mtpeft.tasks.presets import get_preset, preset_names, support_data_dir
+    from mtpeft.tasks.presets import built_in_layout, support_data_dir
 
+    layouts = {t: layout for t in model.task_names if (layout := built_in_layout(model.spec(t)))}
+    built_in = list(layouts)  # a task of one's own named as a built-in one has its own files
     data = {}
     for value in values or [str(support_data_dir())]:
         task, sep, path = value.partition("=")
@@ -501,16 +502,15 @@ def _router_data(model, values: list[str]) -> dict:
             if sep:
                 raise ValueError(f"--data {value!r}: unknown task {task!r}; tasks in the bundle: {model.task_names}")
             raise ValueError(f"--data {value!r}: pass TASK=FILE for a data file, or a folder of built-in tasks' files")
-        built_in = [t for t in model.task_names if t in preset_names()]
         under_root = {t: str(Path(value) / DATA_DIRS[t]) for t in built_in if t in DATA_DIRS
-                      and (Path(value) / DATA_DIRS[t] / get_preset(t).layout.train_file).is_file()}
+                      and (Path(value) / DATA_DIRS[t] / layouts[t].train_file).is_file()}
         if under_root:
             data.update({t: path for t, path in under_root.items() if t not in data})
             continue
-        found = [t for t in built_in if (Path(value) / get_preset(t).layout.train_file).is_file()]
+        found = [t for t in built_in if (Path(value) / layouts[t].train_file).is_file()]
         by_file: dict[str, list[str]] = {}
         for t in found:
-            by_file.setdefault(get_preset(t).layout.train_file, []).append(t)
+            by_file.setdefault(layouts[t].train_file, []).append(t)
         shared = {file: tasks for file, tasks in by_file.items() if len(tasks) > 1}
         if shared:  # MRPC's train.tsv read as STS-B's failed on its columns
             file, tasks = next(iter(shared.items()))

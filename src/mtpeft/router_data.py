@@ -81,13 +81,12 @@ def task_inputs(model: MultiTaskModel, task: str, data: str | os.PathLike,
     rows are used, so the router never sees the rows adapters are evaluated on.
     """
     from mtpeft.sources import load_task_data
-    from mtpeft.tasks.presets import get_preset, preset_names
+    from mtpeft.tasks.presets import built_in_layout
 
     spec = model.spec(task)
     if not str(data).strip():  # Path("") is ".": an unset variable would read the current folder
         raise FileNotFoundError(f"task {task!r}: the data path is empty; name a data file or a folder")
-    layout = get_preset(task).layout if task in preset_names() else None
-    examples = load_task_data(spec, data, layout=layout).train
+    examples = load_task_data(spec, data, layout=built_in_layout(spec)).train
     return [(task, example_input(ex, spec)) for ex in spread(examples, limit)]
 
 

@@ -135,3 +135,19 @@ def get_preset(name: str) -> Preset:
 
 def preset_names() -> list[str]:
     return list(_PRESETS)
+
+
+# The spec fields that say what a task's data holds and how its rows read. A saved task is
+# the built-in task of its name only when these match that preset's: a task of one's own may
+# share a built-in's name with other columns, labels or files. Not every field: the task
+# flags that apply to a built-in task (window, head dropout, no-answer QA) change its spec,
+# but it still reads the preset's files.
+DATA_FIELDS = ("type", "text_column", "text_pair_column", "label_column", "labels", "label_range")
+
+
+def built_in_layout(spec: TaskSpec) -> DataLayout | None:
+    """Where the data of a saved task sits when it is a built-in task (see ``DATA_FIELDS``), else None."""
+    preset = _PRESETS.get(spec.name)
+    if preset is None or any(getattr(spec, f) != getattr(preset.spec, f) for f in DATA_FIELDS):
+        return None
+    return preset.layout
