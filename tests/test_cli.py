@@ -238,6 +238,33 @@ def test_a_bundle_command_without_task_names_the_flag_and_the_tasks(tmp_path, to
         "holds several tasks; pass --task, one of ['faq-answer', 'sentiment', 'similar-questions']")
 
 
+def test_predict_says_how_the_command_line_writes_a_pair_and_names_the_task_flag(tmp_path, tokenizer, capsys):
+    # A text for a pair task was told "pass a pair (text_a, text_b)", a Python tuple, and a text that
+    # several tasks take "pass task=": on the command line they are a JSON list and --task.
+    from mtpeft import TaskSpec
+    from tiny_bundle import path_backbone, saved_backbone, support_model
+
+    model = support_model(path_backbone(saved_backbone(tmp_path / "backbone", tokenizer)))
+    model.save(tmp_path / "bundle")
+    model.save(tmp_path / "pair", tasks=["similar-questions"])
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "bundle"), "--task", "similar-questions", '["a", "b"]', "just text"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "mtpeft: error: argument 2: task 'similar-questions' compares two texts: on the command line a pair is a "
+        """JSON list, e.g. '["first text", "second text"]'""")
+    assert main(["predict", str(tmp_path / "pair"), "just text"]) == 2  # the folder's only task
+    assert "argument 1: task 'similar-questions' compares two texts: on the command line" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "bundle"), "--task", "faq-answer", "just text"]) == 2
+    assert """a question is a JSON object, e.g. '{"question": "...", "context": "..."}'""" in capsys.readouterr().err
+
+    model.add_task(TaskSpec(name="mood", type="classification", labels=["bad", "good"], max_length=32))
+    model.save(tmp_path / "two-text-tasks")
+    assert model.predict("just text").reason.endswith("no router is trained; pass task=")  # the Python API's terms
+    assert main(["predict", str(tmp_path / "two-text-tasks"), "just text"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["type"] == "no-task" and printed["reason"].endswith("no router is trained; pass --task")
+
+
 def test_evaluate_on_a_built_in_tasks_folder_reads_its_dev_file_only(backbone_dir, tmp_path, capsys):
     rng = random.Random(0)
     rows = [(f"the {rng.choice(['great', 'awful'])} film {i}", i % 2) for i in range(24)]

@@ -459,8 +459,31 @@ def parse_input_line(line: str):
     return stripped
 
 
+# How an input of a pair or QA task is written on the command line (an argument or a --file line).
+CLI_INPUTS = {
+    "pair": 'compares two texts: on the command line a pair is a JSON list, e.g. \'["first text", "second text"]\'',
+    "qa": 'answers questions: on the command line a question is a JSON object, '
+          'e.g. \'{"question": "...", "context": "..."}\'',
+}
+
+
+def _check_inputs(spec: TaskSpec, lines: list[tuple[str, str]], inputs: list) -> None:
+    """Inputs for one named task, checked before predicting: a wrong one is named by its place
+    and told how to write the input on the command line (the Python API speaks of tuples)."""
+    from mtpeft.model import to_example
+    from mtpeft.router import task_shape
+
+    for (where, _), value in zip(lines, inputs):
+        try:
+            to_example(value, spec)
+        except ValueError as err:
+            how = CLI_INPUTS.get(task_shape(spec))
+            raise ValueError(f"{where}: " + (f"task {spec.name!r} {how}" if how else str(err))) from None
+
+
 def _predict(args) -> int:
     from mtpeft.model import MultiTaskModel
+    from mtpeft.router import ShapeRouter
 
     if args.text and args.file:
         raise ValueError("pass inputs as arguments or --file, not both")
@@ -477,7 +500,11 @@ def _predict(args) -> int:
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
     model = MultiTaskModel.load(args.path).to(resolve_device(args.device))  # after the inputs: a bad one fails fast
-    task = None if args.task is None else model.spec(args.task).name
+    if model.router is None:  # the shape rule's advice, in the command line's terms
+        model.router = ShapeRouter(model.specs, "pass --task")
+    task = model.resolve_task(args.task) if args.task is not None or len(model.specs) == 1 else None
+    if task is not None:
+        _check_inputs(model.spec(task), lines, inputs)
     for prediction in model.predict(inputs, task=task, batch_size=args.batch_size):
         print(json.dumps(prediction.to_dict()))
     return 0

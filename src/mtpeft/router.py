@@ -123,10 +123,14 @@ class Router(Protocol):
 
 
 class ShapeRouter:
-    """The fallback rule: an input goes to the one task that accepts its shape, else nowhere."""
+    """The fallback rule: an input goes to the one task that accepts its shape, else nowhere.
 
-    def __init__(self, specs: dict[str, TaskSpec]) -> None:
-        self.specs = specs
+    ``name_a_task`` ends the reason given for an input that several tasks take: how the caller
+    names its task (the Python API's ``task=``, the command line's ``--task``).
+    """
+
+    def __init__(self, specs: dict[str, TaskSpec], name_a_task: str = "pass task=") -> None:
+        self.specs, self.name_a_task = specs, name_a_task
 
     def route(self, inputs: Sequence[ModelInput]) -> list[RouteDecision]:
         decisions = []
@@ -138,7 +142,7 @@ class ShapeRouter:
             if len(fits) == 1:
                 decisions.append(RouteDecision(fits[0], 1.0, candidates, "shape"))
             else:
-                why = (f"{len(fits)} tasks take a {shape} input and no router is trained; pass task="
+                why = (f"{len(fits)} tasks take a {shape} input and no router is trained; {self.name_a_task}"
                        if fits else f"no task takes a {shape} input; tasks: {sorted(self.specs)}")
                 decisions.append(RouteDecision(None, share, candidates, "shape", why))
         return decisions
