@@ -237,6 +237,19 @@ def test_an_input_that_is_not_text_or_a_list_is_a_clear_error(backbone, inputs):
         model.predict(inputs, task="a")
 
 
+@pytest.mark.parametrize("value, task", [
+    ({"question": "Where?", "context": None}, "qa"), ({"question": None, "context": "In Paris."}, "qa"),
+    (("Where?", None), "qa"), (("one text", None), "pair"), ({"text": None, "text_pair": "two"}, "pair")])
+def test_a_missing_part_of_an_input_is_refused_not_read_as_the_text_none(backbone, value, task):
+    # str(None) made a null QA context the text "None", and the answer was "None".
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=48,
+                            doc_stride=8, max_question_length=16))
+    model.add_task(TaskSpec(name="pair", type="pair-classification", labels=["x", "y"], text_pair_column="b"))
+    with pytest.raises(ValueError, match=f"task '{task}': the input's .* is None, not a text"):
+        model.predict(value, task=task)
+
+
 def test_uninitialised_adapter_is_filled_by_install(backbone, tokenizer, tmp_path):
     """install_task skips the random init and copies the saved weights in: outputs equal the saved model's."""
     from mtpeft.storage import load_task

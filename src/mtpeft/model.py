@@ -581,18 +581,27 @@ def to_example(value: ModelInput, spec: TaskSpec) -> Example:
     """Turn a user input into an ``Example`` of ``spec``'s shape, or say what shape it needs."""
     if spec.type == "extractive-qa":
         if isinstance(value, dict) and {"question", "context"} <= set(value):
-            return Example(text=str(value["question"]), text_pair=str(value["context"]))
+            return Example(text=_text(value["question"], spec, "question"),
+                           text_pair=_text(value["context"], spec, "context"))
         if isinstance(value, tuple) and len(value) == 2:
-            return Example(text=str(value[0]), text_pair=str(value[1]))
+            return Example(text=_text(value[0], spec, "question"), text_pair=_text(value[1], spec, "context"))
         raise ValueError(f"task {spec.name!r} answers questions: pass {{'question': ..., 'context': ...}}")
     if spec.is_pair:
         if isinstance(value, (tuple, list)) and len(value) == 2:
-            return Example(text=str(value[0]), text_pair=str(value[1]))
+            return Example(text=_text(value[0], spec, "first text"), text_pair=_text(value[1], spec, "second text"))
         if isinstance(value, dict) and {"text", "text_pair"} <= set(value):
-            return Example(text=str(value["text"]), text_pair=str(value["text_pair"]))
+            return Example(text=_text(value["text"], spec, "text"), text_pair=_text(value["text_pair"], spec, "text_pair"))
         raise ValueError(f"task {spec.name!r} compares two texts: pass a pair (text_a, text_b)")
     if isinstance(value, dict) and "text" in value:
         value = value["text"]
     if not isinstance(value, str):
         raise ValueError(f"task {spec.name!r} takes one text per input, got {type(value).__name__}")
     return Example(text=value)
+
+
+def _text(value, spec: TaskSpec, part: str) -> str:
+    """One part of an input as text. A missing part (None, JSON null) is refused: as ``str(None)``
+    it was answered as the text "None" (a QA context of "None" gave the answer "None")."""
+    if value is None:
+        raise ValueError(f"task {spec.name!r}: the input's {part} is None, not a text")
+    return str(value)
