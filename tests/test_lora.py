@@ -123,7 +123,8 @@ def test_gpt2_conv1d_layers_take_adapters(tokenizer):
     torch.manual_seed(0)
     gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64))
     model = MultiTaskModel(from_model(gpt2, tokenizer, name="tiny-gpt2"))
-    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"], pooling="last"))
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"], pooling="last",
+                            max_length=64))
     layers = model.lora_layers("a")
     assert layers and all(isinstance(layer, MultiLoraLayer) for layer in layers.values())
     _randomise_adapters(model)
@@ -131,6 +132,31 @@ def test_gpt2_conv1d_layers_take_adapters(tokenizer):
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     with torch.no_grad():
         assert (model.encode(batch, "a") - model.encode(batch, None)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind, limit", [("bert", 64), ("gpt2", 64), ("roberta", 63)])
+def test_a_task_longer_than_the_backbones_positions_is_refused_when_added(tokenizer, kind, limit):
+    # It was accepted, and the first input longer than the backbone's position table failed deep
+    # inside it: "The size of tensor a (104) must match the size of tensor b (64)".
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    network = {"bert": lambda: BertModel(BertConfig(**small)),
+               "roberta": lambda: RobertaModel(RobertaConfig(**small, pad_token_id=tokenizer.pad_token_id)),
+               "gpt2": lambda: GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2,
+                                                    n_positions=64))}[kind]()
+    model = MultiTaskModel(from_model(network, tokenizer, name=f"tiny-{kind}"))
+    assert model.max_positions() == limit
+    targets = ["c_attn"] if kind == "gpt2" else ["query", "value"]
+    with pytest.raises(ValueError, match=f"max_length={limit + 1} is longer than the {limit} tokens backbone"):
+        model.add_task(TaskSpec(name="long", type="classification", labels=["x", "y"], max_length=limit + 1),
+                       LoraSettings(target_modules=targets))
+    assert model.task_names == []
+    model.add_task(TaskSpec(name="fits", type="classification", labels=["x", "y"], max_length=limit),
+                   LoraSettings(target_modules=targets))
+    assert model.predict("word " * 200, task="fits").label in ("x", "y")  # cut to the limit, which fits
 
 
 def test_unknown_target_module_is_reported(backbone):

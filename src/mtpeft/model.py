@@ -104,6 +104,10 @@ class MultiTaskModel(nn.Module):
         """
         if spec.name in self.specs:
             raise ValueError(f"task {spec.name!r} already exists; remove_task it first")
+        positions = self.max_positions()
+        if positions is not None and spec.max_length > positions:
+            raise ValueError(f"task {spec.name!r}: max_length={spec.max_length} is longer than the {positions} tokens "
+                             f"backbone {self.identity.name!r} takes; use max_length <= {positions}")
         lora = None if head_only else (lora or LoraSettings())
         if lora is not None:
             targets = self._targets(lora)
@@ -115,6 +119,19 @@ class MultiTaskModel(nn.Module):
         self.heads[spec.name] = head.to(self.device).train(self.training)
         self.specs[spec.name] = spec
         self.adapters[spec.name] = lora
+
+    def max_positions(self) -> int | None:
+        """The longest input the backbone's position embeddings cover (None: no such limit known).
+
+        A longer input failed only once one came, deep in the backbone ("The size of tensor a
+        (600) must match the size of tensor b (512)"), in training possibly after hours.
+        RoBERTa-style embeddings number positions from ``padding_idx + 1``, so two fewer fit.
+        """
+        positions = getattr(self.backbone.config, "max_position_embeddings", None)  # GPT-2: n_positions
+        if not isinstance(positions, int):
+            return None
+        padding_idx = getattr(getattr(self.backbone, "embeddings", None), "padding_idx", None)
+        return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
 
     def _targets(self, lora: LoraSettings) -> list[str]:
         if lora.target_modules is None:
