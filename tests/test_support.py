@@ -319,3 +319,29 @@ def test_a_failed_faq_rebuild_keeps_answering_and_is_tried_again_later(model, tm
     assert not pipeline.refresh(timing_out) and calls == [3]  # not again right away
     monkeypatch.setattr(pipeline, "_retry_at", 0.0)  # the minute has passed
     assert pipeline.refresh() and len(pipeline.entries) == 3
+
+
+@pytest.mark.parametrize("content, found", [
+    ('{"data": [{"question": "a?", "context": "A."}]}', "found no key 'paragraphs'"),
+    ('{"data": [{"paragraphs": [{"context": "A.", "qas": [{"id": "1"}]}]}]}', "found no key 'question'"),
+    ('{"data": 5}', "found object of type 'int' has no len"),
+])
+def test_a_json_faq_that_is_no_list_nor_squad_names_its_file(tmp_path, content, found):
+    # A {"data": [...]} export was read as SQuAD and failed with a bare KeyError: 'paragraphs'.
+    path = tmp_path / "faq.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"faq.json: expected a list of FAQ objects or a SQuAD file .*; {found}"):
+        load_faq(path)
+
+
+@pytest.mark.parametrize("content", ['{"data": [{"question": "a?", "context": "A."}]}', "[" * 100_000])
+def test_a_faq_edit_that_fails_in_any_way_keeps_the_last_good_one(model, tmp_path, caplog, content):
+    # A KeyError (a {"data": ...} JSON) or RecursionError (JSON nested too deep) escaped: every reply failed.
+    path = tmp_path / "faq.json"
+    path.write_text(json.dumps([{"id": e.id, "question": e.question, "context": e.context} for e in FAQ]))
+    pipeline = SupportPipeline(model, path, top_k=5)
+    path.write_text(content)
+    os.utime(path, ns=(4, 4))
+    with caplog.at_level("WARNING", logger="mtpeft.support"):
+        assert len(pipeline.answer("refund time?").similar) == len(FAQ)
+    assert "changed but does not load" in caplog.text

@@ -58,7 +58,12 @@ def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
     """
     if not str(path).strip():  # Path("") is ".", which would read as a missing file named "."
         raise FileNotFoundError("the FAQ path is empty; name a .jsonl, .json, .csv or .tsv file")
-    entries = faq_entries(read_records(path))
+    try:
+        entries = faq_entries(read_records(path))
+    except (KeyError, IndexError, TypeError) as err:  # a {"data": ...} JSON read as SQuAD, without its layout
+        found = f"no key {err}" if isinstance(err, KeyError) else str(err)
+        raise DataError(str(path), None, "expected a list of FAQ objects or a SQuAD file ({'data': [{'paragraphs': "
+                                         f"[{{'context', 'qas': [{{'id', 'question'}}]}}]}}]}}); found {found}") from None
     if not entries:
         raise DataError(str(path), None, "no FAQ entries; expected rows with 'question' and 'context' (or 'answer')")
     return entries

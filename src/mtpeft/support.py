@@ -208,7 +208,7 @@ class SupportPipeline:
                 entries = load_faq(self.faq_path)
                 if not entries:
                     raise ValueError("the file holds no entries")
-            except (OSError, ValueError) as err:  # DataError is a ValueError
+            except Exception as err:  # whatever a bad edit raises (JSON nested too deep: RecursionError), not a 500 per request
                 self._stamp = stamp  # a bad edit is reported once, not on every request
                 log.warning("FAQ %s changed but does not load, still answering from the last good one: %s",
                             self.faq_path, err)
