@@ -345,3 +345,15 @@ def test_a_faq_edit_that_fails_in_any_way_keeps_the_last_good_one(model, tmp_pat
     with caplog.at_level("WARNING", logger="mtpeft.support"):
         assert len(pipeline.answer("refund time?").similar) == len(FAQ)
     assert "changed but does not load" in caplog.text
+
+
+def test_a_faq_replaced_by_one_of_the_same_size_and_mtime_is_read_again(model, tmp_path):
+    # cp -p / rsync -t keep the mtime: a same-size edit (a typo fixed) was never re-read.
+    path, new = tmp_path / "faq.jsonl", tmp_path / "faq.new"
+    _write_faq(path, [FaqEntry(e.id, e.question, "Refunds take 3 days.") for e in FAQ])
+    pipeline = SupportPipeline(model, path, top_k=1)
+    _write_faq(new, [FaqEntry(e.id, e.question, "Refunds take 5 days.") for e in FAQ])
+    stat = path.stat()
+    os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(new, path)
+    assert pipeline.refresh() and pipeline.answer("refund?").answer.context == "Refunds take 5 days."

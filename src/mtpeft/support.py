@@ -227,13 +227,17 @@ class SupportPipeline:
             return True
 
 
-def _file_stamp(path: str) -> tuple[int, int] | None:
-    """What changes when the file is edited or replaced; None while it is missing (mid-replace)."""
+def _file_stamp(path: str) -> tuple[int, ...] | None:
+    """What changes when the file is edited or replaced; None while it is missing (mid-replace).
+
+    Not only mtime and size: a same-size file copied in with its mtime kept (``cp -p``,
+    ``rsync -t``, stores that fix every mtime) changes neither, but its inode or ctime.
+    """
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size
 
 
 def _build_index(model: MultiTaskModel, entries: list[FaqEntry], embed: Embed | None = None) -> FaqIndex:
