@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_bert
+from mtpeft import MultiTaskModel, TaskSpec
 from mtpeft.backbone import BackboneMismatchError
 from mtpeft.cli import main
 from mtpeft.router import (NO_TASK, ROUTER_DIR, ROUTER_FORMAT, LearnedRouter, RouteDecision, ShapeRouter, decide,
@@ -58,6 +59,19 @@ def test_below_threshold_no_task_with_candidates(model):
     assert sorted(c for c, _ in decision.candidates) == classes
     assert decision.confidence == pytest.approx(1 / 3, abs=1e-4)
 
+
+def test_an_input_only_tasks_the_router_never_learned_take_names_them(model, tokenizer):
+    # A router trained before the pair task was added said "no task takes a pair input; tasks: [..., 'similar-questions']".
+    width = model.identity.hidden_size + 1024 + 3
+    older = LearnedRouter(model, [NO_TASK, "sentiment"], {}, torch.zeros(2, width), torch.zeros(2))
+    pair, qa = older.route([("where is my order", "has my parcel shipped"), QA])
+    assert pair.task is None and pair.reason == ("the router was not trained on the tasks that take a pair input "
+                                                 "(['similar-questions']); retrain it (`mtpeft train-router`) or name the task")
+    assert "(['faq-answer'])" in qa.reason
+    alone = MultiTaskModel(tiny_bert(tokenizer))
+    alone.add_task(TaskSpec(name="mood", type="classification", labels=["bad", "good"]))
+    unrelated = LearnedRouter(alone, ["mood"], {}, torch.zeros(1, width), torch.zeros(1))
+    assert unrelated.route([("a", "b")])[0].reason == "no task takes a pair input; tasks: ['mood']"
 
 def test_fit_refuses_a_bad_threshold_or_c_before_embedding_the_examples(model, monkeypatch):
     def embedded(*args, **kwargs):

@@ -208,8 +208,7 @@ class LearnedRouter:
             ranked = sorted(((c, p) for c, p in zip(self.classes, row) if p > 0), key=lambda cp: -cp[1])
             candidates = [(c, round(p, 4)) for c, p in ranked if c != NO_TASK][:5]
             if not ranked:
-                decisions.append(RouteDecision(None, 0.0, [], "router",
-                                               f"no task takes a {input_shape(value)} input; tasks: {sorted(self.model.specs)}"))
+                decisions.append(RouteDecision(None, 0.0, [], "router", self._unrouted(input_shape(value))))
                 continue
             best, confidence = ranked[0]
             if best == NO_TASK:
@@ -221,6 +220,16 @@ class LearnedRouter:
             else:
                 decisions.append(RouteDecision(best, confidence, candidates, "router"))
         return decisions
+
+    def _unrouted(self, shape: str) -> str:
+        """Why an input of ``shape`` has no class to go to: a task added after the router was trained
+        may well take it (the router cannot pick it), which "no task takes it" would deny."""
+        specs = self.model.specs
+        fits = sorted(name for name, spec in specs.items() if shape == "text" or task_shape(spec) == shape)
+        if not fits:
+            return f"no task takes a {shape} input; tasks: {sorted(specs)}"
+        return (f"the router was not trained on the tasks that take a {shape} input ({fits}); "
+                "retrain it (`mtpeft train-router`) or name the task")
 
     # ----------------------------------------------------------------- training
 
