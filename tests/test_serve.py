@@ -285,6 +285,31 @@ def test_support_reindexes_an_edited_faq_on_the_model_thread(model, tmp_path):
         assert sorted(s["id"] for s in reply.json()["similar"]) == [e.id for e in FAQ]
 
 
+def test_an_edited_faq_too_big_to_embed_within_the_request_timeout_is_still_reindexed(model, tmp_path, monkeypatch):
+    # The whole FAQ went to the model thread as one job bounded by request_timeout_s: a FAQ that takes
+    # longer to embed was never re-indexed (a 503 inside, logged, tried again a minute later, forever).
+    import time
+
+    import mtpeft.serve as serve_module
+
+    entries = [{"id": f"e{i}", "question": f"question {i}?", "context": f"Answer {i}."} for i in range(200)]
+    path = tmp_path / "faq.jsonl"
+    path.write_text(json.dumps(entries[0]) + "\n")
+    pipeline = SupportPipeline(model, path, top_k=4)
+    real = serve_module.embed_texts
+
+    def slow(model, texts, **options):  # 10 ms a text: 64 take 0.64 s, 200 take 2 s
+        time.sleep(0.01 * len(texts))
+        return real(model, texts, **options)
+
+    monkeypatch.setattr(serve_module, "embed_texts", slow)
+    with TestClient(create_app(model, support=pipeline, settings=ServeSettings(max_wait_ms=1, request_timeout_s=1.5))) as c:
+        path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        os.utime(path, ns=(5, 5))
+        reply = c.post("/v1/support", json={"message": "refund?"})
+        assert reply.status_code == 200, reply.text
+    assert len(pipeline.entries) == 200 and len(reply.json()["similar"]) == 4
+
 def test_an_app_routes_with_the_models_own_router_by_default(model, router):
     """As model.predict does: a loaded bundle's learned router, not the shape rule."""
     model.router = router

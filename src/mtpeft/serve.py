@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -492,8 +493,12 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             return asyncio.run_coroutine_threadsafe(predict_rows(items), loop).result()
 
         def embed(texts, **options):  # the query, and the FAQ entries when an edited FAQ is re-indexed
-            call = functools.partial(embed_texts, model, texts, **options)
-            return asyncio.run_coroutine_threadsafe(on_model_thread(call), loop).result()
+            # One model-thread job per batch of 64: a whole FAQ in one job could outlast request_timeout_s
+            # every time (never re-indexed), and would hold up every prediction until it was done.
+            parts = [asyncio.run_coroutine_threadsafe(on_model_thread(functools.partial(
+                embed_texts, model, texts[start:start + 64], **options)), loop).result()
+                for start in range(0, len(texts), 64)]
+            return torch.cat(parts) if parts else embed_texts(model, texts, **options)
 
         reply = await run_in_threadpool(support.answer, request.message, run=run, embed=embed, top_k=request.top_k)
         metrics.predictions.labels(support.sentiment_task).inc()
