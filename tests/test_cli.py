@@ -158,19 +158,39 @@ def test_input_lines_parse_to_texts_pairs_and_questions():
 
 
 def test_a_lora_flag_changes_only_its_own_setting_of_the_presets_adapter(backbone_dir, tmp_path):
-    # faq-answer's recipe has LoRA r=16, alpha 32 on every linear layer; --alpha used to drop it
-    # for r=8 on query/value, and --lora-dropout alone was ignored.
+    # faq-answer's recipe has LoRA r=8, alpha 16 on every linear layer; --alpha used to drop it
+    # for query/value, and --lora-dropout alone was ignored. (--init-from none: its warm start is
+    # an adapter of the default backbone with alpha 16.)
     from mtpeft.tasks.presets import support_data_dir
 
     run = tmp_path / "run"
     code = main(["train", "--task", "faq-answer", "--data", str(support_data_dir()), "--out", str(run),
                  "--backbone", str(backbone_dir), "--alpha", "64", "--lora-dropout", "0.1", "--epochs", "1",
                  "--max-train-examples", "4", "--max-eval-examples", "2", "--batch-size", "4",
-                 "--no-progress", "--fp32", "--no-tensorboard"])
+                 "--no-progress", "--fp32", "--no-tensorboard", "--init-from", "none"])
     assert code == 0
     adapter = json.loads((run / "task.json").read_text())["adapter"]
-    assert (adapter["r"], adapter["alpha"], adapter["dropout"]) == (16, 64, 0.1)
+    assert (adapter["r"], adapter["alpha"], adapter["dropout"]) == (8, 64, 0.1)
     assert {"query", "value", "key", "dense"} <= set(adapter["target_modules"])  # still every linear layer
+
+
+def test_train_starts_from_the_task_folder_init_from_names_or_fresh(backbone_dir, tmp_path, capsys):
+    # faq-answer's recipe starts from the packaged SQuAD adapter, which is for the default backbone.
+    from mtpeft.tasks.presets import support_data_dir
+
+    base = ["train", "--task", "faq-answer", "--data", str(support_data_dir()), "--backbone", str(backbone_dir),
+            "--epochs", "1", "--max-train-examples", "4", "--max-eval-examples", "2", "--batch-size", "4",
+            "--no-progress", "--fp32", "--no-tensorboard"]
+    assert main(base + ["--out", str(tmp_path / "warm")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on backbone 'default'" in err and "--init-from none" in err
+    assert main(base + ["--out", str(tmp_path / "fresh"), "--init-from", "none"]) == 0
+    assert main(base + ["--out", str(tmp_path / "head"), "--head-only"]) == 0  # the preset's warm start is of its adapter
+    assert main(base + ["--out", str(tmp_path / "again"), "--init-from", str(tmp_path / "fresh")]) == 0
+    assert "starting from the adapter and head from" in capsys.readouterr().err
+    config = json.loads((tmp_path / "again" / "config.json").read_text())["train"]
+    assert config["init_from"] == str(tmp_path / "fresh")
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["train"]["init_from"] is None
 
 
 def test_a_built_in_task_takes_the_task_flags_that_apply_and_refuses_the_data_flags(backbone_dir, tmp_path, capsys):

@@ -95,6 +95,17 @@ def test_a_presets_methods_entry_applies_to_the_named_method_only():
     assert get_method("tiny").train_config(get_preset("stsb").recipe).lr == 3e-3
 
 
+def test_methods_compared_on_a_warm_started_task_start_fresh():
+    # faq-answer trains from the packaged SQuAD adapter; a comparison of methods starts each from
+    # its own initialisation (the adapter fits one rank only).
+    from mtpeft.tasks.presets import get_preset
+
+    recipe = get_preset("faq-answer").recipe
+    assert recipe["init_from"] and get_preset("faq-answer").adapter_recipe()["init_from"] == recipe["init_from"]
+    for name in ("lora-r8-all", "lora-r2", "full", "head-only"):
+        assert get_method(name).train_config(recipe).init_from is None
+
+
 def test_an_unknown_recipe_field_is_a_clear_error():
     # A task file's recipe with a typo ended in TrainConfig's TypeError traceback.
     with pytest.raises(ValueError, match="'epoch'"):

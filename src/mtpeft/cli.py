@@ -31,6 +31,11 @@ def _csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _init_from(value: str) -> str:
+    """A task folder to start from, or "" for 'none' (a fresh start, also for a preset that warm-starts)."""
+    return "" if value.strip().lower() == "none" else value
+
+
 def _example_count(value: str) -> int:
     """A number of examples: 0 would train or score nothing, and a negative one means nothing."""
     number = int(value)
@@ -88,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--target-modules", type=_csv_list, help="layers to adapt, e.g. query,value or all-linear "
                                                                  "(default: the preset's, else query/value)")
     recipe.add_argument("--head-only", action="store_true", help="no adapter: train the head on the frozen backbone")
+    recipe.add_argument("--init-from", type=_init_from,
+                        help="a task folder (mtpeft train --out) whose adapter, and head where it fits, this run "
+                             "starts from (same --r and --alpha); 'none': a fresh start (default: the preset's; "
+                             "faq-answer starts from the packaged SQuAD adapter)")
     recipe.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     recipe.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
     recipe.add_argument("--backbone-dropout", action="store_true", default=None, help=DROPOUT_HELP)
@@ -374,10 +383,12 @@ def _train(args) -> int:
     spec = _preset_spec(preset.spec, args) if preset else _custom_spec(args)
     recipe = preset.adapter_recipe() if preset else {}
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
-                "checkpoint_every", "pad_to_multiple_of", "backbone_dropout"):
+                "checkpoint_every", "pad_to_multiple_of", "backbone_dropout", "init_from"):
         if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
+            recipe[key] = getattr(args, key) or None  # --init-from none: ""
     preset_lora = recipe.pop("lora", None)
+    if args.head_only and args.init_from is None:  # a preset's warm start is of its adapter
+        recipe.pop("init_from", None)
     lora = None if args.head_only else _lora_settings(args, preset_lora)
     config = TrainConfig(**recipe, lora=lora, bf16=False if args.fp32 else None, compile=args.compile)
 

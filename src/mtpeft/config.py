@@ -66,6 +66,8 @@ class TrainConfig:
             model's own choice (``MultiTaskModel.backbone_dropout``: off for a frozen backbone,
             on for full fine-tuning).
         lora: the adapter; ``None`` trains the head alone on the frozen backbone.
+        init_from: a saved task folder (``mtpeft train --out``) whose adapter, and head where it
+            fits, the run starts from instead of a fresh initialisation (``mtpeft.warm_start``).
     """
 
     epochs: float = 3.0
@@ -85,6 +87,7 @@ class TrainConfig:
     pad_to_multiple_of: int = 1
     backbone_dropout: bool | None = None
     lora: LoraSettings | None = field(default_factory=LoraSettings)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -108,6 +111,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for all), got {value}")
+        if self.init_from is not None:
+            self.init_from = str(self.init_from)  # a Path from the Python API; config.json holds text
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
 

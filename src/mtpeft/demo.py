@@ -22,6 +22,7 @@ from mtpeft.router_data import router_examples
 from mtpeft.sources import load_task_data
 from mtpeft.tasks.presets import get_preset, support_data_dir
 from mtpeft.train import format_metrics, train_task
+from mtpeft.warm_start import same_backbone
 
 SKILLS = ("sentiment", "similar-questions", "faq-answer")
 EXAMPLE_MESSAGES = [
@@ -69,6 +70,9 @@ def run_demo(out: str | Path = "runs/demo", backbone: str = "default", epochs_sc
         data = load_task_data(preset.spec, data_dir, layout=preset.layout)
         recipe = preset.adapter_recipe()
         recipe["epochs"] = max(recipe.get("epochs", 3.0) * epochs_scale, 0.1)
+        if recipe.get("init_from") and not same_backbone(model, recipe["init_from"]):
+            print(f"[{skill}] {recipe.pop('init_from')} was trained on the default backbone: "
+                  "training a fresh adapter instead")
         config = TrainConfig(**recipe)
         torch.manual_seed(config.seed)
         model.add_task(preset.spec, config.lora)

@@ -88,7 +88,9 @@ class Method:
     def train_config(self, preset_recipe: dict | None = None, overrides: dict | None = None) -> TrainConfig:
         """The preset's recipe, then this method's, then the user's ``overrides`` (None values ignored)."""
         preset_recipe = preset_recipe or {}
-        recipe = {k: v for k, v in preset_recipe.items() if k != "lora" and k not in RECIPE_SECTIONS}
+        # Without "init_from" too: methods are compared from one fresh start, not from a task's
+        # warm start (faq-answer's SQuAD adapter would also fit only one rank).
+        recipe = {k: v for k, v in preset_recipe.items() if k not in ("lora", "init_from", *RECIPE_SECTIONS)}
         # The task's head rate: its own head_lr where the recipe sets one, else its lr.
         task_head_lr = recipe.get("head_lr") or recipe.get("lr", TrainConfig.lr)
         recipe.update(self.recipe)

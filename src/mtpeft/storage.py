@@ -268,6 +268,20 @@ def read_task(folder: str | os.PathLike, digests: dict[str, str] | None = None, 
     return SavedTask(TaskSpec.from_dict(record["spec"]), lora, weights, head, record, str(folder))
 
 
+def copy_adapter_weights(model: MultiTaskModel, task: str, saved: SavedTask) -> None:
+    """Copy ``saved``'s LoRA weights into ``task``'s adapter, which must have the same layers and rank."""
+    layers = model.lora_layers(task)
+    expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight" for p in layers for ab in "AB"}
+    if set(saved.adapter) != expected:
+        missing, extra = sorted(expected - set(saved.adapter)), sorted(set(saved.adapter) - expected)
+        raise ValueError(f"{Path(saved.source) / ADAPTER_WEIGHTS} does not fit the backbone: "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for path, layer in layers.items():
+            layer.lora_A[task].weight.copy_(saved.adapter[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+            layer.lora_B[task].weight.copy_(saved.adapter[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+
+
 def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
     """Add a task read by ``read_task`` to ``model``; returns its name. On a mismatch the model is left as it was.
 
@@ -280,16 +294,7 @@ def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
     model.add_task(spec, saved.lora, head_only=saved.lora is None, initialize=False)  # weights copied in below
     try:
         if saved.lora is not None:
-            layers = model.lora_layers(spec.name)
-            expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight" for p in layers for ab in "AB"}
-            if set(saved.adapter) != expected:
-                missing, extra = sorted(expected - set(saved.adapter)), sorted(set(saved.adapter) - expected)
-                raise ValueError(f"{Path(saved.source) / ADAPTER_WEIGHTS} does not fit the backbone: "
-                                 f"missing {missing[:3]}, unexpected {extra[:3]}")
-            with torch.no_grad():
-                for path, layer in layers.items():
-                    layer.lora_A[spec.name].weight.copy_(saved.adapter[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-                    layer.lora_B[spec.name].weight.copy_(saved.adapter[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+            copy_adapter_weights(model, spec.name, saved)
         model.heads[spec.name].load_state_dict(saved.head)
     except BaseException:
         model.remove_task(spec.name)

@@ -34,6 +34,7 @@ from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.storage import remove_stale_temporaries, save_task, write_json
 from mtpeft.tasks import task_type
 from mtpeft.tracking import RunTracker
+from mtpeft.warm_start import warm_start
 
 
 @dataclass
@@ -116,6 +117,12 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         raise ValueError("compile runs on one process or under DDP; FSDP and DeepSpeed train uncompiled")
     device = parallel.device or model.device
     use_bf16 = resolve_bf16(model.bf16 if config.bf16 is None else config.bf16, device)
+    checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
+    resuming = checkpoint is not None and checkpoint.exists()
+    if config.init_from and not resuming:  # a resumed run's checkpoint holds the weights it reached
+        started_from = warm_start(model, task, config.init_from)
+        if parallel.is_main:
+            print(f"{task}: starting from the {started_from}", file=sys.stderr)
     sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
     if sharding and parallel.is_main:
         print(sharding, file=sys.stderr)
@@ -124,7 +131,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     pad_id = model.tokenizer.pad_token_id
 
-    checkpoint = Path(out_dir) / CHECKPOINT_FILE if out_dir is not None and config.checkpoint_every >= 0 else None
     # What must not change between a run and its resumption.
     fingerprint = {"task": json.dumps(spec.to_dict(), sort_keys=True), "config": recipe_key(config),
                    "adapter": adapter_key(model.adapters.get(task)),
@@ -132,7 +138,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     position, saved_optimizer = RunPosition(), None
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)
-    if checkpoint is not None and checkpoint.exists():
+    if resuming:
         position, saved_optimizer = load_checkpoint(checkpoint, trainable, scheduler, fingerprint, parallel.rank, device)
         print(f"resuming {task} from {checkpoint} at step {position.step}/{total_steps}", file=sys.stderr)
 
