@@ -93,6 +93,8 @@ def test_json_boolean_labels_found_in_the_data_are_accepted(tmp_path):
 @pytest.mark.parametrize("row, field, message", [
     ({"label": 1}, "sentence", "missing"),
     ({"sentence": "   ", "label": 1}, "sentence", "empty text"),
+    ({"sentence": "\u200b \u200c", "label": 1}, "sentence", "empty text"),  # the tokenizer drops them all
+    ({"sentence": "\ufeff\u0000", "label": 1}, "sentence", "empty text"),
     ({"sentence": "x", "label": "maybe"}, "label", "is not one of"),
     ({"sentence": "x", "label": True}, "label", "is not one of"),
     ({"sentence": 5, "label": 1}, "sentence", "expected text"),

@@ -143,6 +143,9 @@ def test_bad_phrasing_rows_name_file_and_line(tmp_path):
     path.write_text('{"task": "a"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: expected"):
         read_phrasings(path)
+    path.write_text('{"task": "a", "text": "\\u200b\\u0000"}\n')  # blank to the tokenizer too
+    with pytest.raises(ValueError, match=r"p.jsonl:1: expected .*non-empty text"):
+        read_phrasings(path)
 
 
 def test_phrasings_files_may_start_with_a_bom_and_bad_bytes_name_the_line(tmp_path):

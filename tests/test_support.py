@@ -36,6 +36,7 @@ def test_faq_reads_jsonl_csv_and_answer_column(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"question": "q"}\n', r"faq.jsonl:1: field 'context': missing; an FAQ row needs 'context' or 'answer'; the row has \['question'\]"),
     ('{"question": "q", "context": "  "}\n', r"faq.jsonl:1: field 'context': expected non-empty text"),
+    ('{"question": "\\u200b", "context": "c"}\n', r"faq.jsonl:1: field 'question': expected non-empty text"),
     ('{"id": "a", "question": "q", "context": "c"}\n{"id": "a", "question": "r", "context": "d"}\n', "duplicate FAQ id 'a'"),
     ("\n", "no FAQ entries"),
 ])
@@ -114,6 +115,8 @@ def test_wrong_task_kinds_list_the_tasks_that_fit(model):
         SupportPipeline(model, FAQ, qa_task="nope")
     with pytest.raises(ValueError, match="message is empty"):
         SupportPipeline(model, FAQ).answer("  ")
+    with pytest.raises(ValueError, match="message is empty"):
+        SupportPipeline(model, FAQ).answer("\u200b\ufeff")
 
 
 def test_match_score_for_labels_and_regression():

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,12 @@ class LoadReport:
 
     examples: list[Example]
     skipped: list[DataError] = field(default_factory=list)
+
+
+def is_blank(text: str) -> bool:
+    """Nothing left once whitespace, control (Cc) and format (Cf) characters are removed: the
+    tokenizer drops those, so a text of only "\\u200b", "\\ufeff" or "\\x00" reaches the model empty."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 # ------------------------------------------------------------------ raw records
@@ -174,7 +181,7 @@ def _text(where: str, row: dict, column: str) -> str:
     value = row[column]
     if not isinstance(value, str):
         raise DataError(where, column, f"expected text, found {type(value).__name__} {value!r}")
-    if not value.strip():
+    if is_blank(value):
         raise DataError(where, column, "empty text")
     return value
 

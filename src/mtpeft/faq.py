@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpeft.data import DataError, read_records
+from mtpeft.data import DataError, is_blank, read_records
 from mtpeft.embeddings import embed_texts
 from mtpeft.tasks.presets import support_data_dir
 
@@ -109,7 +109,7 @@ def _text(where: str, row: dict, columns: tuple[str, ...]) -> str:
         wanted = " or ".join(repr(c) for c in columns)
         raise DataError(where, columns[0], f"missing; an FAQ row needs {wanted}; the row has {sorted(row)}")
     value = row[column]
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or is_blank(value):
         raise DataError(where, column, f"expected non-empty text, found {value!r}")
     return value
 

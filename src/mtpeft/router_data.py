@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtpeft.data import decode_file, split_lines
+from mtpeft.data import decode_file, is_blank, split_lines
 from mtpeft.examples import Example
 from mtpeft.tasks import TaskSpec
 
@@ -45,7 +45,7 @@ def read_phrasings(path: str | os.PathLike) -> list[tuple[str | None, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{file}:{number}: invalid JSON: {err.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or is_blank(row["text"]):
                 raise ValueError(f"{file}:{number}: expected {{'task': NAME or null, 'text': non-empty text}}")
             task = row.get("task")
             if task is not None and not isinstance(task, str):

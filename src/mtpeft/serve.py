@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mtpeft.adapter_cache import AdapterStore, serving_store
 from mtpeft.admin import API_KEY_ENV, TaskChangedError, TaskManager, TaskView, admin_routes
 from mtpeft.batcher import MicroBatcher, Overloaded
+from mtpeft.data import is_blank
 from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel, to_example
@@ -222,7 +223,7 @@ def _check_texts(i: int, value, settings: ServeSettings) -> None:
     """422 for blank texts (a model would still answer them, confidently) and texts over the limits."""
     texts = routing_texts(value)  # the text, both texts of a pair, or a QA question
     context = value["context"] if input_shape(value) == "qa" else None
-    if any(not text.strip() for text in texts + ([context] if context is not None else [])):
+    if any(is_blank(text) for text in texts + ([context] if context is not None else [])):
         raise HTTPException(422, f"inputs[{i}]: empty text")
     if context is not None and len(context) > settings.max_context_chars:
         raise HTTPException(422, f"inputs[{i}]: context has {len(context)} characters, "
@@ -485,7 +486,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                                      "and QA tasks (and --faq FILE)")
         if len(request.message) > settings.max_text_chars:
             raise HTTPException(422, f"message has {len(request.message)} characters, over max_text_chars={settings.max_text_chars}")
-        if not request.message.strip():
+        if is_blank(request.message):
             raise HTTPException(422, "the message is empty")
         loop = asyncio.get_running_loop()
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mtpeft.data import is_blank
 from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
 from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path
@@ -171,7 +172,7 @@ class SupportPipeline:
         ``run``/``embed`` reach the model (default: ``model.run`` and bare-backbone
         ``embed_texts``); a server passes its micro-batcher and its model thread.
         """
-        if not isinstance(message, str) or not message.strip():
+        if not isinstance(message, str) or is_blank(message):
             raise ValueError("the message is empty; pass the customer's text")
         top_k = self.top_k if top_k is None else top_k
         _check_top_k(top_k)
