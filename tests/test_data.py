@@ -131,6 +131,18 @@ def test_csv_line_numbers_count_multiline_fields(tmp_path):
         load_examples(path, SENTIMENT)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("d.csv", 'sentence,label\ngood,1\n,\n\n" ",\nbad,0\n,,\n'),  # rows of empty cells, as spreadsheets export
+    ("d.tsv", "sentence\tlabel\ngood\t1\n\t\n\n \t\nbad\t0\n\t\t\n"),  # the same blank lines in a TSV
+])
+def test_rows_of_empty_cells_are_skipped_as_blank_lines(tmp_path, name, content):
+    # ",," was read as a row: a field-count error, or "empty text", where a blank line is skipped.
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert [where for where, _ in read_records(path)] == [f"{path}:2", f"{path}:6"]
+    assert [e.text for e in load_examples(path, SENTIMENT).examples] == ["good", "bad"]
+
+
 def test_qa_answer_must_match_the_context(tmp_path):
     path = tmp_path / "qa.jsonl"
     good = {"question": "Who?", "context": "Alice met Bob.", "answers": [{"text": "Bob", "answer_start": 10}]}

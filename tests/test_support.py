@@ -33,6 +33,13 @@ def test_faq_reads_jsonl_csv_and_answer_column(tmp_path):
     assert (entry.id, entry.question, entry.context) == ("faq-1", "Do you ship abroad?", "Yes, to 30 countries.")
 
 
+def test_faq_csv_rows_of_empty_cells_are_skipped_as_blank_lines(tmp_path):
+    # A spreadsheet export ends with ",," rows; they failed the load instead of being skipped like blank lines.
+    (tmp_path / "faq.csv").write_text('question,answer\n"Do you ship abroad?","Yes."\n,\n\n"Returns?","30 days."\n,\n,\n')
+    assert [(e.id, e.question) for e in load_faq(tmp_path / "faq.csv")] == [("faq-1", "Do you ship abroad?"),
+                                                                            ("faq-2", "Returns?")]
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"question": "q"}\n', r"faq.jsonl:1: field 'context': missing; an FAQ row needs 'context' or 'answer'; the row has \['question'\]"),
     ('{"question": "q", "context": "  "}\n', r"faq.jsonl:1: field 'context': expected non-empty text"),

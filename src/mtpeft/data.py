@@ -145,7 +145,9 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataError(f"{path}:1", None, "empty file, expected a header line")
         start = reader.line_num + 1
         for values in reader:
-            if values:
+            # A row of empty cells (",,", as spreadsheets export trailing blank rows) is a blank line,
+            # skipped as a TSV line of tabs is.
+            if any(value.strip() for value in values):
                 if len(values) != len(header):
                     raise DataError(f"{path}:{start}", None, f"expected {len(header)} fields ({', '.join(header)}), found {len(values)}")
                 yield f"{path}:{start}", dict(zip(header, values))
