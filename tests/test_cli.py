@@ -276,6 +276,14 @@ def test_predict_says_how_the_command_line_writes_a_pair_and_names_the_task_flag
     assert "argument 1: task 'similar-questions' compares two texts: on the command line" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "bundle"), "--task", "faq-answer", "just text"]) == 2
     assert """a question is a JSON object, e.g. '{"question": "...", "context": "..."}'""" in capsys.readouterr().err
+    # A JSON object with a null part has the right shape: the message names the part, not the shape.
+    assert main(["predict", str(tmp_path / "bundle"), "--task", "faq-answer", '{"question": "q", "context": null}']) == 2
+    err = capsys.readouterr().err
+    assert "argument 1: task 'faq-answer': the input's context is None, not a text" in err
+    assert "a question is a JSON object" not in err
+    assert main(["predict", str(tmp_path / "bundle"), "--task", "similar-questions", '["a", null]']) == 2
+    err = capsys.readouterr().err
+    assert "argument 1: task 'similar-questions': the input's second text is None" in err and "JSON list" not in err
 
     model.add_task(TaskSpec(name="mood", type="classification", labels=["bad", "good"], max_length=32))
     model.save(tmp_path / "two-text-tasks")

@@ -479,16 +479,21 @@ CLI_INPUTS = {
 
 
 def _check_inputs(spec: TaskSpec, lines: list[tuple[str, str]], inputs: list) -> None:
-    """Inputs for one named task, checked before predicting: a wrong one is named by its place
-    and told how to write the input on the command line (the Python API speaks of tuples)."""
+    """Inputs for one named task, checked before predicting: a wrong one is named by its place; one
+    of the wrong shape is told how to write the input on the command line (the Python API speaks of
+    tuples), one of the right shape keeps the model's message (e.g. which part is null)."""
     from mtpeft.model import to_example
-    from mtpeft.router import task_shape
+    from mtpeft.router import input_shape, task_shape
 
     for (where, _), value in zip(lines, inputs):
         try:
             to_example(value, spec)
         except ValueError as err:
-            how = CLI_INPUTS.get(task_shape(spec))
+            try:
+                shape = input_shape(value)
+            except ValueError:
+                shape = None
+            how = CLI_INPUTS.get(task_shape(spec)) if shape != task_shape(spec) else None
             raise ValueError(f"{where}: " + (f"task {spec.name!r} {how}" if how else str(err))) from None
 
 
