@@ -147,7 +147,9 @@ class SimilarOut(BaseModel):
     id: str
     question: str
     score: float = Field(description="the similarity task's score for (message, question)")
-    retrieval_score: float = Field(description="cosine of the bare-backbone embeddings")
+    retrieval_score: float = Field(description="the FAQ index's score, from bare-backbone embeddings: the mean of "
+                                               "the message's cosine with the entry's question and context as one "
+                                               "text and its cosine with the closest sentence of the context")
 
 
 class SupportAnswerOut(BaseModel):
