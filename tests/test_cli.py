@@ -377,3 +377,17 @@ def test_train_says_how_many_examples_it_uses_and_when_none_is_left_to_score(bac
 def test_a_mistyped_run_folder_is_named_as_missing(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "runs" / "dmeo"), "hello"]) == 2
     assert capsys.readouterr().err.strip() == f"mtpeft: error: {tmp_path / 'runs' / 'dmeo'}: no such folder"
+
+
+def test_predict_refuses_an_empty_text_by_its_place_before_loading_the_model(tmp_path, capsys):
+    # "" or a zero-width space got a confident label, as the HTTP API's 422 already refused.
+    missing = str(tmp_path / "no-bundle-needed")
+    assert main(["predict", missing, "fine text", "\u200b"]) == 2
+    assert capsys.readouterr().err.strip().endswith("argument 2: empty text")
+    lines = tmp_path / "inputs.txt"
+    lines.write_text('fine text\n["a question", " "]\n{"question": "q", "context": "\\u00a0"}\n', encoding="utf-8")
+    assert main(["predict", missing, "--file", str(lines)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{lines}:2: empty text")
+    lines.write_text('{"question": "q", "context": "\\u00a0"}\n', encoding="utf-8")
+    assert main(["predict", missing, "--file", str(lines)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{lines}:1: empty text")

@@ -6,9 +6,12 @@ import json
 import os
 
 import pytest
+import torch
+from transformers import BertConfig, BertModel
 
 from conftest import tiny_bert
 from mtpeft import MultiTaskModel, TaskSpec
+from mtpeft.backbone import from_model
 from mtpeft.data import DataError
 from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path, sentences
 from mtpeft.predictions import LabelPrediction, ScorePrediction
@@ -367,3 +370,16 @@ def test_a_faq_replaced_by_one_of_the_same_size_and_mtime_is_read_again(model, t
     os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.replace(new, path)
     assert pipeline.refresh() and pipeline.answer("refund?").answer.context == "Refunds take 5 days."
+
+
+def test_a_backbone_shorter_than_the_index_still_indexes_and_answers_long_entries(tokenizer):
+    """The FAQ index embeds up to 256 tokens; a 64-position backbone keeps each entry's start."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
+    model = support_model(from_model(BertModel(config), tokenizer, name="short-bert"))
+    long_entry = FaqEntry("long", "What is in the warranty?", " ".join(["The warranty covers parts and labour."] * 30))
+    index = FaqIndex.build(model, [*faq_entries(FAQ), long_entry])
+    assert index.vectors.shape[0] == len(FAQ) + 1
+    reply = SupportPipeline(model, [*FAQ, long_entry], top_k=2).answer("What is in the warranty?")
+    assert len(reply.similar) == 2 and reply.answer.faq_id in {e.id for e in [*FAQ, long_entry]}

@@ -497,6 +497,20 @@ def _check_inputs(spec: TaskSpec, lines: list[tuple[str, str]], inputs: list) ->
             raise ValueError(f"{where}: " + (f"task {spec.name!r} {how}" if how else str(err))) from None
 
 
+def _refuse_blank(where: str, value) -> None:
+    """An empty text (or one of only invisible characters) would still get a confident answer,
+    as the HTTP API's 422 says; here it is named by its place before the model loads."""
+    from mtpeft.data import is_blank
+    from mtpeft.router import input_shape, routing_texts
+
+    try:
+        texts = routing_texts(value) + ([value["context"]] if input_shape(value) == "qa" else [])
+    except (ValueError, TypeError, KeyError):
+        return  # a wrong shape is the model's (or _check_inputs') to name
+    if any(isinstance(text, str) and is_blank(text) for text in texts):
+        raise ValueError(f"{where}: empty text")
+
+
 def _predict(args) -> int:
     from mtpeft.model import MultiTaskModel
     from mtpeft.router import ShapeRouter
@@ -515,6 +529,7 @@ def _predict(args) -> int:
             inputs.append(parse_input_line(line))
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+        _refuse_blank(where, inputs[-1])
     model = MultiTaskModel.load(args.path).to(resolve_device(args.device))  # after the inputs: a bad one fails fast
     if model.router is None:  # the shape rule's advice, in the command line's terms
         model.router = ShapeRouter(model.specs, "pass --task")

@@ -28,10 +28,15 @@ def embed_texts(model: MultiTaskModel, texts: Sequence[str], batch_size: int = 6
                 max_length: int = MAX_TOKENS) -> torch.Tensor:
     """L2-normalised mean-pooled backbone embeddings, (N, H) float32 on the CPU, in input order.
 
-    Runs the backbone with routing ``None``: no task's adapter touches the vectors.
+    Runs the backbone with routing ``None``: no task's adapter touches the vectors. ``max_length``
+    is capped at the backbone's positions, so a backbone shorter than the FAQ index's 256 tokens
+    still indexes long entries (by their start) instead of failing inside the embeddings.
     """
     if not texts:
         return torch.zeros(0, model.identity.hidden_size)
+    positions = model.max_positions()
+    if positions is not None:
+        max_length = min(max_length, positions)
     encoded = model.tokenizer(list(texts), truncation=True, max_length=max_length)
     rows = [{"input_ids": ids, "token_type_ids": encoded["token_type_ids"][i] if "token_type_ids" in encoded else None}
             for i, ids in enumerate(encoded["input_ids"])]
