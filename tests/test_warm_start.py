@@ -98,6 +98,29 @@ def test_a_head_only_task_a_missing_folder_and_another_backbone_are_refused(toke
         warm_start(other, "sent", folder)
 
 
+def test_a_bundle_another_methods_folder_and_a_folder_of_no_task_are_refused_by_what_they_are(tokenizer, tmp_path):
+    from mtpeft.joint import build_joint_model
+    from mtpeft.methods import get_method
+
+    joint = build_joint_model(tiny_bert(tokenizer), [SENT, TaskSpec(name="topic", type="classification",
+                                                                    labels=["a", "b"])])
+    joint.save(tmp_path / "bundle")
+    method = get_method("pfeiffer")
+    method.save(method.build(tiny_bert(tokenizer), SENT), "sent", tmp_path / "pfeiffer")
+    (tmp_path / "empty").mkdir()
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(SENT, LoraSettings())
+    # A bundle holds several tasks: none is picked for the user.
+    with pytest.raises(FileNotFoundError, match=r"a bundle of tasks \(sent, topic\); name one task's folder"):
+        warm_start(model, "sent", tmp_path / "bundle")
+    with pytest.raises(FileNotFoundError, match=r"method 'pfeiffer' \(bottleneck\), which has no LoRA adapter"):
+        warm_start(model, "sent", tmp_path / "pfeiffer")
+    with pytest.raises(FileNotFoundError, match="not a saved task's folder"):
+        warm_start(model, "sent", tmp_path / "empty")
+    # One task of the joint model stands alone: its folder holds a copy of the shared adapter.
+    assert "adapter and head" in warm_start(model, "sent", tmp_path / "bundle" / "sent")
+
+
 def test_a_resumed_run_continues_from_its_checkpoint_not_from_the_warm_start(tokenizer, tmp_path, monkeypatch):
     _, folder = _trained(tiny_bert(tokenizer), tmp_path)
     config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1}, init_from=folder)

@@ -15,7 +15,7 @@ import torch
 
 from mtpeft.backbone import BackboneMismatchError
 from mtpeft.model import MultiTaskModel
-from mtpeft.storage import copy_adapter_weights, read_task, read_task_record
+from mtpeft.storage import TASK_FILE, copy_adapter_weights, read_json, read_task, read_task_record
 
 FRESH = "init_from=None; on the command line --init-from none"
 
@@ -32,6 +32,8 @@ def warm_start(model: MultiTaskModel, task: str, source: str | os.PathLike) -> s
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"init_from {source}: no such task folder (a folder written by mtpeft train --out)")
+    if not (source / TASK_FILE).is_file():
+        raise FileNotFoundError(_not_a_task_folder(source))
     saved = read_task(source)
     try:
         model.identity.check_matches(saved.record["backbone"], f"init_from: the adapter in {source}")
@@ -56,6 +58,20 @@ def warm_start(model: MultiTaskModel, task: str, source: str | os.PathLike) -> s
             head.load_state_dict(saved.head)
         return f"adapter and head from {source}"
     return f"adapter from {source} (head freshly initialised: {saved.spec.type} task {saved.spec.name!r} has other outputs)"
+
+
+def _not_a_task_folder(source: Path) -> str:
+    """Why ``source`` holds no task to start from: a bundle holds several (none is picked for
+    the user), and another method's folder has no LoRA adapter to copy."""
+    tasks = sorted(p.parent.name for p in source.glob(f"*/{TASK_FILE}"))
+    if tasks:
+        return (f"init_from {source}: a bundle of tasks ({', '.join(tasks)}); name one task's folder, "
+                f"e.g. {source / tasks[0]}")
+    if (source / "method.json").is_file():
+        method = read_json(source / "method.json").get("method", {})
+        return (f"init_from {source}: trained with method {method.get('name')!r} ({method.get('kind')}), which has "
+                f"no LoRA adapter to start from; name a LoRA task's folder, or train from a fresh adapter ({FRESH})")
+    return f"init_from {source}: no {TASK_FILE}, so not a saved task's folder (mtpeft train --out writes one)"
 
 
 def same_backbone(model: MultiTaskModel, source: str | os.PathLike) -> bool:
