@@ -15,7 +15,7 @@ import torch
 
 from mtpeft.backbone import BackboneMismatchError
 from mtpeft.model import MultiTaskModel
-from mtpeft.storage import TASK_FILE, copy_adapter_weights, read_json, read_task, read_task_record
+from mtpeft.storage import PEFT_PREFIX, TASK_FILE, copy_adapter_weights, read_json, read_task, read_task_record
 
 FRESH = "init_from=None; on the command line --init-from none"
 
@@ -48,6 +48,12 @@ def warm_start(model: MultiTaskModel, task: str, source: str | os.PathLike) -> s
         raise ValueError(f"init_from {source}: its adapter has r={saved.lora.r}, alpha={saved.lora.alpha:g}, "
                          f"task {task!r}'s r={mine.r}, alpha={mine.alpha:g}: train with its rank and alpha, or from "
                          f"a fresh adapter ({FRESH})")
+    # The same rank on other layers fails the copy; said here in terms of the settings that differ.
+    if {key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in saved.adapter} != set(model.lora_layers(task)):
+        theirs = ",".join(saved.lora.target_modules or ["(the default)"])
+        raise ValueError(f"init_from {source}: its adapter adapts the layers {theirs}, task {task!r}'s "
+                         f"{','.join(mine.target_modules)}: train with --target-modules {theirs}, or from a fresh "
+                         f"adapter ({FRESH})")
     copy_adapter_weights(model, task, saved)
 
     spec, head = model.spec(task), model.heads[task]
