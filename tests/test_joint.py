@@ -393,6 +393,13 @@ def test_task_epochs_or_total_steps_that_would_change_the_run_silently_are_clear
         train_joint(model, _data(), config, total_steps=0, progress=False)
 
 
+def test_a_warm_start_that_joint_training_would_ignore_is_a_clear_error(tokenizer, tmp_path):
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    config = TrainConfig(epochs=1, batch_size=4, bf16=False, init_from=str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="init_from=.*train_joint trains its shared adapter from a fresh start"):
+        train_joint(model, _data(), config, progress=False)
+
+
 def test_joint_training_takes_the_models_bf16_setting_unless_the_config_names_one(tokenizer, monkeypatch):
     from mtpeft import precision
 

@@ -151,6 +151,9 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     deleted at the end.
     """
     config = config or TrainConfig()
+    if config.init_from:  # was ignored: the run trained from fresh weights without a word
+        raise ValueError(f"init_from={config.init_from!r}: train_joint trains its shared adapter from a fresh start; "
+                         "a warm start is of one task's adapter (train_task)")
     # Checked as TrainConfig checks epochs: a misnamed task or a count <= 0 would otherwise
     # silently change the run's length (or train nothing at all).
     unknown = sorted(set(task_epochs or {}) - set(data))
