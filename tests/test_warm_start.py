@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -142,6 +144,26 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_from_the_warm_start(tok
             run()
     monkeypatch.setattr("mtpeft.train.warm_start", lambda *a: pytest.fail("the checkpoint's weights were overwritten"))
     assert run().steps == 3
+    # The resumed run started from the saved task all the same, and its task.json says so.
+    assert json.loads((tmp_path / "run" / "task.json").read_text())["init_from"] == folder
+
+
+def test_a_warm_started_task_records_where_its_adapter_came_from_also_in_a_bundle(tokenizer, tmp_path):
+    from mtpeft.storage import load_into, save_bundle
+
+    _, folder = _trained(tiny_bert(tokenizer), tmp_path)
+    assert "init_from" not in json.loads((tmp_path / "saved" / "task.json").read_text())  # a fresh start
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(SENT, LoraSettings())
+    train_task(model, "sent", _sentiment(2, 8), None, TrainConfig(**FAST, init_from=folder), out_dir=tmp_path / "warm",
+               progress=False, report_to=())
+    assert json.loads((tmp_path / "warm" / "task.json").read_text())["init_from"] == folder
+    assert f"started from the one saved in `{folder}`" in (tmp_path / "warm" / "README.md").read_text()
+    # Loaded and saved again (the demo's bundle, say), it still says so: the squad-qa adapter's licence carries over.
+    again = MultiTaskModel(tiny_bert(tokenizer))
+    load_into(again, tmp_path / "warm")
+    save_bundle(again, tmp_path / "bundle")
+    assert json.loads((tmp_path / "bundle" / "sent" / "task.json").read_text())["init_from"] == folder
 
 
 def test_the_packaged_squad_adapter_is_a_whole_task_folder_of_the_default_backbone():

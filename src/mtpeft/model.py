@@ -56,6 +56,8 @@ class MultiTaskModel(nn.Module):
         self.specs: dict[str, TaskSpec] = {}
         self.adapters: dict[str, LoraSettings | None] = {}
         self.task_metrics: dict[str, dict] = {}
+        # The saved task folder each warm-started task's adapter started from (task.json's "init_from").
+        self.task_init_from: dict[str, str] = {}
         self.bf16: bool | None = None  # None: bf16 where the hardware is fast at it
         self.backbone_dropout = False
         # Inference on a single-task batch of at least this many rows folds the task's LoRA
@@ -149,6 +151,7 @@ class MultiTaskModel(nn.Module):
                 module.remove_adapter(name)
         del self.heads[name], self.specs[name], self.adapters[name]
         self.task_metrics.pop(name, None)
+        self.task_init_from.pop(name, None)
         self.extra_parameters.pop(name, None)
         self._drop_alias(name)
 

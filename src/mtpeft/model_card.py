@@ -48,6 +48,9 @@ def render_model_card(record: dict, base_model: str) -> str:
                          "each with its own head")
     else:
         lines.append("- no adapter: a head trained on the frozen backbone")
+    if record.get("init_from"):
+        lines.append(f"- warm-started: the adapter started from the one saved in `{record['init_from']}` "
+                     "(`init_from`); its README says what it was trained on, and under which licence")
     lines.append(f"- trainable parameters: {record['trainable_parameters']:,} (backbone frozen, not included in this folder)")
     lines += ["", "## Evaluation", ""]
     if metrics:

@@ -6,7 +6,8 @@ A task folder holds:
   layout (keys ``base_model.model.<module>.lora_A.weight``, task name stripped), so
   ``peft.PeftModel.from_pretrained(backbone, folder)`` loads it;
 - ``head.safetensors``: the task head;
-- ``task.json``: the task spec, adapter settings, backbone identity and recorded metrics;
+- ``task.json``: the task spec, adapter settings, backbone identity and recorded metrics (and a
+  warm-started task's ``init_from``: the task folder its adapter started from);
 - ``README.md``: a model card.
 
 A bundle is a folder of task folders plus ``bundle.json``. No backbone weights are ever
@@ -193,6 +194,8 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         # sha256s the files do not match, so a task folder outside a bundle is never read torn.
         "files": {file: _sha256(folder / file) for file in written},
     }
+    if name in model.task_init_from:  # where the adapter came from: its data's licence may carry over
+        record["init_from"] = model.task_init_from[name]
     if adapter != name:  # task_parameters holds the task's head; the shared adapter trained for it too
         record["trainable_parameters"] += sum(w.numel() for w in weights.values())
         record["adapter"]["shared_with"] = sorted(t for t, a in model.adapter_alias.items() if a == adapter)
@@ -300,6 +303,8 @@ def install_task(model: MultiTaskModel, saved: SavedTask) -> str:
         model.remove_task(spec.name)
         raise
     model.task_metrics[spec.name] = saved.record.get("metrics", {})
+    if saved.record.get("init_from"):  # kept when the task is saved again (a bundle)
+        model.task_init_from[spec.name] = saved.record["init_from"]
     _share_with_partners(model, spec.name, saved.record)
     return spec.name
 

@@ -123,6 +123,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         started_from = warm_start(model, task, config.init_from)
         if parallel.is_main:
             print(f"{task}: starting from the {started_from}", file=sys.stderr)
+    elif config.init_from:  # the run it resumes started there (its fingerprint holds init_from)
+        model.task_init_from[task] = config.init_from
     sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
     if sharding and parallel.is_main:
         print(sharding, file=sys.stderr)

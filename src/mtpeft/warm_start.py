@@ -55,6 +55,7 @@ def warm_start(model: MultiTaskModel, task: str, source: str | os.PathLike) -> s
                          f"{','.join(mine.target_modules)}: train with --target-modules {theirs}, or from a fresh "
                          f"adapter ({FRESH})")
     copy_adapter_weights(model, task, saved)
+    model.task_init_from[task] = str(source)
 
     spec, head = model.spec(task), model.heads[task]
     same_outputs = saved.spec.type == spec.type and saved.spec.labels == spec.labels
