@@ -120,6 +120,9 @@ def test_a_bundle_another_methods_folder_and_a_folder_of_no_task_are_refused_by_
         warm_start(model, "sent", tmp_path / "pfeiffer")
     with pytest.raises(FileNotFoundError, match="not a saved task's folder"):
         warm_start(model, "sent", tmp_path / "empty")
+    (tmp_path / "empty" / "checkpoint.safetensors").write_bytes(b"")  # an interrupted run's folder
+    with pytest.raises(FileNotFoundError, match="a run that has not finished .*run it again to finish it"):
+        warm_start(model, "sent", tmp_path / "empty")
     # One task of the joint model stands alone: its folder holds a copy of the shared adapter.
     assert "adapter and head" in warm_start(model, "sent", tmp_path / "bundle" / "sent")
 

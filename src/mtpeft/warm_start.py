@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mtpeft.backbone import BackboneMismatchError
+from mtpeft.checkpoint import CHECKPOINT_FILE
 from mtpeft.model import MultiTaskModel
 from mtpeft.storage import PEFT_PREFIX, TASK_FILE, copy_adapter_weights, read_json, read_task, read_task_record
 
@@ -69,7 +70,8 @@ def warm_start(model: MultiTaskModel, task: str, source: str | os.PathLike) -> s
 
 def _not_a_task_folder(source: Path) -> str:
     """Why ``source`` holds no task to start from: a bundle holds several (none is picked for
-    the user), and another method's folder has no LoRA adapter to copy."""
+    the user), another method's folder has no LoRA adapter to copy, and an interrupted run
+    has only its checkpoint."""
     tasks = sorted(p.parent.name for p in source.glob(f"*/{TASK_FILE}"))
     if tasks:
         return (f"init_from {source}: a bundle of tasks ({', '.join(tasks)}); name one task's folder, "
@@ -78,6 +80,9 @@ def _not_a_task_folder(source: Path) -> str:
         method = read_json(source / "method.json").get("method", {})
         return (f"init_from {source}: trained with method {method.get('name')!r} ({method.get('kind')}), which has "
                 f"no LoRA adapter to start from; name a LoRA task's folder, or train from a fresh adapter ({FRESH})")
+    if (source / CHECKPOINT_FILE).is_file():
+        return (f"init_from {source}: a run that has not finished (a checkpoint, no {TASK_FILE} yet); run it again "
+                "to finish it, then start from its folder")
     return f"init_from {source}: no {TASK_FILE}, so not a saved task's folder (mtpeft train --out writes one)"
 
 
