@@ -391,3 +391,14 @@ def test_predict_refuses_an_empty_text_by_its_place_before_loading_the_model(tmp
     lines.write_text('{"question": "q", "context": "\\u00a0"}\n', encoding="utf-8")
     assert main(["predict", missing, "--file", str(lines)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{lines}:1: empty text")
+
+
+def test_a_zero_seed_or_checkpoint_interval_is_kept(backbone_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine", "label": "a"}\n{"text": "bad", "label": "b"}\n', encoding="utf-8")
+    code = main(["train", "--task", "t", "--task-type", "classification", "--labels", "a,b", "--data", str(data),
+                 "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir), "--epochs", "1", "--no-progress",
+                 "--fp32", "--seed", "0", "--checkpoint-every", "0"])
+    assert code == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert config["seed"] == 0 and config["checkpoint_every"] == 0

@@ -385,7 +385,8 @@ def _train(args) -> int:
     for key in ("epochs", "lr", "head_lr", "batch_size", "seed", "max_train_examples", "max_eval_examples",
                 "checkpoint_every", "pad_to_multiple_of", "backbone_dropout", "init_from"):
         if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key) or None  # --init-from none: ""
+            value = getattr(args, key)
+            recipe[key] = None if key == "init_from" and not value else value  # --init-from none: ""; --seed 0 stays 0
     preset_lora = recipe.pop("lora", None)
     if args.head_only and args.init_from is None:  # a preset's warm start is of its adapter
         recipe.pop("init_from", None)
