@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -146,9 +147,24 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_from_the_warm_start(tok
         with pytest.raises(KeyboardInterrupt):
             run()
     monkeypatch.setattr("mtpeft.train.warm_start", lambda *a: pytest.fail("the checkpoint's weights were overwritten"))
+    # The same folder spelled relative to the working directory is the same run.
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1}, init_from="saved")
     assert run().steps == 3
     # The resumed run started from the saved task all the same, and its task.json says so.
-    assert json.loads((tmp_path / "run" / "task.json").read_text())["init_from"] == folder
+    recorded = json.loads((tmp_path / "run" / "task.json").read_text())["init_from"]
+    assert os.path.samefile(recorded, folder)
+
+
+def test_a_wrong_init_from_fails_before_the_training_data_is_tokenised(tokenizer, tmp_path, monkeypatch):
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.add_task(SENT, LoraSettings())
+    from mtpeft.tasks import task_type
+
+    monkeypatch.setattr(task_type(SENT), "encode", lambda *a: pytest.fail("tokenised first"))
+    with pytest.raises(FileNotFoundError, match="no such task folder"):
+        train_task(model, "sent", _sentiment(0, 8), None, TrainConfig(**FAST, init_from=str(tmp_path / "nowhere")),
+                   progress=False, report_to=())
 
 
 def test_a_warm_started_task_records_where_its_adapter_came_from_also_in_a_bundle(tokenizer, tmp_path):

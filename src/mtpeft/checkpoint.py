@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -47,8 +48,12 @@ RESUMABLE_SETTINGS = ("compile", "eval_batch_size", "max_eval_examples", "checkp
 
 
 def recipe_key(config) -> str:
-    """A run's training settings, for its fingerprint: all but ``RESUMABLE_SETTINGS``."""
-    return json.dumps({k: v for k, v in config.to_dict().items() if k not in RESUMABLE_SETTINGS}, sort_keys=True)
+    """A run's training settings, for its fingerprint: all but ``RESUMABLE_SETTINGS``. ``init_from``
+    counts as the folder it names, so ``runs/squad`` and its absolute path resume the same run."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_SETTINGS}
+    if settings.get("init_from"):
+        settings["init_from"] = os.path.realpath(settings["init_from"])
+    return json.dumps(settings, sort_keys=True)
 
 
 def backbone_key(identity) -> str:

@@ -108,10 +108,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     for param in trainable.values():
         param.requires_grad_(True)
 
-    features = kind.encode(spec, model.tokenizer, train_examples)
-    lengths = [len(f["input_ids"]) for f in features]
-    steps_per_epoch = math.ceil(len(features) / config.batch_size)
-    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     parallel = DataParallel()
     if config.compile and (parallel.sharded or parallel.zero_stage is not None):
         raise ValueError("compile runs on one process or under DDP; FSDP and DeepSpeed train uncompiled")
@@ -125,6 +121,11 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             print(f"{task}: starting from the {started_from}", file=sys.stderr)
     elif config.init_from:  # the run it resumes started there (its fingerprint holds init_from)
         model.task_init_from[task] = config.init_from
+    # Encoded after the warm start, so a wrong init_from fails before minutes of tokenising.
+    features = kind.encode(spec, model.tokenizer, train_examples)
+    lengths = [len(f["input_ids"]) for f in features]
+    steps_per_epoch = math.ceil(len(features) / config.batch_size)
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     sharding = parallel.shard_model(model, use_bf16)  # FSDP: the parameters become shards on ``device``
     if sharding and parallel.is_main:
         print(sharding, file=sys.stderr)
