@@ -11,6 +11,8 @@ is the packaged adapter as it comes (the head's no-answer position never trained
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import torch
 from speedkit import write_result
@@ -53,7 +55,10 @@ def main() -> None:
         torch.manual_seed(config.seed)
         model.add_task(preset.spec, config.lora)
         result = train_task(model, preset.spec.name, data.train, data.eval, config, progress=False, report_to=())
-        runs[name] = {"metrics": result.metrics, "train_seconds": result.train_seconds, "config": config.to_dict()}
+        recorded = config.to_dict()  # the packaged adapter's path relative to the repository, not this machine's
+        if recorded["init_from"]:
+            recorded["init_from"] = os.path.relpath(recorded["init_from"], Path(__file__).resolve().parents[1])
+        runs[name] = {"metrics": result.metrics, "train_seconds": result.train_seconds, "config": recorded}
         print(name, result.metrics, f"{result.train_seconds:.0f} s", flush=True)
         model.remove_task(preset.spec.name)
     write_result("faq_answer_recipes", {"train_examples": len(data.train), "eval_examples": len(data.eval),
