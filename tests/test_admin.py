@@ -16,7 +16,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from conftest import tiny_bert  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from tiny_bundle import FAQ, QA, slowed, support_model  # noqa: E402
+from tiny_bundle import FAQ, QA, SPECS, slowed, support_model  # noqa: E402
 
 from mtpeft.admin import API_KEY_ENV  # noqa: E402
 from mtpeft.serve import ServeSettings, create_app  # noqa: E402
@@ -178,6 +178,28 @@ def test_unload_while_requests_wait_is_422_not_500(served, root, monkeypatch):
     assert busy.status_code == 200 and unload.status_code == 200
     assert waiting.status_code == 422, waiting.text
     assert "unknown task 'similar-questions'" in waiting.json()["detail"] and "unloaded" in waiting.json()["detail"]
+
+
+@pytest.mark.parametrize("asked, replacement", [("faq-answer", "pair"), ("similar-questions", "qa")])
+def test_a_task_replaced_by_another_shape_while_requests_wait_is_422(tokenizer, monkeypatch, asked, replacement):
+    """A QA context and a second sentence are both a text_pair: only the prediction's kind tells them apart."""
+    model = support_model(tiny_bert(tokenizer))
+    spec = {"pair": SPECS[1], "qa": SPECS[2]}[replacement]
+    run = model.run
+
+    def swap_then_run(items, batch_size=64):  # the unload and load that land between validation and the batch
+        model.remove_task(asked)
+        model.add_task(dataclasses.replace(spec, name=asked))
+        return run(items, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "run", swap_then_run)
+    value = QA if asked == "faq-answer" else ["where is my order", "has my parcel shipped"]
+    with TestClient(create_app(model)) as c:
+        response = c.post("/v1/predict", json={"input": value, "task": asked})
+    assert response.status_code == 422, response.text
+    shape = "qa" if asked == "faq-answer" else "pair"
+    assert response.json()["detail"] == (f"inputs[0]: task {asked!r} was replaced, while the request waited, "
+                                         f"by one that does not take {shape} inputs")
 
 
 @pytest.mark.parametrize("path, status, message", [

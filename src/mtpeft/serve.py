@@ -38,6 +38,7 @@ from mtpeft.data import is_blank
 from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel, to_example
+from mtpeft.predictions import AnswerPrediction
 from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
 from mtpeft.runtime import bound_kernel_caches
 from mtpeft.schemas import (ErrorOut, Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput,
@@ -429,7 +430,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
             decisions = await on_model_thread(decide, values, tasks, router)
         else:
             decisions = decide(values, tasks, router)
-        results, items, where = [], [], []
+        results, items, where, shapes = [], [], [], []
         for i, (value, decision) in enumerate(zip(values, decisions)):
             result = {"task": decision.task, "route": decision.to_dict(), "prediction": None, "error": None}
             results.append(result)
@@ -448,9 +449,16 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                 continue
             items.append((decision.task, example))
             where.append(i)
+            shapes.append(task_shape(spec))
         if store is not None:  # read cold tasks' files here, off the model thread
             await prefetch([task for task, _ in items])
-        for i, prediction in zip(where, await predict_rows(items)):
+        for i, shape, prediction in zip(where, shapes, await predict_rows(items)):
+            # The model thread's check tells a text from a two-part input, not a QA context from a
+            # second sentence: a QA task unloaded and a pair task loaded under its name meanwhile
+            # would answer this QA input with a label.
+            if (shape == "qa") != isinstance(prediction, AnswerPrediction):
+                raise HTTPException(422, f"inputs[{i}]: task {prediction.task!r} was replaced, while the request "
+                                         f"waited, by one that does not take {shape} inputs")
             results[i]["prediction"] = prediction.to_dict()
             if not _all_finite(results[i]["prediction"]):
                 raise HTTPException(500, f"inputs[{i}]: task {prediction.task!r} gave a non-finite score "
