@@ -113,6 +113,50 @@ def test_peft_loads_an_all_linear_adapter_exactly(backbone, tokenizer, tmp_path)
     assert adapted == set(model.lora_layers("t"))
 
 
+def test_peft_saving_our_adapter_again_writes_the_same_config_and_weights(backbone, tokenizer, tmp_path, monkeypatch):
+    # Ours said auto_mapping: null where PEFT writes the backbone's class (an adapter without a task type).
+    from peft import PeftModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft's save looks "tiny-bert" up on the hub otherwise
+    model = _model(backbone)
+    model.save(tmp_path / "ours")
+    peft_model = PeftModel.from_pretrained(tiny_bert(tokenizer).model, tmp_path / "ours" / "similarity")
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = json.loads((tmp_path / "ours" / "similarity" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    theirs["target_modules"] = sorted(theirs["target_modules"])  # a set to PEFT
+    assert ours == theirs
+    assert ours["auto_mapping"] == {"base_model_class": "BertModel",
+                                    "parent_library": "transformers.models.bert.modeling_bert"}
+    ours_weights = load_file(tmp_path / "ours" / "similarity" / "adapter_model.safetensors")
+    theirs_weights = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert ours_weights.keys() == theirs_weights.keys()
+    assert all(torch.equal(ours_weights[k], theirs_weights[k]) for k in ours_weights)
+
+
+def test_auto_peft_model_loads_an_adapter_saved_on_a_local_backbone(tokenizer, tmp_path, monkeypatch):
+    # AutoPeftModel builds the base model from adapter_config.json alone: its class from auto_mapping,
+    # its weights from base_model_name_or_path (here a local folder). It refused ours.
+    from peft import AutoPeftModel
+
+    from mtpeft.backbone import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft looks for a tokenizer on the hub otherwise
+    tiny_bert(tokenizer).model.save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    model = MultiTaskModel(load_backbone(tmp_path / "backbone"))
+    model.bf16 = False
+    model.add_task(TaskSpec(name="t", type="classification", labels=["a", "b"]), LoraSettings(r=2, alpha=4))
+    for layer in model.lora_layers("t").values():
+        torch.nn.init.normal_(layer.lora_B["t"].weight, std=0.3)
+    model.save(tmp_path / "bundle")
+    peft_model = AutoPeftModel.from_pretrained(tmp_path / "bundle" / "t").eval()
+    batch = dict(tokenizer(["a first text", "and a second, longer one"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).last_hidden_state, model.encode(batch, "t"),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_loading_onto_another_backbone_names_the_expected_one(backbone, tokenizer, tmp_path):
     _model(backbone).save(tmp_path)
     other = tiny_bert(tokenizer, seed=7)  # same shapes, different weights

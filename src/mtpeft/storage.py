@@ -140,22 +140,27 @@ def read_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, t
 
 
 def peft_adapter_config(lora: LoraSettings, base_model: str, module_paths: list[str],
-                        fan_in_fan_out: bool = False) -> dict:
+                        fan_in_fan_out: bool = False, base_model_class: type | None = None) -> dict:
     """``adapter_config.json`` exactly as PEFT writes it for these settings.
 
     Targets are the full module paths, so PEFT adapts exactly the layers we adapted
     (a leaf name such as ``dense`` would also catch BERT's pooler). ``fan_in_fan_out``
     marks layers that store their weight as (in, out), GPT-2's ``Conv1D``.
+    ``base_model_class`` (the backbone's class) goes into ``auto_mapping``, as PEFT saves
+    an adapter without a task type: ``peft.AutoPeftModel`` reads the class to build there.
     """
     from peft import LoraConfig
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=sorted(module_paths), bias="none", fan_in_fan_out=fan_in_fan_out,
-                        base_model_name_or_path=base_model)
+                        base_model_name_or_path=base_model, inference_mode=True)
     data = config.to_dict()
     for key, value in data.items():
         if isinstance(value, set):
             data[key] = sorted(value)
+    if base_model_class is not None:
+        data["auto_mapping"] = {"base_model_class": base_model_class.__name__,
+                                "parent_library": base_model_class.__module__}
     return data
 
 
@@ -180,7 +185,8 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
         write_safetensors(folder / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
         layers = model.lora_layers(adapter)
         conv1d = any(isinstance(layer.base_layer, Conv1D) for layer in layers.values())
-        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(layers), fan_in_fan_out=conv1d))
+        write_json(folder / ADAPTER_CONFIG, peft_adapter_config(lora, base_name, list(layers), fan_in_fan_out=conv1d,
+                                                             base_model_class=type(model.backbone)))
     write_safetensors(folder / HEAD_WEIGHTS, dict(model.heads[name].state_dict()))
     written = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, HEAD_WEIGHTS] if lora is not None else [HEAD_WEIGHTS]
     record = {
