@@ -123,3 +123,32 @@ def test_a_task_on_a_quantized_backbone_is_refused_up_front(backbone, tmp_path):
     finally:
         del model.backbone.config.quantization_config
     assert not (tmp_path / "out").exists()
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a fault point: nothing after it runs."""
+
+
+def test_an_export_over_another_stopped_midway_does_not_load(backbone, tmp_path, monkeypatch):
+    # config.json was written after the weights: stopped between them, a folder that held another
+    # task's export loaded that task's labels and pooling over the new task's weights.
+    import mtpeft.storage
+
+    model = MultiTaskModel(backbone)
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    model.add_task(TaskSpec(name="b", type="classification", labels=["u", "v"], pooling="cls"))
+    export_task(model, "a", tmp_path)
+
+    def fault(kind, at):
+        if f"{kind}:{at}" == "save:config.json":
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mtpeft.storage, "fault_point", fault)
+        with pytest.raises(_Killed):
+            export_task(model, "b", tmp_path)
+    with pytest.raises((OSError, ValueError), match="config.json"):  # no config: not a model folder
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, trust_remote_code=True)
+    export_task(model, "b", tmp_path)  # exported again whole, it loads
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path, trust_remote_code=True)
+    assert exported.config.pooling == "cls" and exported.config.id2label[0] == "u"

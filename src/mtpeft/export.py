@@ -148,8 +148,10 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     }
     weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     weights.update({f"out.{k}": v for k, v in _output_layer(spec, head).items()})
+    # transformers loads a folder by its config.json: the old one goes first and the new one comes
+    # last, so an export stopped midway over another never loads that one's head over these weights.
+    (folder / "config.json").unlink(missing_ok=True)
     write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
-    write_json(folder / "config.json", config)
     atomic_write(folder / MODELING_FILE, MODELING_SOURCE.encode())
     model.tokenizer.save_pretrained(folder)
     readme = (f"# {spec.name} (exported by mtpeft)\n\n{spec.description}\n\nLoad with `{auto}.from_pretrained(folder, "
@@ -158,4 +160,5 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
               f"backbone weights.\n\n"
               f"Task spec:\n\n```json\n{json.dumps(spec.to_dict(), indent=2)}\n```\n")
     atomic_write(folder / "README.md", readme.encode())
+    write_json(folder / "config.json", config)
     return folder
