@@ -176,6 +176,45 @@ def test_prompt_methods_keep_positions_padding_and_segments(tokenizer):
             assert not torch.allclose(model.encode(flipped, "p"), alone)  # segment ids are not dropped
 
 
+def _tiny_distilbert(tokenizer):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from mtpeft.backbone import from_model
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    return from_model(DistilBertModel(config), tokenizer, name="tiny-distilbert")
+
+
+def test_peft_methods_build_on_distilbert(tokenizer, tmp_path):
+    # peft has no IA3 default for DistilBERT's module names and reads prompt sizes from config keys
+    # DistilBERT's lacks: both methods failed to build. A prefix never reaches its attention.
+    from peft import PeftModel
+
+    batch = dict(tokenizer(["a b", "c d e f"], ["x", "y z"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        bare = MultiTaskModel(_tiny_distilbert(tokenizer)).encode(batch, None)
+    # IA3: keys and values (32 each) and the feed-forward output's input (64), per layer
+    for name, count in (("ia3", 2 * (32 + 32 + 64)), ("prompt-tuning", 20 * 32)):
+        method = get_method(name)
+        model = method.build(_tiny_distilbert(tokenizer), PAIR)
+        model.bf16 = False
+        params = model.extra_parameters["p"]
+        assert sum(p.numel() for p in params.values()) == count, name
+        with torch.no_grad():
+            for param in params.values():
+                param.add_(torch.randn_like(param))
+            ours = model.encode(batch, "p")
+        assert not torch.allclose(ours, bare, atol=1e-3), name
+        if name == "ia3":
+            method.save(model, "p", tmp_path)
+            peft_model = PeftModel.from_pretrained(_tiny_distilbert(tokenizer).model, tmp_path / "peft").eval()
+            with torch.no_grad():
+                torch.testing.assert_close(peft_model(**batch).last_hidden_state, ours, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MethodNotApplicable, match="distilbert's attention"):
+        get_method("prefix-tuning").build(_tiny_distilbert(tokenizer), PAIR)
+
+
 def test_bottleneck_starts_as_the_base_model_and_routes_rows(tokenizer):
     backbone = tiny_bert(tokenizer)
     model = MultiTaskModel(backbone)

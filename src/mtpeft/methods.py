@@ -41,6 +41,16 @@ from mtpeft.tasks.presets import RECIPE_SECTIONS
 
 KINDS = ("zero-shot", "head-only", "lora", "full", "peft", "bottleneck", "joint")
 PEFT_TYPES = ("ia3", "prompt-tuning", "prefix-tuning", "dora", "vera")
+# IA3's (target, feed-forward) modules where peft has no default for the architecture: keys,
+# values and the feed-forward output, as peft's BERT default.
+IA3_MODULES: dict[str, tuple[list[str], list[str]]] = {
+    **{family: (["key", "value", "output.dense"], ["output.dense"])
+       for family in ("xlm-roberta", "camembert", "electra")},
+    "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
+    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+}
+# Architectures whose attention takes no past keys/values: a prefix would never reach it.
+NO_PREFIX = ("distilbert", "mpnet")
 
 
 class MethodNotApplicable(ValueError):
@@ -241,13 +251,21 @@ def peft_config(settings: dict, backbone: Backbone):
     kind = settings["type"]
     task_type = TaskType.FEATURE_EXTRACTION
     targets = backbone.default_targets()
+    model_type = backbone.identity.model_type
     # GPT-2's Conv1D layers store weights as (in, out): peft must be told, or it warns and guesses.
     conv1d = any(isinstance(module, Conv1D) for module in backbone.model.modules())
-    if kind == "ia3":  # peft's per-architecture defaults: key, value and the feed-forward output
-        return IA3Config(task_type=task_type, fan_in_fan_out=conv1d)
-    if kind == "prompt-tuning":
-        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"])
+    if kind == "ia3":  # peft's per-architecture defaults (IA3_MODULES where it has none)
+        target, feedforward = IA3_MODULES.get(model_type, (None, None))
+        return IA3Config(task_type=task_type, fan_in_fan_out=conv1d, target_modules=target,
+                         feedforward_modules=feedforward)
+    if kind == "prompt-tuning":  # sizes named: peft looks them up under config keys DistilBERT's lacks
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"],
+                                  token_dim=backbone.hidden_size, num_layers=backbone.identity.num_layers,
+                                  num_attention_heads=backbone.model.config.num_attention_heads)
     if kind == "prefix-tuning":
+        if model_type in NO_PREFIX:
+            raise MethodNotApplicable(f"prefix tuning puts keys/values before every attention layer's own; "
+                                      f"{model_type}'s attention takes none")
         return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"],
                                   prefix_projection=False)
     if kind == "dora":
