@@ -215,6 +215,21 @@ def test_peft_methods_build_on_distilbert(tokenizer, tmp_path):
         get_method("prefix-tuning").build(_tiny_distilbert(tokenizer), PAIR)
 
 
+def test_prompt_tuning_on_embeddings_narrower_than_the_hidden_states(tokenizer):
+    # ELECTRA-small's embeddings are 128 wide, projected up to its 256 hidden size: the prompt was
+    # made hidden-size wide, and concatenating it with the input embeddings failed.
+    from transformers import ElectraConfig, ElectraModel
+
+    from mtpeft.backbone import from_model
+
+    config = ElectraConfig(vocab_size=tokenizer.vocab_size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64)
+    model = get_method("prompt-tuning").build(from_model(ElectraModel(config), tokenizer, name="tiny-electra"), PAIR)
+    model.bf16 = False
+    assert sum(p.numel() for p in model.extra_parameters["p"].values()) == 20 * 16
+    assert len(model.predict([("a b", "c d e")] * 2, task="p")) == 2
+
+
 def test_bottleneck_starts_as_the_base_model_and_routes_rows(tokenizer):
     backbone = tiny_bert(tokenizer)
     model = MultiTaskModel(backbone)

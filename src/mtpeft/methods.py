@@ -259,8 +259,10 @@ def peft_config(settings: dict, backbone: Backbone):
         return IA3Config(task_type=task_type, fan_in_fan_out=conv1d, target_modules=target,
                          feedforward_modules=feedforward)
     if kind == "prompt-tuning":  # sizes named: peft looks them up under config keys DistilBERT's lacks
+        # The prompt is input embeddings: their width, which ELECTRA projects up to the hidden size.
+        token_dim = backbone.model.get_input_embeddings().embedding_dim
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=settings["virtual_tokens"],
-                                  token_dim=backbone.hidden_size, num_layers=backbone.identity.num_layers,
+                                  token_dim=token_dim, num_layers=backbone.identity.num_layers,
                                   num_attention_heads=backbone.model.config.num_attention_heads)
     if kind == "prefix-tuning":
         if model_type in NO_PREFIX:
