@@ -417,3 +417,33 @@ def test_qa_answer_offset_must_be_a_non_negative_integer(tmp_path, start):
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="does not appear in the context at offset"):
         load_examples(path, QA)
+
+
+def test_rows_that_cannot_be_read_are_skipped_with_skip_bad_rows(tmp_path):
+    """GLUE's QQP train.tsv has questions cut in two by a line break: two lines of too few fields.
+    Such rows stopped loading even with skip_bad_rows, as did invalid JSON lines."""
+    qqp = get_preset("qqp")
+    (tmp_path / "qqp").mkdir()
+    tsv = tmp_path / "qqp" / "train.tsv"
+    tsv.write_text("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+                   "1\t1\t2\tHow are you?\tHow do you do?\t1\n"
+                   "2\t3\t4\tWhat is\nthis?\tWhat is that?\t0\n"
+                   "3\t5\t6\tWhy?\tWhy not?\t0\n", encoding="utf-8")
+    (tmp_path / "qqp" / "dev.tsv").write_text(tsv.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.tsv:3: expected 6 tab-separated fields"):
+        load_task_data(qqp.spec, tsv.parent, layout=qqp.layout)
+    data = load_task_data(qqp.spec, tsv.parent, layout=qqp.layout, skip_bad_rows=True)
+    assert [e.text for e in data.train] == ["How are you?", "Why?"] and len(data.eval) == 2
+    assert [e.where for e in data.skipped] == [f"{tsv.parent / name}:{n}" for name in ("train.tsv", "dev.tsv")
+                                               for n in (3, 4)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"sentence": "good", "label": 1}\n{"sentence": \n7\n{"sentence": "", "label": 0}\n'
+                     '{"sentence": "bad", "label": 0}\n', encoding="utf-8")
+    report = load_examples(jsonl, SENTIMENT, skip_bad_rows=True)
+    assert [e.text for e in report.examples] == ["good", "bad"]
+    assert [e.where for e in report.skipped] == [f"{jsonl}:{n}" for n in (2, 3, 4)]  # in file order
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("sentence,label\ngood,1\ntoo,many,fields\nbad,0\n", encoding="utf-8")
+    assert [e.text for e in load_examples(csv_path, SENTIMENT, skip_bad_rows=True).examples] == ["good", "bad"]
+    # A task given no labels finds them in the rows that can be read; loading then skips the others.
+    assert labels_in(tsv, "is_duplicate", "--label-column", "pass --labels") == ["0", "1"]

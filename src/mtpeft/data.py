@@ -79,11 +79,20 @@ def split_lines(text: str) -> list[str]:
     return lines[:-1] if lines and not lines[-1] else lines
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _unreadable(error: DataError, skipped: list[DataError] | None) -> None:
+    """A row that cannot be read raises, or is added to ``skipped`` so that reading goes on."""
+    if skipped is None:
+        raise error
+    skipped.append(error)
+
+
+def read_records(path: str | Path, skipped: list[DataError] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, row)`` for each row of a .tsv, .csv, .jsonl or .json (list of objects) file.
 
     TSV files are read without quote handling, as GLUE's are written: some sentences
-    contain a lone ``"``.
+    contain a lone ``"``. A row that cannot be read (wrong number of fields, invalid JSON)
+    raises, or with ``skipped`` is added there: GLUE's QQP train.tsv has a few questions
+    cut in two by a line break.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,11 +109,13 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue
             values = line.split("\t")
             if len(values) != len(header):
-                raise DataError(f"{path}:{number}", None,
-                                f"expected {len(header)} tab-separated fields ({', '.join(header)}), found {len(values)}")
+                _unreadable(DataError(f"{path}:{number}", None,
+                                      f"expected {len(header)} tab-separated fields ({', '.join(header)}), found "
+                                      f"{len(values)}"), skipped)
+                continue
             yield f"{path}:{number}", dict(zip(header, values))
     elif suffix == ".csv":
-        yield from _csv_records(path, text)
+        yield from _csv_records(path, text, skipped)
     elif suffix == ".jsonl":
         for number, line in enumerate(split_lines(text), start=1):
             if not line.strip():
@@ -112,9 +123,12 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+                _unreadable(DataError(f"{path}:{number}", None, f"invalid JSON: {err.msg} (column {err.colno})"), skipped)
+                continue
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}", None, f"expected a JSON object, found {type(row).__name__}")
+                _unreadable(DataError(f"{path}:{number}", None, f"expected a JSON object, found {type(row).__name__}"),
+                            skipped)
+                continue
             yield f"{path}:{number}", row
     elif suffix == ".json":
         try:
@@ -126,7 +140,9 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         elif isinstance(data, list):
             for i, row in enumerate(data):
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}[{i}]", None, f"expected a JSON object, found {type(row).__name__}")
+                    _unreadable(DataError(f"{path}[{i}]", None, f"expected a JSON object, found {type(row).__name__}"),
+                                skipped)
+                    continue
                 yield f"{path}[{i}]", row
         else:
             raise DataError(str(path), None, "expected a list of objects or a SQuAD file ({'data': [...]})")
@@ -134,7 +150,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or .json")
 
 
-def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _csv_records(path: Path, text: str, skipped: list[DataError] | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Rows of a CSV file; strict, as a quote left open would otherwise swallow every later
     line into one field and the file would load with rows silently missing."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -149,8 +165,11 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
             # skipped as a TSV line of tabs is.
             if any(value.strip() for value in values):
                 if len(values) != len(header):
-                    raise DataError(f"{path}:{start}", None, f"expected {len(header)} fields ({', '.join(header)}), found {len(values)}")
-                yield f"{path}:{start}", dict(zip(header, values))
+                    _unreadable(DataError(f"{path}:{start}", None,
+                                          f"expected {len(header)} fields ({', '.join(header)}), found {len(values)}"),
+                                skipped)
+                else:
+                    yield f"{path}:{start}", dict(zip(header, values))
             start = reader.line_num + 1
     except csv.Error as err:  # named by the line its row starts on
         problem = "a quoted field opened on this line is never closed" if "end of data" in str(err) else f"malformed CSV: {err}"
@@ -281,7 +300,7 @@ def labels_in(path: str | Path, column: str, named: str, otherwise: str) -> list
     """Class names found in ``column`` of a data file, sorted (numbers numerically), for a task
     given no labels; ``named`` is how the user named the column, ``otherwise`` how to name the labels."""
     values, columns = set(), set()
-    for _, row in read_records(path):
+    for _, row in read_records(path, skipped=[]):  # rows that cannot be read: loading reports them
         columns.update(row)
         if column in row:
             values.add(str(row[column]))
@@ -292,9 +311,14 @@ def labels_in(path: str | Path, column: str, named: str, otherwise: str) -> list
     return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
 
 
-def to_examples(records: Iterable[tuple[str, dict]], spec: TaskSpec, skip_bad_rows: bool = False) -> LoadReport:
-    """Validate every record; raise on the first bad one, or skip and count them."""
-    report = LoadReport(examples=[])
+def to_examples(records: Iterable[tuple[str, dict]], spec: TaskSpec, skip_bad_rows: bool = False,
+                skipped: list[DataError] | None = None) -> LoadReport:
+    """Validate every record; raise on the first bad one, or skip and count them.
+
+    ``skipped`` is the list the records' reader adds the rows it could not read to: the
+    report's, so that they count in file order with the rows refused here.
+    """
+    report = LoadReport(examples=[], skipped=skipped if skipped is not None else [])
     for where, row in records:
         try:
             report.examples.append(to_example(where, row, spec))
@@ -312,8 +336,9 @@ def load_examples(path: str | Path, spec: TaskSpec, *, articles: slice | None = 
                   skip_bad_rows: bool = False) -> LoadReport:
     """Read and validate a data file for ``spec`` (``articles`` selects SQuAD articles)."""
     path = Path(path)
-    records = read_squad(path, articles) if articles is not None else read_records(path)
-    return to_examples(records, spec, skip_bad_rows)
+    skipped = [] if skip_bad_rows else None
+    records = read_squad(path, articles) if articles is not None else read_records(path, skipped)
+    return to_examples(records, spec, skip_bad_rows, skipped)
 
 
 def dataset_records(dataset, name: str = "dataset") -> Iterator[tuple[str, dict]]:
