@@ -447,3 +447,45 @@ def test_rows_that_cannot_be_read_are_skipped_with_skip_bad_rows(tmp_path):
     assert [e.text for e in load_examples(csv_path, SENTIMENT, skip_bad_rows=True).examples] == ["good", "bad"]
     # A task given no labels finds them in the rows that can be read; loading then skips the others.
     assert labels_in(tsv, "is_duplicate", "--label-column", "pass --labels") == ["0", "1"]
+
+
+def _squad(paragraphs):
+    return {"data": [{"title": "T", "paragraphs": paragraphs}]}
+
+
+QUESTION = {"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]}
+CONTEXT = "Paris is in France."
+
+
+@pytest.mark.parametrize("data, where, field, problem", [
+    # A field a question or paragraph lacks is that question's field, as for any other row.
+    (_squad([{"context": CONTEXT, "qas": [{k: v for k, v in QUESTION.items() if k != "answers"}]}]),
+     "question q1", "answers", "missing"),
+    (_squad([{"qas": [QUESTION]}]), "question q1", "context", "missing"),
+    (_squad([{"context": CONTEXT, "qas": [{k: v for k, v in QUESTION.items() if k != "id"}]}]),
+     "paragraph 1, question 1", "answers", None),  # no id: named by its place, and it loads
+    # The file's own structure.
+    (_squad([{"context": CONTEXT, "qas": None}]), "paragraph 1", None, "'qas'"),
+    ({"data": [{"title": "T"}]}, "article 1 'T'", None, "'paragraphs'"),
+    ({"data": {"title": "T"}}, "", None, "'data'"),
+])
+def test_squad_files_missing_a_field_name_the_question(tmp_path, data, where, field, problem):
+    # These raised KeyError ('id', 'answers', 0...) or TypeError with no file, article or question.
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    for articles in (None, slice(0, 38)):  # a file of one's own, and the built-in task's article split
+        if problem is None:
+            assert load_examples(path, QA, articles=articles).examples[0].answers == QUESTION["answers"]
+            assert where in load_examples(path, QA, articles=articles).examples[0].source
+            continue
+        with pytest.raises(DataError, match=problem) as err:
+            load_examples(path, QA, articles=articles)
+        assert str(path) in err.value.where and where in err.value.where and err.value.field == field
+
+
+def test_a_truncated_squad_file_names_itself(tmp_path):
+    preset = get_preset("squad")
+    path = tmp_path / preset.layout.train_file
+    path.write_text(json.dumps(_squad([{"context": CONTEXT, "qas": [QUESTION]}]))[:-20], encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path.name}:1: invalid JSON"):
+        load_task_data(preset.spec, tmp_path, layout=preset.layout)

@@ -334,16 +334,17 @@ def test_a_failed_faq_rebuild_keeps_answering_and_is_tried_again_later(model, tm
     assert pipeline.refresh() and len(pipeline.entries) == 3
 
 
-@pytest.mark.parametrize("content, found", [
-    ('{"data": [{"question": "a?", "context": "A."}]}', "found no key 'paragraphs'"),
-    ('{"data": [{"paragraphs": [{"context": "A.", "qas": [{"id": "1"}]}]}]}', "found no key 'question'"),
-    ('{"data": 5}', "found object of type 'int' has no len"),
+@pytest.mark.parametrize("content, message", [
+    ('{"data": [{"question": "a?", "context": "A."}]}', r" \(article 1 ''\): expected a SQuAD file .*; found no 'paragraphs'"),
+    ('{"data": [{"paragraphs": [{"context": "A.", "qas": [{"id": "1"}]}]}]}',
+     r" \(article 1 '', question 1\): field 'question': missing"),
+    ('{"data": 5}', ": expected a SQuAD file .*; found 'data' is int, not a list"),
 ])
-def test_a_json_faq_that_is_no_list_nor_squad_names_its_file(tmp_path, content, found):
+def test_a_json_faq_that_is_no_list_nor_squad_names_its_file(tmp_path, content, message):
     # A {"data": [...]} export was read as SQuAD and failed with a bare KeyError: 'paragraphs'.
     path = tmp_path / "faq.json"
     path.write_text(content)
-    with pytest.raises(DataError, match=rf"faq.json: expected a list of FAQ objects or a SQuAD file .*; {found}"):
+    with pytest.raises(DataError, match=rf"faq.json{message}"):
         load_faq(path)
 
 

@@ -131,10 +131,7 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
                 continue
             yield f"{path}:{number}", row
     elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:  # as for .jsonl: name the file and line, not only a character offset
-            raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+        data = _parse_json(path, text)
         if isinstance(data, dict) and "data" in data:
             yield from squad_records(path, data)
         elif isinstance(data, list):
@@ -176,21 +173,57 @@ def _csv_records(path: Path, text: str, skipped: list[DataError] | None) -> Iter
         raise DataError(f"{path}:{start}", None, problem) from None
 
 
+def _parse_json(path: Path, text: str) -> Any:
+    """A .json file's contents; invalid JSON names the file and line, as for .jsonl, not only a character offset."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+SQUAD_LAYOUT = "{'data': [{'title', 'paragraphs': [{'context', 'qas': [{'id', 'question', 'answers'}]}]}]}"
+
+
+def _squad_list(container: Any, key: str, where: str) -> list:
+    """``container[key]``, a list, or a ``DataError`` saying where the file is not shaped as SQuAD's."""
+    value = container.get(key) if isinstance(container, dict) else None
+    if not isinstance(value, list):
+        if not isinstance(container, dict):
+            found = f"a {type(container).__name__}, not an object"
+        else:
+            found = f"{key!r} is {type(value).__name__}, not a list" if key in container else f"no {key!r}"
+        raise DataError(where, None, f"expected a SQuAD file ({SQUAD_LAYOUT}); found {found}")
+    return value
+
+
 def squad_records(path: Path, data: dict, articles: slice | None = None) -> Iterator[tuple[str, dict]]:
-    """Flatten SQuAD v1.1 JSON to one record per question (``articles`` selects in file order)."""
-    indices = range(len(data["data"]))
+    """Flatten SQuAD JSON to one record per question (``articles`` selects in file order).
+
+    A question (or its paragraph) without a field gives a record without it, refused or
+    skipped by that field as any row is; a question without an id is named by its place.
+    """
+    indices = range(len(_squad_list(data, "data", str(path))))
     for a in indices if articles is None else indices[articles]:
         article = data["data"][a]
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                yield (f"{path} (article {a + 1} {article.get('title', '')!r}, question {qa['id']})",
-                       {"id": qa["id"], "question": qa["question"], "context": paragraph["context"],
-                        "answers": qa["answers"]})
+        title = article.get("title", "") if isinstance(article, dict) else ""
+        in_article = f"{path} (article {a + 1} {title!r}"
+        for p, paragraph in enumerate(_squad_list(article, "paragraphs", in_article + ")"), start=1):
+            for q, qa in enumerate(_squad_list(paragraph, "qas", f"{in_article}, paragraph {p})"), start=1):
+                if not isinstance(qa, dict):
+                    raise DataError(f"{in_article}, paragraph {p}, question {q})", None,
+                                    f"expected a JSON object, found {type(qa).__name__}")
+                row = {key: qa[key] for key in ("id", "question") if key in qa}
+                if "context" in paragraph:
+                    row["context"] = paragraph["context"]
+                if "answers" in qa:
+                    row["answers"] = qa["answers"]
+                question = f"question {qa['id']}" if "id" in qa else f"paragraph {p}, question {q}"
+                yield f"{in_article}, {question})", row
 
 
 def read_squad(path: str | Path, articles: slice | None = None) -> Iterator[tuple[str, dict]]:
     path = Path(path)
-    return squad_records(path, json.loads(decode_file(path)), articles)
+    return squad_records(path, _parse_json(path, decode_file(path)), articles)
 
 
 # ------------------------------------------------------------------ examples
