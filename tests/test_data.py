@@ -489,3 +489,21 @@ def test_a_truncated_squad_file_names_itself(tmp_path):
     path.write_text(json.dumps(_squad([{"context": CONTEXT, "qas": [QUESTION]}]))[:-20], encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path.name}:1: invalid JSON"):
         load_task_data(preset.spec, tmp_path, layout=preset.layout)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("d.csv", "text,label\ngreat,pos\nawful,neg\nunsure, \nfine,pos\n"),
+    ("d.jsonl", "".join(json.dumps({"text": t, "label": v}) + "\n"
+                        for t, v in [("great", "pos"), ("awful", "neg"), ("unsure", None), ("fine", "pos")])),
+])
+def test_a_row_without_a_label_is_no_class_of_its_own(tmp_path, name, content):
+    # A blank cell became a third class '' that its rows trained on; JSON null a class 'None'.
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    labels = labels_in(path, "label", "--label-column", "pass --labels")
+    assert labels == ["neg", "pos"]
+    spec = TaskSpec(name="t", type="classification", labels=labels)
+    with pytest.raises(DataError, match=r"field 'label': no label") as err:
+        load_examples(path, spec)
+    assert err.value.where.endswith(f"{name}:4" if name == "d.csv" else f"{name}:3")
+    assert [e.text for e in load_examples(path, spec, skip_bad_rows=True).examples] == ["great", "awful", "fine"]

@@ -244,6 +244,8 @@ def _class_index(where: str, spec: TaskSpec, value: Any) -> int:
     labels = spec.labels
     if isinstance(value, str) and value in labels:
         return labels.index(value)
+    if value is None or isinstance(value, str) and is_blank(value):
+        raise DataError(where, spec.label_column, f"no label ({value!r}); give one of {labels}")
     # A JSON number or boolean that names a class (labels_in finds JSON 3 as "3", true as "True")
     # is that class, as the same "3" read from a TSV is; only a number that names none is a
     # class index (a boolean never is).
@@ -335,8 +337,10 @@ def labels_in(path: str | Path, column: str, named: str, otherwise: str) -> list
     values, columns = set(), set()
     for _, row in read_records(path, skipped=[]):  # rows that cannot be read: loading reports them
         columns.update(row)
-        if column in row:
-            values.add(str(row[column]))
+        value = row.get(column)
+        # A row without a label (a blank cell, JSON null) is no class: loading refuses or skips it.
+        if value is not None and not (isinstance(value, str) and is_blank(value)):
+            values.add(str(value))
     if column not in columns:  # a misnamed column, not a lack of classes: naming labels would not help
         raise ValueError(f"{named} {column!r}: no such column in {path}; its columns are {sorted(columns)}")
     if len(values) < 2:
