@@ -507,3 +507,26 @@ def test_a_row_without_a_label_is_no_class_of_its_own(tmp_path, name, content):
         load_examples(path, spec)
     assert err.value.where.endswith(f"{name}:4" if name == "d.csv" else f"{name}:3")
     assert [e.text for e in load_examples(path, spec, skip_bad_rows=True).examples] == ["great", "awful", "fine"]
+
+
+@pytest.mark.parametrize("labels, name, content, expected", [
+    # Stars found as "1.0".."3.0" in a CSV pandas wrote (a column with a gap is float): JSON 1 was
+    # read as index 1, class "2.0", and 3 refused; the same "1" from a TSV too.
+    (["1.0", "2.0", "3.0"], "d.jsonl", '{"text": "x", "label": 1}\n{"text": "y", "label": 3}\n', ["1.0", "3.0"]),
+    (["1.0", "2.0", "3.0"], "d.tsv", "text\tlabel\nx\t1\ny\t3\n", ["1.0", "3.0"]),
+    (["1", "2", "3"], "d.tsv", "text\tlabel\nx\t2.0\ny\t3\n", ["2", "3"]),
+    (["negative", "positive"], "d.csv", "text,label\nx,1.0\ny,0.0\n", ["positive", "negative"]),
+])
+def test_a_number_label_names_its_class_however_it_is_written(tmp_path, labels, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    spec = TaskSpec(name="t", type="classification", labels=labels)
+    assert [labels[e.label] for e in load_examples(path, spec).examples] == expected
+
+
+@pytest.mark.parametrize("value", ["1.5", "3", "-1", "1e0"])
+def test_a_number_label_that_names_no_class_is_refused(tmp_path, value):
+    path = tmp_path / "d.tsv"
+    path.write_text(f"text\tlabel\nx\t{value}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.tsv:2: field 'label': label .* is not one of"):
+        load_examples(path, dataclasses.replace(SENTIMENT, text_column="text"))

@@ -240,27 +240,39 @@ def _text(where: str, row: dict, column: str) -> str:
     return value
 
 
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?")
+
+
+def _label_number(value: Any) -> float | None:
+    """The number a label or class name is (1, 1.0, "1", "1.0"), else None; a boolean is none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
 def _class_index(where: str, spec: TaskSpec, value: Any) -> int:
     labels = spec.labels
     if isinstance(value, str) and value in labels:
         return labels.index(value)
     if value is None or isinstance(value, str) and is_blank(value):
         raise DataError(where, spec.label_column, f"no label ({value!r}); give one of {labels}")
-    # A JSON number or boolean that names a class (labels_in finds JSON 3 as "3", true as "True")
-    # is that class, as the same "3" read from a TSV is; only a number that names none is a
-    # class index (a boolean never is).
-    if isinstance(value, (int, float)):
-        names = [str(value), str(int(value))] if isinstance(value, float) and value.is_integer() else [str(value)]
-        for name in names:
-            if name in labels:
-                return labels.index(name)
-    try:
-        index = int(value) if not isinstance(value, float) or value.is_integer() else None
-    except (TypeError, ValueError):
-        index = None
-    if index is None or not 0 <= index < len(labels) or isinstance(value, bool):
-        raise DataError(where, spec.label_column, f"label {value!r} is not one of {labels} or 0..{len(labels) - 1}")
-    return index
+    if isinstance(value, bool) and str(value) in labels:  # labels_in finds JSON true as "True"
+        return labels.index(str(value))
+    # A number names the class of the same number however either is written: labels_in finds
+    # JSON 3 as "3", and pandas writes a label column with a gap as "3.0". Only a number that
+    # names no class is a class index.
+    number = _label_number(value)
+    if number is not None:
+        for index, label in enumerate(labels):
+            if _label_number(label) == number:
+                return index
+        if number.is_integer() and 0 <= number < len(labels):
+            return int(number)
+    raise DataError(where, spec.label_column, f"label {value!r} is not one of {labels} or 0..{len(labels) - 1}")
 
 
 def _score(where: str, spec: TaskSpec, value: Any) -> float:
