@@ -163,7 +163,7 @@ def test_invalid_json_names_the_line(tmp_path):
     ("e.tsv", b"sentence\tlabel\nok\t1\n\xff\xfe bad\t0\n", "e.tsv:3: bytes that are not UTF-8"),
     # With a BOM the error counted bytes from after it: a bad byte starting line 2 was named
     # on line 1 at byte 11; lines ended by \r alone were all line 1.
-    ("bom.csv", b"\xef\xbb\xbftext,label\n\xd6konomie,1\n", "bom.csv:2: bytes that are not UTF-8 at byte 14$"),
+    ("bom.csv", b"\xef\xbb\xbftext,label\n\xd6konomie,1\n", "bom.csv:2: bytes that are not UTF-8 at byte 14;"),
     ("cr.tsv", b"sentence\tlabel\rok\t1\r\xff bad\t0\r", "cr.tsv:3: bytes that are not UTF-8"),
 ])
 def test_undecodable_bytes_name_their_line(tmp_path, name, content, where):
@@ -530,3 +530,15 @@ def test_a_number_label_that_names_no_class_is_refused(tmp_path, value):
     path.write_text(f"text\tlabel\nx\t{value}\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"d.tsv:2: field 'label': label .* is not one of"):
         load_examples(path, dataclasses.replace(SENTIMENT, text_column="text"))
+
+
+@pytest.mark.parametrize("content, message", [
+    # Spreadsheets save "Unicode Text" as UTF-16, and CSV in the system's code page.
+    ("text\tlabel\nCafé\t1\n".encode("utf-16"), r"d.tsv:1: the file is UTF-16 .*; save it as UTF-8"),
+    ("text\tlabel\nCafé\t1\n".encode("cp1252"), r"d.tsv:2: bytes that are not UTF-8 at byte 14; save the file as UTF-8"),
+])
+def test_a_file_in_another_encoding_says_to_save_it_as_utf8(tmp_path, content, message):
+    path = tmp_path / "d.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        list(read_records(path))

@@ -61,6 +61,9 @@ _BYTES_LINE_END = re.compile(rb"\r\n|\r|\n")
 def decode_file(path: Path) -> str:
     """A text file's contents; a byte-order mark is dropped, bytes that are not UTF-8 name their line."""
     data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # spreadsheets save "Unicode Text" so
+        raise DataError(f"{path}:1", None, "the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                                           "save it as UTF-8")
     # The BOM is cut here, not by "utf-8-sig": its errors count bytes from after the BOM, which
     # put a bad byte near a line start on the line before.
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # GLUE's MRPC header has one
@@ -69,7 +72,7 @@ def decode_file(path: Path) -> str:
     except UnicodeDecodeError as err:
         at = bom + err.start
         line = len(_BYTES_LINE_END.findall(data, 0, at)) + 1  # lines end as split_lines ends them
-        raise DataError(f"{path}:{line}", None, f"bytes that are not UTF-8 at byte {at}") from None
+        raise DataError(f"{path}:{line}", None, f"bytes that are not UTF-8 at byte {at}; save the file as UTF-8") from None
 
 
 def split_lines(text: str) -> list[str]:
