@@ -542,3 +542,12 @@ def test_a_file_in_another_encoding_says_to_save_it_as_utf8(tmp_path, content, m
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
         list(read_records(path))
+
+
+def test_a_tsv_row_split_by_a_line_break_says_why_and_what_to_do(tmp_path):
+    # pandas' to_csv(sep="\t") quotes a text with a line break; TSV is read without quotes, as GLUE's.
+    path = tmp_path / "d.tsv"
+    path.write_text('text\tlabel\n"two\nlines"\t1\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.tsv:2: expected 2 tab-separated fields \(text, label\), found 1: a tab or "
+                                        r"line break inside a text splits its row, .*--skip-bad-rows.*\.csv or \.jsonl"):
+        list(read_records(path))

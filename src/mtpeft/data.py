@@ -114,7 +114,9 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
             if len(values) != len(header):
                 _unreadable(DataError(f"{path}:{number}", None,
                                       f"expected {len(header)} tab-separated fields ({', '.join(header)}), found "
-                                      f"{len(values)}"), skipped)
+                                      f"{len(values)}: a tab or line break inside a text splits its row, as TSV "
+                                      "is read without quotes (--skip-bad-rows skips such rows; a .csv or .jsonl "
+                                      "file keeps such texts whole)"), skipped)
                 continue
             yield f"{path}:{number}", dict(zip(header, values))
     elif suffix == ".csv":
