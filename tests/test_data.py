@@ -551,3 +551,17 @@ def test_a_tsv_row_split_by_a_line_break_says_why_and_what_to_do(tmp_path):
     with pytest.raises(DataError, match=r"d.tsv:2: expected 2 tab-separated fields \(text, label\), found 1: a tab or "
                                         r"line break inside a text splits its row, .*--skip-bad-rows.*\.csv or \.jsonl"):
         list(read_records(path))
+
+
+def test_json_lines_in_a_json_file_are_read_as_json_lines(tmp_path):
+    # `datasets`' Dataset.to_json and pandas' to_json(lines=True) write JSON Lines to a .json path:
+    # it was refused as "invalid JSON: Extra data".
+    import datasets
+
+    path = tmp_path / "train.json"
+    datasets.Dataset.from_list([{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}]).to_json(path)
+    examples = load_examples(path, SENTIMENT).examples
+    assert [(e.text, e.label, e.source) for e in examples] == [("good", 1, f"{path}:1"), ("bad", 0, f"{path}:2")]
+    path.write_text('{"sentence": "good",\n "label": 1}\n{"sentence": "bad", "label": 0}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.json:3: invalid JSON: Extra data"):  # one object, then another
+        load_examples(path, SENTIMENT)

@@ -122,21 +122,16 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
     elif suffix == ".csv":
         yield from _csv_records(path, text, skipped)
     elif suffix == ".jsonl":
-        for number, line in enumerate(split_lines(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                _unreadable(DataError(f"{path}:{number}", None, f"invalid JSON: {err.msg} (column {err.colno})"), skipped)
-                continue
-            if not isinstance(row, dict):
-                _unreadable(DataError(f"{path}:{number}", None, f"expected a JSON object, found {type(row).__name__}"),
-                            skipped)
-                continue
-            yield f"{path}:{number}", row
+        yield from _json_lines(path, text, skipped)
     elif suffix == ".json":
-        data = _parse_json(path, text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data" and _first_line_is_json(text):
+                # `datasets`' to_json and pandas' to_json(lines=True) write JSON Lines to .json files too.
+                yield from _json_lines(path, text, skipped)
+                return
+            raise _invalid_json(f"{path}:{err.lineno}", err) from None
         if isinstance(data, dict) and "data" in data:
             yield from squad_records(path, data)
         elif isinstance(data, list):
@@ -150,6 +145,36 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
             raise DataError(str(path), None, "expected a list of objects or a SQuAD file ({'data': [...]})")
     else:
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or .json")
+
+
+def _json_lines(path: Path, text: str, skipped: list[DataError] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a JSON Lines file, one object a line."""
+    for number, line in enumerate(split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            _unreadable(_invalid_json(f"{path}:{number}", err), skipped)
+            continue
+        if not isinstance(row, dict):
+            _unreadable(DataError(f"{path}:{number}", None, f"expected a JSON object, found {type(row).__name__}"),
+                        skipped)
+            continue
+        yield f"{path}:{number}", row
+
+
+def _invalid_json(where: str, err: json.JSONDecodeError) -> DataError:
+    return DataError(where, None, f"invalid JSON: {err.msg} (column {err.colno})")
+
+
+def _first_line_is_json(text: str) -> bool:
+    """Whether a .json file that is not one JSON value is JSON Lines (else its error is the whole file's)."""
+    try:
+        json.loads(next((line for line in split_lines(text) if line.strip()), ""))
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _csv_records(path: Path, text: str, skipped: list[DataError] | None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -183,7 +208,7 @@ def _parse_json(path: Path, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+        raise _invalid_json(f"{path}:{err.lineno}", err) from None
 
 
 SQUAD_LAYOUT = "{'data': [{'title', 'paragraphs': [{'context', 'qas': [{'id', 'question', 'answers'}]}]}]}"
