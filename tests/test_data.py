@@ -565,3 +565,15 @@ def test_json_lines_in_a_json_file_are_read_as_json_lines(tmp_path):
     path.write_text('{"sentence": "good",\n "label": 1}\n{"sentence": "bad", "label": 0}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"train.json:3: invalid JSON: Extra data"):  # one object, then another
         load_examples(path, SENTIMENT)
+
+
+@pytest.mark.parametrize("name, content", [("dev.csv", "sentence,label\n"), ("dev.jsonl", "\n"), ("dev.json", "[]")])
+def test_a_file_without_rows_names_itself(tmp_path, name, content):
+    # It said "input: no usable rows", so of a training and an evaluation file neither was named.
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}: no usable rows for task 's'"):
+        load_examples(path, SENTIMENT)
+    path.write_text(content + ("" if name == "dev.json" else "\n"), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}: no usable rows"):
+        load_examples(path, SENTIMENT, skip_bad_rows=True)

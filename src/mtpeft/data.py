@@ -391,11 +391,12 @@ def labels_in(path: str | Path, column: str, named: str, otherwise: str) -> list
 
 
 def to_examples(records: Iterable[tuple[str, dict]], spec: TaskSpec, skip_bad_rows: bool = False,
-                skipped: list[DataError] | None = None) -> LoadReport:
+                skipped: list[DataError] | None = None, source: str = "input") -> LoadReport:
     """Validate every record; raise on the first bad one, or skip and count them.
 
     ``skipped`` is the list the records' reader adds the rows it could not read to: the
-    report's, so that they count in file order with the rows refused here.
+    report's, so that they count in file order with the rows refused here. ``source`` names
+    the records where none is usable.
     """
     report = LoadReport(examples=[], skipped=skipped if skipped is not None else [])
     for where, row in records:
@@ -406,7 +407,7 @@ def to_examples(records: Iterable[tuple[str, dict]], spec: TaskSpec, skip_bad_ro
                 raise
             report.skipped.append(err)
     if not report.examples:
-        raise DataError("input", None, f"no usable rows for task {spec.name!r}"
+        raise DataError(source, None, f"no usable rows for task {spec.name!r}"
                         + (f" ({len(report.skipped)} skipped; first: {report.skipped[0]})" if report.skipped else ""))
     return report
 
@@ -417,7 +418,7 @@ def load_examples(path: str | Path, spec: TaskSpec, *, articles: slice | None = 
     path = Path(path)
     skipped = [] if skip_bad_rows else None
     records = read_squad(path, articles) if articles is not None else read_records(path, skipped)
-    return to_examples(records, spec, skip_bad_rows, skipped)
+    return to_examples(records, spec, skip_bad_rows, skipped, str(path))
 
 
 def dataset_records(dataset, name: str = "dataset") -> Iterator[tuple[str, dict]]:

@@ -102,4 +102,4 @@ def _load(path: Path, spec: TaskSpec, articles: slice | None, skip_bad_rows: boo
 
 def examples_from_dataset(dataset, spec: TaskSpec, skip_bad_rows: bool = False, name: str = "dataset") -> LoadReport:
     """Validated examples from a ``datasets.Dataset`` (or any sequence of dict rows)."""
-    return to_examples(dataset_records(dataset, name), spec, skip_bad_rows)
+    return to_examples(dataset_records(dataset, name), spec, skip_bad_rows, source=name)
