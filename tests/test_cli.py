@@ -402,3 +402,16 @@ def test_a_zero_seed_or_checkpoint_interval_is_kept(backbone_dir, tmp_path):
     assert code == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert config["seed"] == 0 and config["checkpoint_every"] == 0
+
+
+@pytest.mark.parametrize("head_lr", ["0", "-0.001"])
+def test_a_head_lr_below_or_at_zero_is_refused(backbone_dir, tmp_path, capsys, head_lr):
+    # `head_lr or lr`: --head-lr 0 trained the head at --lr (config.json said 0.0), and a
+    # negative rate (AdamW checks only its default rate) trained the head uphill.
+    _write_sentiment(tmp_path / "train.csv", 8, 0)
+    code = main(["train", "--task", "mood", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),
+                 "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir), "--epochs", "1", "--no-progress",
+                 "--fp32", "--no-tensorboard", "--head-lr", head_lr])
+    assert code == 2
+    assert f"head_lr must be > 0 (or None: the lr), got {float(head_lr)}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

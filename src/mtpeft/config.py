@@ -96,6 +96,10 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        # Not `head_lr or lr` silently: 0 would train the head at lr, and AdamW takes a negative
+        # group rate without a word (it checks its default rate only) and trains the head uphill.
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"head_lr must be > 0 (or None: the lr), got {self.head_lr}")
         # A negative clipping norm flips every gradient's sign, and a warm-up past the run's end
         # never reaches the learning rate: both train without an error, just wrongly.
         if self.max_grad_norm < 0:
