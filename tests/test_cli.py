@@ -415,3 +415,22 @@ def test_a_head_lr_below_or_at_zero_is_refused(backbone_dir, tmp_path, capsys, h
     assert code == 2
     assert f"head_lr must be > 0 (or None: the lr), got {float(head_lr)}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_device_this_machine_lacks_is_named_not_a_traceback(tmp_path, tokenizer, capsys, monkeypatch):
+    # torch's RuntimeError ("Expected one of cpu, cuda, ...") or AssertionError ("Torch not compiled
+    # with CUDA enabled") came out as a traceback, after the model had loaded.
+    import torch
+
+    from tiny_bundle import path_backbone, saved_backbone, support_model
+
+    bundle = tmp_path / "bundle"
+    support_model(path_backbone(saved_backbone(tmp_path / "backbone", tokenizer))).save(bundle, tasks=["sentiment"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    for device, problem in (("gpu", "not a device"), ("cuda:x", "not a device"), ("cuda", "no CUDA GPU is available")):
+        assert main(["export", str(bundle), "--out", str(tmp_path / "exported"), "--device", device]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"mtpeft: error: --device {device!r}: {problem}")  # before loading
+    assert main(["compare", "--tasks", "sst2", "--methods", "lora-r8", "--device", "gpu"]) == 2  # before any cell runs
+    assert "--device 'gpu': not a device" in capsys.readouterr().err
+    assert not (tmp_path / "exported").exists()

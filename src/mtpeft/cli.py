@@ -20,10 +20,22 @@ DROPOUT_HELP = ("keep the frozen backbone's dropout on while training an adapter
 
 
 def resolve_device(name: str) -> str:
+    """``--device`` as a device of this machine: torch's own errors for a mistyped name or a
+    missing GPU (RuntimeError, AssertionError) came out as tracebacks once the model had loaded."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; pass cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"--device {name!r}: no CUDA GPU is available here; pass cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return name
 
 
@@ -425,7 +437,8 @@ def _evaluate(args) -> int:
     from mtpeft.storage import TASK_FILE, write_json
     from mtpeft.tasks.presets import built_in_layout
 
-    model = MultiTaskModel.load(args.path, router=False).to(resolve_device(args.device))
+    device = resolve_device(args.device)  # before the model loads: a bad one fails fast
+    model = MultiTaskModel.load(args.path, router=False).to(device)
     task = _one_task(model, args)
     spec = model.spec(task)
     examples = load_eval_examples(spec, args.data, built_in_layout(spec), args.skip_bad_rows)
@@ -448,7 +461,8 @@ def _export(args) -> int:
     from mtpeft.export import export_task
     from mtpeft.model import MultiTaskModel
 
-    model = MultiTaskModel.load(args.path, router=False).to(resolve_device(args.device))
+    device = resolve_device(args.device)  # before the model loads: a bad one fails fast
+    model = MultiTaskModel.load(args.path, router=False).to(device)
     task = _one_task(model, args)
     export_task(model, task, args.out)
     print(f"exported {task} to {args.out}: load the model and its tokenizer with transformers and "
@@ -531,7 +545,8 @@ def _predict(args) -> int:
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         _refuse_blank(where, inputs[-1])
-    model = MultiTaskModel.load(args.path).to(resolve_device(args.device))  # after the inputs: a bad one fails fast
+    device = resolve_device(args.device)
+    model = MultiTaskModel.load(args.path).to(device)  # after the inputs and device: a bad one fails fast
     if model.router is None:  # the shape rule's advice, in the command line's terms
         model.router = ShapeRouter(model.specs, "pass --task")
     task = model.resolve_task(args.task) if args.task is not None or len(model.specs) == 1 else None
@@ -634,6 +649,7 @@ def _compare(args) -> int:
         return 0
     if not args.tasks or not args.methods:
         raise ValueError("compare needs --tasks and --methods (see --list-methods)")
+    resolve_device(args.device)  # a bad name fails here, not in every cell; the cells resolve "auto" themselves
     settings = GridSettings(
         tasks=args.tasks, methods=args.methods, seeds=args.seeds, data_root=args.data_root, data=_task_data(args.data),
         task_files=args.task_file, results=args.results, work=args.work, backbone=args.backbone, device=args.device,
