@@ -434,3 +434,12 @@ def test_a_device_this_machine_lacks_is_named_not_a_traceback(tmp_path, tokenize
     assert main(["compare", "--tasks", "sst2", "--methods", "lora-r8", "--device", "gpu"]) == 2  # before any cell runs
     assert "--device 'gpu': not a device" in capsys.readouterr().err
     assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("flag, value, problem", [("--epochs", "0", "> 0, got 0.0"), ("--lr", "-1", "> 0, got -1.0"),
+                                                  ("--head-lr", "0", "> 0, got 0.0"), ("--batch-size", "0", ">= 1, got 0")])
+def test_compare_refuses_a_bad_recipe_override_before_any_cell_runs(tmp_path, monkeypatch, capsys, flag, value, problem):
+    # Every cell of the grid failed on it in turn, each with TrainConfig's traceback.
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--tasks", "sst2,mrpc", "--methods", "lora-r8,full", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"mtpeft: error: {flag} must be {problem}"

@@ -108,6 +108,12 @@ class GridSettings:
         for value, flag in ((self.max_train, "--max-train"), (self.max_eval, "--max-eval")):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        # Checked here, once: TrainConfig refuses them too, but in every cell in turn, with a traceback.
+        for value, flag in ((self.epochs, "--epochs"), (self.lr, "--lr"), (self.head_lr, "--head-lr")):
+            if value is not None and not value > 0:  # NaN too
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.joint_temperature > 0:  # NaN too
             raise ValueError(f"--joint-temperature must be > 0, got {self.joint_temperature}")
         check_data_flags(self.data, self.tasks)
