@@ -443,3 +443,41 @@ def test_compare_refuses_a_bad_recipe_override_before_any_cell_runs(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert main(["compare", "--tasks", "sst2,mrpc", "--methods", "lora-r8,full", flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"mtpeft: error: {flag} must be {problem}"
+
+
+def test_a_task_a_bundle_or_an_export_is_not_written_over_another_of_them(tmp_path, tokenizer, capsys, monkeypatch):
+    # train --out BUNDLE wrote a task.json into the bundle's root, so the bundle loaded as that one
+    # task; train-joint --out TASK_FOLDER hid its bundle behind the old task.json; export --out into
+    # a task folder replaced its model card, and the bundle then failed its sha256 check.
+    from mtpeft import MultiTaskModel
+    from test_compare import write_task_files
+    from tiny_bundle import path_backbone, saved_backbone, support_model
+
+    monkeypatch.chdir(tmp_path)
+    backbone = saved_backbone(tmp_path / "backbone", tokenizer)
+    support_model(path_backbone(backbone)).save("bundle")
+    _write_sentiment(tmp_path / "train.csv", 8, 0)
+    files = write_task_files(tmp_path)
+    capsys.readouterr()
+    commands = {
+        "train": ["train", "--task", "mood", "--task-type", "classification", "--data", "train.csv", "--out", "bundle",
+                  "--backbone", str(backbone), "--epochs", "1", "--no-progress", "--fp32", "--no-tensorboard"],
+        "train-joint": ["train-joint", "--tasks", "mood,same", "--task-file", files[0], "--task-file", files[1],
+                        "--backbone", str(backbone), "--out", "bundle/sentiment", "--epochs", "1", "--no-progress"],
+        "export into a task": ["export", "bundle", "--task", "sentiment", "--out", "bundle/sentiment"],
+        "export into a bundle": ["export", "bundle", "--task", "sentiment", "--out", "bundle"],
+        "export onto a file": ["export", "bundle", "--task", "sentiment", "--out", "train.csv"],
+    }
+    errors = {
+        "train": "bundle is a bundle (bundle.json); a task saved there would hide the bundle's tasks",
+        "train-joint": "bundle/sentiment holds a saved task (task.json), which a bundle saved there would hide",
+        "export into a task": "bundle/sentiment is a saved task or bundle; export into a folder of its own",
+        "export into a bundle": "bundle is a saved task or bundle; export into a folder of its own",
+        "export onto a file": "train.csv is a file; export writes a folder",
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        assert errors[name] in capsys.readouterr().err, name
+    assert sorted(MultiTaskModel.load("bundle").task_names) == ["faq-answer", "sentiment", "similar-questions"]
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
+        "bundle.json", "faq-answer", "sentiment", "similar-questions"]

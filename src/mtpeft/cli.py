@@ -680,11 +680,12 @@ def _train_joint(args) -> int:
     from mtpeft.joint import build_joint_model, train_joint
     from mtpeft.methods import get_method
     from mtpeft.sources import load_task_data
-    from mtpeft.storage import record_in_manifest, write_json
+    from mtpeft.storage import check_bundle_folder, record_in_manifest, write_json
     from mtpeft.train import format_metrics
 
     if len(set(args.tasks)) < 2:
         raise ValueError(f"--tasks: name at least two different tasks to train together, got {args.tasks}")
+    check_bundle_folder(args.out)  # before training, not at the save
     method = get_method(f"joint-{args.sampling}")
     overrides = {"epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
                  "seed": args.seed, "checkpoint_every": args.checkpoint_every,

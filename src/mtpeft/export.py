@@ -23,7 +23,7 @@ import torch
 
 from mtpeft.lora import lora_layers_of, replace_submodule
 from mtpeft.model import MultiTaskModel
-from mtpeft.storage import atomic_write, write_json, write_safetensors
+from mtpeft.storage import BUNDLE_FILE, TASK_FILE, atomic_write, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.regression import target_scale
 
@@ -107,6 +107,11 @@ def _output_layer(spec: TaskSpec, head: torch.nn.Module) -> dict[str, torch.Tens
 def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> Path:
     """Write ``task`` as a standalone transformers model folder (LoRA merged)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; export writes a folder")
+    if (folder / TASK_FILE).is_file() or (folder / BUNDLE_FILE).is_file():
+        # Its README.md would replace the task's model card, which the bundle's sha256 then refuses.
+        raise ValueError(f"{folder} is a saved task or bundle; export into a folder of its own")
     spec = model.spec(task)
     if getattr(model.backbone.config, "quantization_config", None):
         # A 4-bit weight cannot take the LoRA delta, and the folder must hold full weights anyway.

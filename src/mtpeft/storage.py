@@ -164,6 +164,22 @@ def peft_adapter_config(lora: LoraSettings, base_model: str, module_paths: list[
     return data
 
 
+def check_task_folder(folder: str | os.PathLike) -> None:
+    """Refuse to write a task into a bundle's own folder: a folder with a task.json loads as that
+    one task, so the bundle's other tasks would be hidden (and unreadable) behind it."""
+    if (Path(folder) / BUNDLE_FILE).is_file():
+        raise ValueError(f"{folder} is a bundle ({BUNDLE_FILE}); a task saved there would hide the bundle's tasks. "
+                         "Save the task into a folder of its own (MultiTaskModel.save(bundle, tasks=[name]) "
+                         "adds a task to a bundle)")
+
+
+def check_bundle_folder(folder: str | os.PathLike) -> None:
+    """Refuse to write a bundle into a saved task's folder, whose task.json would hide the bundle."""
+    if (Path(folder) / TASK_FILE).is_file():
+        raise ValueError(f"{folder} holds a saved task ({TASK_FILE}), which a bundle saved there would hide behind "
+                         "it; save the bundle into a folder of its own")
+
+
 def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Path:
     """Write one task's adapter, head and task.json into ``folder``.
 
@@ -173,6 +189,7 @@ def save_task(model: MultiTaskModel, name: str, folder: str | os.PathLike) -> Pa
     disk (~300 KB at r=8 on MiniLM) per task.
     """
     folder = Path(folder)
+    check_task_folder(folder)
     spec = model.spec(name)
     adapter = model.adapter_alias.get(name, name)
     lora = model.adapters[name] if adapter == name else model.shared_adapters[adapter]
@@ -339,6 +356,7 @@ def save_bundle(model: MultiTaskModel, folder: str | os.PathLike, tasks=None) ->
     no longer match the manifest, and the bundle would not load.
     """
     folder = Path(folder)
+    check_bundle_folder(folder)
     names = list(tasks) if tasks is not None else model.task_names
     for name in names:
         model.spec(name)

@@ -31,7 +31,7 @@ from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel
 from mtpeft.precision import autocast, resolve_bf16
-from mtpeft.storage import remove_stale_temporaries, save_task, write_json
+from mtpeft.storage import check_task_folder, remove_stale_temporaries, save_task, write_json
 from mtpeft.tasks import task_type
 from mtpeft.tracking import RunTracker
 from mtpeft.warm_start import warm_start
@@ -89,6 +89,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     config = config or TrainConfig()
     spec = model.spec(task)
     kind = task_type(spec)
+    if out_dir is not None:
+        check_task_folder(out_dir)  # before training, not at the save
     shared = model.adapter_alias.get(task)
     if shared is not None:
         others = sorted(t for t, a in model.adapter_alias.items() if a == shared and t != task)
