@@ -481,3 +481,18 @@ def test_a_task_a_bundle_or_an_export_is_not_written_over_another_of_them(tmp_pa
     assert sorted(MultiTaskModel.load("bundle").task_names) == ["faq-answer", "sentiment", "similar-questions"]
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
         "bundle.json", "faq-answer", "sentiment", "similar-questions"]
+
+
+@pytest.mark.parametrize("flag, value, error", [
+    ("--max-inputs", "0", "max_inputs must be >= 1, got 0"), ("--max-queued", "0", "max_queued must be >= 1, got 0"),
+    ("--max-text-chars", "0", "max_text_chars must be >= 1, got 0"),
+    ("--request-timeout", "0", "request_timeout_s must be > 0, got 0.0"),
+    ("--drain-timeout", "-1", "drain_timeout_s must be >= 0, got -1.0"),
+    ("--port", "99999", "--port must be in 0..65535, got 99999")])
+def test_serve_refuses_settings_that_would_refuse_every_request(monkeypatch, capsys, flag, value, error):
+    # The server started and answered every request 422 or 503 (or claimed a port that does not exist).
+    import mtpeft.serve
+
+    monkeypatch.setattr(mtpeft.serve, "serve", lambda bundle, **kwargs: None)
+    assert main(["serve", "runs/x", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"mtpeft: error: {error}"

@@ -630,6 +630,8 @@ def _support(args) -> int:
 def _serve(args) -> int:
     from mtpeft.serve import ServeSettings, serve
 
+    if not 0 <= args.port <= 65535:  # uvicorn took 99999 and said it was running there
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
     settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars,
                              max_queued=args.max_queued, request_timeout_s=args.request_timeout,
                              drain_timeout_s=args.drain_timeout)

@@ -84,6 +84,18 @@ class ServeSettings:
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        # Each of these at 0 (or below) started a server that refused every request (413, 422 or 503).
+        for name in ("max_batch_items", "batch_size", "max_inputs", "max_text_chars", "max_context_chars",
+                     "max_body_bytes", "max_queued"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.request_timeout_s > 0:  # NaN too
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("max_wait_ms", "drain_timeout_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
 
 class JSONOut(JSONResponse):
     """JSON that always encodes: a lone surrogate echoed from a request (JSON can carry one,
