@@ -496,3 +496,15 @@ def test_serve_refuses_settings_that_would_refuse_every_request(monkeypatch, cap
     monkeypatch.setattr(mtpeft.serve, "serve", lambda bundle, **kwargs: None)
     assert main(["serve", "runs/x", flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"mtpeft: error: {error}"
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["compare", "--seeds", "1,x"], "argument --seeds: expected comma-separated whole numbers, got '1,x'"),
+    (["compare", "--max-train", "ten"], "argument --max-train: expected a whole number, got 'ten'"),
+    (["train", "--task", "t", "--data", "d", "--out", "o", "--label-range", "5"],
+     "argument --label-range: expected LOW,HIGH (two numbers), got '5'")])
+def test_a_malformed_flag_value_says_what_the_flag_takes(argv, error, capsys):
+    # argparse named the parsing function instead: "invalid _int_list value: '1,x'".
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {error}")

@@ -50,14 +50,20 @@ def _init_from(value: str) -> str:
 
 def _example_count(value: str) -> int:
     """A number of examples: 0 would train or score nothing, and a negative one means nothing."""
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
     return number
 
 
 def _range(value: str) -> list[float]:
-    low, high = (float(v) for v in value.split(","))
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:  # argparse would name this function instead of the value's form
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {value!r}") from None
     return [low, high]
 
 
@@ -259,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _int_list(value: str) -> list[int]:
-    return [int(v) for v in _csv_list(value)]
+    try:
+        return [int(v) for v in _csv_list(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
