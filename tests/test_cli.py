@@ -508,3 +508,18 @@ def test_a_malformed_flag_value_says_what_the_flag_takes(argv, error, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {error}")
+
+
+def test_a_path_the_system_refuses_is_one_line_not_a_traceback(tmp_path, tokenizer, capsys):
+    # Only FileNotFoundError was caught: an --out under a file (FileExistsError, NotADirectoryError)
+    # or a folder without write permission came out as a traceback.
+    from tiny_bundle import path_backbone, saved_backbone, support_model
+
+    support_model(path_backbone(saved_backbone(tmp_path / "backbone", tokenizer))).save(tmp_path / "bundle",
+                                                                                       tasks=["sentiment"])
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "bundle"), "--out", str(tmp_path / "notes.txt" / "exported")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mtpeft: error: ") and str(tmp_path / "notes.txt") in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress_bars(not getattr(args, "no_progress", False)):
             return command(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"mtpeft: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as err:  # OSError: a path in the way, no permission, a full disk ...
+        system = isinstance(err, OSError) and err.filename and err.strerror  # "[Errno 20] ..." -> "PATH: ..."
+        print(f"mtpeft: error: {f'{err.filename}: {err.strerror}' if system else err}", file=sys.stderr)
         return 2
 
 
