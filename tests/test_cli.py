@@ -523,3 +523,13 @@ def test_a_path_the_system_refuses_is_one_line_not_a_traceback(tmp_path, tokeniz
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mtpeft: error: ") and str(tmp_path / "notes.txt") in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_data_file_without_rows_is_named(backbone_dir, tmp_path, capsys):
+    # "input: no usable rows for task 'mood'" did not say which of --data and --eval-data it was.
+    _write_sentiment(tmp_path / "train.csv", 8, 0)
+    (tmp_path / "dev.csv").write_text("text,label\n", encoding="utf-8")
+    assert main(["train", "--task", "mood", "--task-type", "classification", "--labels", "neg,pos", "--data",
+                 str(tmp_path / "train.csv"), "--eval-data", str(tmp_path / "dev.csv"), "--out", str(tmp_path / "run"),
+                 "--backbone", str(backbone_dir), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"mtpeft: error: {tmp_path / 'dev.csv'}: no usable rows for task 'mood'"
