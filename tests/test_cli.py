@@ -533,3 +533,19 @@ def test_a_data_file_without_rows_is_named(backbone_dir, tmp_path, capsys):
                  str(tmp_path / "train.csv"), "--eval-data", str(tmp_path / "dev.csv"), "--out", str(tmp_path / "run"),
                  "--backbone", str(backbone_dir), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == f"mtpeft: error: {tmp_path / 'dev.csv'}: no usable rows for task 'mood'"
+
+
+def test_train_joint_refuses_a_task_named_twice(tokenizer, tmp_path, monkeypatch, capsys):
+    # It trained, printed the task's scores twice and recorded it twice in joint/training.json.
+    from test_compare import write_task_files
+    from tiny_bundle import saved_backbone
+
+    monkeypatch.chdir(tmp_path)
+    saved_backbone(tmp_path / "tiny", tokenizer)
+    files = write_task_files(tmp_path)
+    capsys.readouterr()
+    assert main(["train-joint", "--tasks", "mood,same,mood", "--task-file", files[0], "--task-file", files[1],
+                 "--backbone", "tiny", "--out", "joint", "--epochs", "1", "--max-train", "8", "--no-progress",
+                 "--fp32", "--checkpoint-every", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "mtpeft: error: --tasks: 'mood' is named more than once"
+    assert not (tmp_path / "joint").exists()

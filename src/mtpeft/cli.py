@@ -697,6 +697,9 @@ def _train_joint(args) -> int:
 
     if len(set(args.tasks)) < 2:
         raise ValueError(f"--tasks: name at least two different tasks to train together, got {args.tasks}")
+    twice = sorted({t for t in args.tasks if args.tasks.count(t) > 1})
+    if twice:
+        raise ValueError(f"--tasks: {', '.join(map(repr, twice))} {'is' if len(twice) == 1 else 'are'} named more than once")
     check_bundle_folder(args.out)  # before training, not at the save
     method = get_method(f"joint-{args.sampling}")
     overrides = {"epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
