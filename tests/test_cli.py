@@ -549,3 +549,15 @@ def test_train_joint_refuses_a_task_named_twice(tokenizer, tmp_path, monkeypatch
                  "--fp32", "--checkpoint-every", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "mtpeft: error: --tasks: 'mood' is named more than once"
     assert not (tmp_path / "joint").exists()
+
+
+@pytest.mark.parametrize("flag, values, named", [("--tasks", "sst2,mrpc,sst2", "'sst2'"),
+                                                 ("--methods", "lora-r8,full,lora-r8", "'lora-r8'")])
+def test_compare_refuses_a_task_or_method_named_twice(tmp_path, monkeypatch, capsys, flag, values, named):
+    # A joint cell trained "mood+same+mood" and wrote mood's result twice; a method named twice
+    # was a second cell of the grid.
+    monkeypatch.chdir(tmp_path)
+    argv = {"--tasks": "sst2", "--methods": "lora-r8"}
+    argv[flag] = values
+    assert main(["compare", *[a for pair in argv.items() for a in pair]]) == 2
+    assert capsys.readouterr().err.strip() == f"mtpeft: error: {flag}: {named} is named more than once"

@@ -103,6 +103,11 @@ class GridSettings:
             raise ValueError("--methods: name at least one method")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        for names, flag in ((self.tasks, "--tasks"), (self.methods, "--methods")):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{flag}: {', '.join(map(repr, twice))} {'is' if len(twice) == 1 else 'are'} "
+                                 "named more than once")
         for name in self.methods:
             get_method(name)  # unknown names fail here, listing the known ones
         for value, flag in ((self.max_train, "--max-train"), (self.max_eval, "--max-eval")):
