@@ -143,6 +143,10 @@ def test_bad_phrasing_rows_name_file_and_line(tmp_path):
     path.write_text('{"task": "a"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: expected"):
         read_phrasings(path)
+    # A row without "task" (say, "label" in its place) trained the router that its text asks for no task.
+    path.write_text('{"task": "a", "text": "ok"}\n{"label": "a", "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: no 'task' \(null for a request of no task\)"):
+        read_phrasings(path)
     path.write_text('{"task": "a", "text": "\\u200b\\u0000"}\n')  # blank to the tokenizer too
     with pytest.raises(ValueError, match=r"p.jsonl:1: expected .*non-empty text"):
         read_phrasings(path)

@@ -47,7 +47,9 @@ def read_phrasings(path: str | os.PathLike) -> list[tuple[str | None, str]]:
                 raise ValueError(f"{file}:{number}: invalid JSON: {err.msg}") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) or is_blank(row["text"]):
                 raise ValueError(f"{file}:{number}: expected {{'task': NAME or null, 'text': non-empty text}}")
-            task = row.get("task")
+            if "task" not in row:  # not taken as null: a misnamed key would teach the router "no task"
+                raise ValueError(f"{file}:{number}: no 'task' (null for a request of no task); the row has {sorted(row)}")
+            task = row["task"]
             if task is not None and not isinstance(task, str):
                 raise ValueError(f"{file}:{number}: 'task' must be a task name or null, got {task!r}")
             rows.append((task, row["text"]))
