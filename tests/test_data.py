@@ -65,6 +65,14 @@ def test_label_out_of_range_names_file_line_and_field(tmp_path):
     assert str(err.value).startswith(f"{path}:2: field 'label': label 7 is not one of ['negative', 'positive']")
 
 
+def test_labels_found_sort_numbers_by_value_then_names(tmp_path):
+    # "²" passed str.isdigit and crashed float(); "10" sorted before "2" as text would.
+    path = tmp_path / "mixed.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{v}\n" for i, v in enumerate(["10", "2", "²", "-1", "b", "0.5"])),
+                    encoding="utf-8")
+    assert labels_in(path, "label", "--label-column", "pass --labels") == ["-1", "0.5", "2", "10", "b", "²"]
+
+
 def test_json_number_labels_are_class_names_as_in_a_tsv(tmp_path):
     # JSON 1, 2, 3 with the labels found in the file (["1", "2", "3"]) were read as indices:
     # 1 became class "2", 2 became "3" and 3 was refused as "not one of ['1', '2', '3']".

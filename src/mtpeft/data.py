@@ -387,7 +387,15 @@ def labels_in(path: str | Path, column: str, named: str, otherwise: str) -> list
         raise ValueError(f"{named} {column!r}: no such column in {path}; its columns are {sorted(columns)}")
     if len(values) < 2:
         raise ValueError(f"{named} {column!r}: found {len(values)} distinct labels in {path}; {otherwise}")
-    return sorted(values, key=lambda v: (0, float(v)) if v.lstrip("-").replace(".", "", 1).isdigit() else (1, v))
+    return sorted(values, key=_numbers_first)
+
+
+def _numbers_first(label: str) -> tuple:
+    """Sort key: numbers by value ("2" before "10"), then names. Not ``str.isdigit``, which is
+    true for "²" that ``float`` refuses; nor every ``float`` spelling ("nan", "inf" are names)."""
+    if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", label.strip()):
+        return 0, float(label), label
+    return 1, 0.0, label
 
 
 def to_examples(records: Iterable[tuple[str, dict]], spec: TaskSpec, skip_bad_rows: bool = False,
