@@ -404,6 +404,17 @@ def test_a_zero_seed_or_checkpoint_interval_is_kept(backbone_dir, tmp_path):
     assert config["seed"] == 0 and config["checkpoint_every"] == 0
 
 
+def test_a_checkpoint_interval_below_minus_one_is_refused(backbone_dir, tmp_path, capsys):
+    # -5 ran as "no checkpoints", which only -1 means.
+    _write_sentiment(tmp_path / "train.csv", 8, 0)
+    code = main(["train", "--task", "mood", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),
+                 "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir), "--epochs", "1", "--no-progress",
+                 "--fp32", "--no-tensorboard", "--checkpoint-every", "-5"])
+    assert code == 2
+    assert "checkpoint_every must be >= 1 steps, 0 (epoch ends only) or -1 (none), got -5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("head_lr", ["0", "-0.001"])
 def test_a_head_lr_below_or_at_zero_is_refused(backbone_dir, tmp_path, capsys, head_lr):
     # `head_lr or lr`: --head-lr 0 trained the head at --lr (config.json said 0.0), and a

@@ -110,6 +110,9 @@ class TrainConfig:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.checkpoint_every < -1:  # -5 read as "none", which only -1 says
+            raise ValueError(f"checkpoint_every must be >= 1 steps, 0 (epoch ends only) or -1 (none), "
+                             f"got {self.checkpoint_every}")
         # None means all: 0 would read as "all" too, and a negative count would cut from the end.
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
