@@ -215,6 +215,19 @@ def test_model_card_is_readable_by_huggingface_hub(backbone, tmp_path):
     assert "| accuracy | 91.50 |" in card.text and "trainable parameters" in card.text
 
 
+@pytest.mark.parametrize("base", ["runs/models: mini #2", "@team/mini", "C:\\models\\mini"])
+def test_model_card_names_a_base_model_that_yaml_would_misread(backbone, tmp_path, base):
+    # Written unquoted, "a: b" and " #" broke the front matter, "@..." is reserved in YAML.
+    from huggingface_hub import ModelCard
+
+    from mtpeft.model_card import render_model_card
+
+    model = _model(backbone)
+    model.save(tmp_path)
+    record = json.loads((tmp_path / "sentiment" / "task.json").read_text(encoding="utf-8"))
+    assert ModelCard(render_model_card(record, base)).data.base_model == base
+
+
 def test_model_card_front_matter_names_the_metrics(backbone, tmp_path):
     from huggingface_hub import ModelCard
 

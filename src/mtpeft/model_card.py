@@ -25,7 +25,7 @@ def render_model_card(record: dict, base_model: str) -> str:
     front = [
         "---",
         "library_name: peft" if adapter else "library_name: mtpeft",
-        f"base_model: {base_model}",
+        f"base_model: {json.dumps(base_model)}",  # quoted: a local path may hold ": ", " #" or a leading "@"
         "tags:",
         "- mtpeft",
         f"- {spec['type']}",
