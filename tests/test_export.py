@@ -39,6 +39,23 @@ def test_exported_classifier_matches(backbone, tmp_path):
     assert not any("lora" in k for k in exported.state_dict())
 
 
+def test_exported_tokenizer_truncates_at_the_tasks_length(backbone, tmp_path):
+    # It kept the backbone's limit: truncation=True let a long text through at 512 tokens where
+    # the task was trained and predicts on its first 128, so the exported model answered otherwise.
+    model = _model(backbone)
+    export_task(model, "cls", tmp_path / "cls")
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "cls", trust_remote_code=True)
+    text = " ".join(["the parcel came late but the sofa is lovely"] * 40)  # ~400 tokens
+    encoded = tokenizer([text], truncation=True, return_tensors="pt")
+    assert encoded["input_ids"].shape[1] == model.spec("cls").max_length == 128
+    with torch.no_grad():
+        theirs = exported(**encoded).logits.softmax(-1)[0]
+    ours = model.predict(text, task="cls").probabilities
+    torch.testing.assert_close(theirs, torch.tensor([ours[label] for label in ["neg", "pos", "mixed"]]),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_exported_last_token_pooling_finds_the_last_real_token_on_either_padding_side(backbone, tmp_path):
     import sys
 

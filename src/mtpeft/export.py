@@ -158,7 +158,11 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     (folder / "config.json").unlink(missing_ok=True)
     write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
     atomic_write(folder / MODELING_FILE, MODELING_SOURCE.encode())
-    model.tokenizer.save_pretrained(folder)
+    # The task's length, not the backbone's 512: `truncation=True` (a pipeline's default) then cuts
+    # a long input where mtpeft's own predictions do.
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.model_max_length = spec.max_length
+    tokenizer.save_pretrained(folder)
     readme = (f"# {spec.name} (exported by mtpeft)\n\n{spec.description}\n\nLoad with `{auto}.from_pretrained(folder, "
               f"trust_remote_code=True)` and `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` (it "
               f"reads the folder's config, which names the head's code); the LoRA adapter is merged into the "
