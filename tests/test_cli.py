@@ -231,9 +231,11 @@ def test_train_joint_takes_a_zero_lora_flag_at_its_word(tokenizer, tmp_path, mon
             "--out", "joint", "--epochs", "1", "--max-train", "8", "--no-progress", "--fp32", "--checkpoint-every", "-1"]
     assert main(argv + ["--r", "0"]) == 2
     assert "lora r must be >= 1, got 0" in capsys.readouterr().err
-    assert main(argv + ["--r", "2", "--alpha", "0"]) == 0
+    assert main(argv + ["--r", "2", "--alpha", "0"]) == 2  # not 2*r: refused, as an adapter that never learns
+    assert "lora alpha must be > 0, got 0" in capsys.readouterr().err
+    assert main(argv + ["--r", "2", "--alpha", "3"]) == 0
     adapter = json.loads((tmp_path / "joint" / "mood" / "task.json").read_text())["adapter"]
-    assert (adapter["r"], adapter["alpha"]) == (2, 0)
+    assert (adapter["r"], adapter["alpha"]) == (2, 3)
 
 
 def test_train_records_the_command_it_was_given(backbone_dir, tmp_path):
@@ -495,10 +497,11 @@ def test_a_task_a_bundle_or_an_export_is_not_written_over_another_of_them(tmp_pa
 
 
 @pytest.mark.parametrize("flag, value, error", [
-    ("--max-inputs", "0", "max_inputs must be >= 1, got 0"), ("--max-queued", "0", "max_queued must be >= 1, got 0"),
-    ("--max-text-chars", "0", "max_text_chars must be >= 1, got 0"),
-    ("--request-timeout", "0", "request_timeout_s must be > 0, got 0.0"),
-    ("--drain-timeout", "-1", "drain_timeout_s must be >= 0, got -1.0"),
+    ("--max-inputs", "0", "--max-inputs must be >= 1, got 0"), ("--max-queued", "0", "--max-queued must be >= 1, got 0"),
+    ("--max-text-chars", "0", "--max-text-chars must be >= 1, got 0"),
+    ("--max-wait-ms", "-1", "--max-wait-ms must be >= 0, got -1.0"),
+    ("--request-timeout", "0", "--request-timeout must be > 0, got 0.0"),
+    ("--drain-timeout", "-1", "--drain-timeout must be >= 0, got -1.0"),
     ("--port", "99999", "--port must be in 0..65535, got 99999")])
 def test_serve_refuses_settings_that_would_refuse_every_request(monkeypatch, capsys, flag, value, error):
     # The server started and answered every request 422 or 503 (or claimed a port that does not exist).
@@ -506,6 +509,18 @@ def test_serve_refuses_settings_that_would_refuse_every_request(monkeypatch, cap
 
     monkeypatch.setattr(mtpeft.serve, "serve", lambda bundle, **kwargs: None)
     assert main(["serve", "runs/x", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"mtpeft: error: {error}"
+
+
+@pytest.mark.parametrize("flag, value, error", [
+    ("--top-k", "0", "--top-k must be >= 1 (a whole number), got 0"),
+    ("--answer-threshold", "30", "--answer-threshold must be a probability in [0, 1], got 30.0")])
+def test_support_names_a_bad_setting_by_its_flag(monkeypatch, capsys, flag, value, error):
+    # The error named the Python argument (top_k), which the command line has no way to type.
+    from mtpeft.model import MultiTaskModel
+
+    monkeypatch.setattr(MultiTaskModel, "load", lambda *args, **kwargs: None)
+    assert main(["support", "runs/x", "my order is late", flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"mtpeft: error: {error}"
 
 

@@ -57,6 +57,24 @@ def test_tsv_wrong_field_count_names_the_line(tmp_path):
         load_examples(path, SENTIMENT)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("d.csv", "sentence,label,label\ngood,1,0\n"),
+    ("d.tsv", "sentence\tlabel\tlabel\ngood\t1\t0\n"),
+])
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path, name, content):
+    # Read into a dict, the row's label silently came from the last "label" column.
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{name}:1: field 'label': this column is named twice in the header"):
+        load_examples(path, SENTIMENT)
+
+
+def test_blank_column_names_may_repeat(tmp_path):
+    path = tmp_path / "d.csv"  # a spreadsheet's export with two empty columns after the data
+    path.write_text("sentence,label,,\ngood,1,,\n", encoding="utf-8")
+    assert [e.label for e in load_examples(path, SENTIMENT).examples] == [1]
+
+
 def test_label_out_of_range_names_file_line_and_field(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"sentence": "ok", "label": 1}\n{"sentence": "bad", "label": 7}\n', encoding="utf-8")

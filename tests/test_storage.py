@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,28 @@ def test_a_new_bundle_whose_first_save_was_killed_midway_does_not_load_as_fewer_
     assert MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer)).task_names == ["sentiment"]
     model.save(tmp_path)
     assert MultiTaskModel.load(tmp_path, backbone=tiny_bert(tokenizer)).task_names == ["sentiment", "similarity", "faq"]
+
+
+def test_a_save_pretrained_killed_midway_leaves_each_file_whole_and_its_staging_removable(tmp_path, monkeypatch):
+    # A tokenizer's or peft's save_pretrained writes its files in place: killed midway over an
+    # earlier save, it left a half-written tokenizer.json. Staged, each file is old or new, whole.
+    from mtpeft.storage import remove_stale_temporaries, save_pretrained_atomically
+
+    def save(version):
+        def write(folder):
+            (folder / "a.json").write_text(f'{{"version": {version}}}')
+            (folder / "sub").mkdir()
+            (folder / "sub" / "b.bin").write_bytes(bytes([version]) * 1000)
+        return write
+
+    assert save_pretrained_atomically(save(1), tmp_path) == [Path("a.json"), Path("sub/b.bin")]
+    with monkeypatch.context() as patch:
+        _kill_at(patch, "save:b.bin")
+        patch.setattr("shutil.rmtree", lambda *args, **kwargs: None)  # a SIGKILL cleans nothing up
+        with pytest.raises(_Killed):
+            save_pretrained_atomically(save(2), tmp_path)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"version": 2}
+    assert (tmp_path / "sub" / "b.bin").read_bytes() == bytes([1]) * 1000
+    assert [p.name for p in tmp_path.glob(".*.tmp")]  # the staging folder the kill left
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "sub"]

@@ -294,6 +294,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
+def _named_by_flags(flags: dict[str, str]):
+    """Settings objects name a bad value by its Python name (``top_k``); on the command line the
+    user typed a flag (``--top-k``), so the error says that."""
+    try:
+        yield
+    except ValueError as err:
+        message = str(err)
+        for name, flag in flags.items():
+            if message.startswith(f"{name} "):
+                raise ValueError(flag + message[len(name):]) from None
+        raise
+
+
+@contextlib.contextmanager
 def _progress_bars(shown: bool):
     """--no-progress quiets transformers' own bars too (loading weights), for logs kept in files."""
     if shown:
@@ -632,7 +646,8 @@ def _support(args) -> int:
     from mtpeft.support import SupportPipeline
 
     model = MultiTaskModel.load(args.bundle, backbone=args.backbone, router=False)
-    pipeline = SupportPipeline(model, args.faq, top_k=args.top_k, answer_threshold=args.answer_threshold)
+    with _named_by_flags({"top_k": "--top-k", "answer_threshold": "--answer-threshold"}):
+        pipeline = SupportPipeline(model, args.faq, top_k=args.top_k, answer_threshold=args.answer_threshold)
     print(json.dumps(pipeline.answer(args.message).to_dict(), indent=2))
     return 0
 
@@ -642,9 +657,11 @@ def _serve(args) -> int:
 
     if not 0 <= args.port <= 65535:  # uvicorn took 99999 and said it was running there
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_text_chars=args.max_text_chars,
-                             max_queued=args.max_queued, request_timeout_s=args.request_timeout,
-                             drain_timeout_s=args.drain_timeout)
+    flags = {name: f"--{name.replace('_', '-')}" for name in ("max_wait_ms", "max_inputs", "max_text_chars", "max_queued")}
+    with _named_by_flags({**flags, "request_timeout_s": "--request-timeout", "drain_timeout_s": "--drain-timeout"}):
+        settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs,
+                                 max_text_chars=args.max_text_chars, max_queued=args.max_queued,
+                                 request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout)
     serve(args.bundle, host=args.host, port=args.port, faq=args.faq, backbone=args.backbone, settings=settings,
           max_active_adapters=args.max_active_adapters, admin_root=args.admin_root)
     return 0

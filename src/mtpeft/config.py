@@ -29,6 +29,10 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"lora r must be >= 1, got {self.r}")
+        if not self.alpha > 0:  # NaN too
+            # 0 scales every update to nothing (the adapter never learns: a head-only run that
+            # says LoRA); a negative alpha only flips the sign of what the adapter learns.
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
 

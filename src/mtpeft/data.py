@@ -106,7 +106,7 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
         lines = split_lines(text)
         if not lines:
             raise DataError(f"{path}:1", None, "empty file, expected a header line")
-        header = lines[0].split("\t")
+        header = _checked_header(path, lines[0].split("\t"))
         for number, line in enumerate(lines[1:], start=2):
             if not line.strip():
                 continue
@@ -145,6 +145,18 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
             raise DataError(str(path), None, "expected a list of objects or a SQuAD file ({'data': [...]})")
     else:
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or .json")
+
+
+def _checked_header(path: Path, header: list[str]) -> list[str]:
+    """A header that names each column once: with a name twice, a row's value would silently
+    come from the last column of that name. Blank names (a spreadsheet's trailing empty
+    columns) may repeat: no task reads them."""
+    seen = set()
+    for name in header:
+        if name.strip() and name in seen:
+            raise DataError(f"{path}:1", name, "this column is named twice in the header; rename one of them")
+        seen.add(name)
+    return header
 
 
 def _json_lines(path: Path, text: str, skipped: list[DataError] | None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -186,6 +198,7 @@ def _csv_records(path: Path, text: str, skipped: list[DataError] | None) -> Iter
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}:1", None, "empty file, expected a header line")
+        header = _checked_header(path, header)
         start = reader.line_num + 1
         for values in reader:
             # A row of empty cells (",,", as spreadsheets export trailing blank rows) is a blank line,

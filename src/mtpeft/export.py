@@ -23,7 +23,8 @@ import torch
 
 from mtpeft.lora import lora_layers_of, replace_submodule
 from mtpeft.model import MultiTaskModel
-from mtpeft.storage import BUNDLE_FILE, TASK_FILE, atomic_write, write_json, write_safetensors
+from mtpeft.storage import (BUNDLE_FILE, TASK_FILE, atomic_write, save_pretrained_atomically, write_json,
+                            write_safetensors)
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.regression import target_scale
 
@@ -162,7 +163,7 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     # a long input where mtpeft's own predictions do.
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.model_max_length = spec.max_length
-    tokenizer.save_pretrained(folder)
+    save_pretrained_atomically(tokenizer.save_pretrained, folder)
     readme = (f"# {spec.name} (exported by mtpeft)\n\n{spec.description}\n\nLoad with `{auto}.from_pretrained(folder, "
               f"trust_remote_code=True)` and `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` (it "
               f"reads the folder's config, which names the head's code); the LoRA adapter is merged into the "

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from mtpeft.backbone import Backbone
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.model import MultiTaskModel
-from mtpeft.storage import save_task, write_json, write_safetensors
+from mtpeft.storage import save_pretrained_atomically, save_task, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.presets import RECIPE_SECTIONS
 
@@ -163,7 +163,7 @@ class Method:
             return save_task(model, task, folder)
         write_safetensors(folder / "head.safetensors", dict(model.heads[task].state_dict()))
         if self.kind == "peft":
-            model.backbone.peft.save_pretrained(folder / "peft")
+            save_pretrained_atomically(model.backbone.peft.save_pretrained, folder / "peft")
         elif self.kind == "full":
             write_safetensors(folder / "backbone.safetensors",
                               {n: p.detach().contiguous() for n, p in model.backbone.state_dict().items()})

@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,11 +83,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, before_replace=None) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(path.parent)  # make the rename itself durable
 
 
 def _new_temporary(path: Path) -> tuple[int, str]:
@@ -104,12 +102,51 @@ def _new_temporary(path: Path) -> tuple[int, str]:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporary files that a crash left behind in ``folder`` (never complete files)."""
+    """Delete temporary files (and ``save_pretrained_atomically``'s folders) that a crash left
+    behind in ``folder``: never complete files."""
     removed = 0
     for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def save_pretrained_atomically(save: Callable[[Path], object], folder: str | os.PathLike) -> list[Path]:
+    """Run ``save(staging)`` (a library's ``save_pretrained``, which writes its files in place)
+    in a hidden folder inside ``folder``, then move each file it wrote to the same place under
+    ``folder`` with ``atomic_write``'s guarantees: each file is its old or its new complete
+    version, never half written. Returns the files written, relative to ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".save_pretrained.{secrets.token_hex(6)}.tmp"
+    staging.mkdir()
+    try:
+        save(staging)
+        written = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+        for relative in written:
+            source, target = staging / relative, folder / relative
+            with open(source, "rb") as f:
+                os.fsync(f.fileno())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fault_point("save", relative.name)
+            os.replace(source, target)
+            _fsync_folder(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames into ``folder`` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
