@@ -56,6 +56,18 @@ def test_exported_tokenizer_truncates_at_the_tasks_length(backbone, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_an_exported_head_and_tail_task_says_how_its_long_inputs_were_cut(backbone, tmp_path):
+    # The exported tokenizer keeps a long review's start only, where mtpeft kept start and end:
+    # the README is where a user of the export learns to cut such texts the same way.
+    model = _model(backbone)
+    model.add_task(TaskSpec(name="reviews", type="classification", labels=["neg", "pos"], max_length=64,
+                            truncation="head+tail", head_tokens=20))
+    export_task(model, "reviews", tmp_path / "reviews")
+    export_task(model, "cls", tmp_path / "cls")
+    assert "first 20 and last 42 tokens (head+tail truncation)" in (tmp_path / "reviews" / "README.md").read_text()
+    assert "head+tail" not in (tmp_path / "cls" / "README.md").read_text()
+
+
 def test_exported_last_token_pooling_finds_the_last_real_token_on_either_padding_side(backbone, tmp_path):
     import sys
 

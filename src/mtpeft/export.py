@@ -105,6 +105,19 @@ def _output_layer(spec: TaskSpec, head: torch.nn.Module) -> dict[str, torch.Tens
     return weights
 
 
+def _truncation_note(spec: TaskSpec, tokenizer) -> str:
+    """How a text longer than the task's length was cut in training, where the exported
+    tokenizer's truncation cannot do the same (it keeps the start only)."""
+    if spec.truncation != "head+tail" or spec.is_pair:
+        return ""
+    budget = spec.max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    head = min(spec.head_tokens, budget)
+    return (f"Long inputs: this task was trained and evaluated on texts cut to their first {head} and last "
+            f"{budget - head} tokens (head+tail truncation); `truncation=True` keeps the first {budget} only. "
+            f"For the same predictions on a text over {spec.max_length} tokens, cut it that way before "
+            f"tokenising (mtpeft's own `predict` does).\n\n")
+
+
 def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> Path:
     """Write ``task`` as a standalone transformers model folder (LoRA merged)."""
     folder = Path(folder)
@@ -167,7 +180,7 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     readme = (f"# {spec.name} (exported by mtpeft)\n\n{spec.description}\n\nLoad with `{auto}.from_pretrained(folder, "
               f"trust_remote_code=True)` and `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` (it "
               f"reads the folder's config, which names the head's code); the LoRA adapter is merged into the "
-              f"backbone weights.\n\n"
+              f"backbone weights.\n\n{_truncation_note(spec, tokenizer)}"
               f"Task spec:\n\n```json\n{json.dumps(spec.to_dict(), indent=2)}\n```\n")
     atomic_write(folder / "README.md", readme.encode())
     write_json(folder / "config.json", config)
