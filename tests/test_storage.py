@@ -158,6 +158,33 @@ def test_auto_peft_model_loads_an_adapter_saved_on_a_local_backbone(tokenizer, t
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_transformers_loads_a_saved_task_as_an_adapter_both_ways(tokenizer, tmp_path, monkeypatch):
+    # transformers' own PEFT integration: `model.load_adapter(task_folder)` onto the backbone, and
+    # `AutoModel.from_pretrained(task_folder)`, which builds the base from adapter_config.json.
+    from transformers import AutoModel
+
+    from mtpeft.backbone import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_bert(tokenizer).model.save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    model = MultiTaskModel(load_backbone(tmp_path / "backbone"))
+    model.bf16 = False
+    model.add_task(TaskSpec(name="t", type="classification", labels=["a", "b"]), LoraSettings(r=2, alpha=4))
+    for layer in model.lora_layers("t").values():
+        torch.nn.init.normal_(layer.lora_B["t"].weight, std=0.3)
+    model.save(tmp_path / "bundle")
+    batch = dict(tokenizer(["a first text", "and a second, longer one"], padding=True, return_tensors="pt"))
+    ours = model.encode(batch, "t")
+    onto_backbone = AutoModel.from_pretrained(tmp_path / "backbone").eval()
+    onto_backbone.load_adapter(str(tmp_path / "bundle" / "t"), adapter_name="t")
+    from_folder = AutoModel.from_pretrained(tmp_path / "bundle" / "t").eval()
+    with torch.no_grad():
+        for theirs in (onto_backbone, from_folder):
+            torch.testing.assert_close(theirs(**batch).last_hidden_state, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, model.encode(batch, None))  # the adapter changes the output
+
+
 def test_loading_onto_another_backbone_names_the_expected_one(backbone, tokenizer, tmp_path):
     _model(backbone).save(tmp_path)
     other = tiny_bert(tokenizer, seed=7)  # same shapes, different weights
