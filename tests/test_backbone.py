@@ -81,6 +81,19 @@ def test_another_checkpoint_of_the_same_base_is_told_apart(tokenizer):
     base.identity.check_matches(base.identity.to_dict(), "task 't'")
 
 
+def test_a_backbone_saved_in_bf16_loads_with_fp32_weights(tokenizer, tmp_path):
+    # transformers loads a checkpoint in its saved dtype: a bf16-saved backbone then computed the
+    # fp32 path in bf16 and fully fine-tuned bf16 weights. Upcast, its identity is the same.
+    saved = tiny_bert(tokenizer).model.to(torch.bfloat16)
+    saved.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backbone = load_backbone(tmp_path)
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.float32}
+    as_saved = from_model(saved, tokenizer, str(tmp_path))
+    assert backbone.identity.to_dict() == as_saved.identity.to_dict()
+    assert all(torch.equal(p.to(torch.float32), q) for p, q in zip(saved.parameters(), backbone.model.parameters()))
+
+
 def test_default_backbone_is_the_packaged_minilm():
     backbone = load_backbone("default")
     assert backbone.identity.model_type == "bert"
