@@ -135,24 +135,30 @@ def test_peft_saving_our_adapter_again_writes_the_same_config_and_weights(backbo
     assert all(torch.equal(ours_weights[k], theirs_weights[k]) for k in ours_weights)
 
 
+def _task_saved_on_a_local_backbone(tokenizer, folder, monkeypatch):
+    """Task ``t`` (non-zero adapter, fp32) on a tiny backbone saved in ``folder/backbone``,
+    saved to ``folder/bundle``; and a batch for it."""
+    from mtpeft.backbone import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft looks for a tokenizer on the hub otherwise
+    tiny_bert(tokenizer).model.save_pretrained(folder / "backbone")
+    tokenizer.save_pretrained(folder / "backbone")
+    model = MultiTaskModel(load_backbone(folder / "backbone"))
+    model.bf16 = False
+    model.add_task(TaskSpec(name="t", type="classification", labels=["a", "b"]), LoraSettings(r=2, alpha=4))
+    for layer in model.lora_layers("t").values():
+        torch.nn.init.normal_(layer.lora_B["t"].weight, std=0.3)
+    model.save(folder / "bundle")
+    return model, dict(tokenizer(["a first text", "and a second, longer one"], padding=True, return_tensors="pt"))
+
+
 def test_auto_peft_model_loads_an_adapter_saved_on_a_local_backbone(tokenizer, tmp_path, monkeypatch):
     # AutoPeftModel builds the base model from adapter_config.json alone: its class from auto_mapping,
     # its weights from base_model_name_or_path (here a local folder). It refused ours.
     from peft import AutoPeftModel
 
-    from mtpeft.backbone import load_backbone
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft looks for a tokenizer on the hub otherwise
-    tiny_bert(tokenizer).model.save_pretrained(tmp_path / "backbone")
-    tokenizer.save_pretrained(tmp_path / "backbone")
-    model = MultiTaskModel(load_backbone(tmp_path / "backbone"))
-    model.bf16 = False
-    model.add_task(TaskSpec(name="t", type="classification", labels=["a", "b"]), LoraSettings(r=2, alpha=4))
-    for layer in model.lora_layers("t").values():
-        torch.nn.init.normal_(layer.lora_B["t"].weight, std=0.3)
-    model.save(tmp_path / "bundle")
+    model, batch = _task_saved_on_a_local_backbone(tokenizer, tmp_path, monkeypatch)
     peft_model = AutoPeftModel.from_pretrained(tmp_path / "bundle" / "t").eval()
-    batch = dict(tokenizer(["a first text", "and a second, longer one"], padding=True, return_tensors="pt"))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**batch).last_hidden_state, model.encode(batch, "t"),
                                    rtol=1e-5, atol=1e-5)
@@ -163,18 +169,7 @@ def test_transformers_loads_a_saved_task_as_an_adapter_both_ways(tokenizer, tmp_
     # `AutoModel.from_pretrained(task_folder)`, which builds the base from adapter_config.json.
     from transformers import AutoModel
 
-    from mtpeft.backbone import load_backbone
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tiny_bert(tokenizer).model.save_pretrained(tmp_path / "backbone")
-    tokenizer.save_pretrained(tmp_path / "backbone")
-    model = MultiTaskModel(load_backbone(tmp_path / "backbone"))
-    model.bf16 = False
-    model.add_task(TaskSpec(name="t", type="classification", labels=["a", "b"]), LoraSettings(r=2, alpha=4))
-    for layer in model.lora_layers("t").values():
-        torch.nn.init.normal_(layer.lora_B["t"].weight, std=0.3)
-    model.save(tmp_path / "bundle")
-    batch = dict(tokenizer(["a first text", "and a second, longer one"], padding=True, return_tensors="pt"))
+    model, batch = _task_saved_on_a_local_backbone(tokenizer, tmp_path, monkeypatch)
     ours = model.encode(batch, "t")
     onto_backbone = AutoModel.from_pretrained(tmp_path / "backbone").eval()
     onto_backbone.load_adapter(str(tmp_path / "bundle" / "t"), adapter_name="t")
