@@ -50,6 +50,21 @@ def test_tsv_is_read_without_quote_handling(tmp_path):
     assert examples[0].source == f"{path}:2"
 
 
+def test_a_tsv_written_by_a_csv_writer_reads_its_quoted_texts_back(tmp_path):
+    # pandas' to_csv(sep="\t") and csv.writer quote a text holding a quote ("say ""hi""");
+    # read without quote handling, the text trained on kept the quoting.
+    import csv
+
+    texts = ['she said "great" twice', '"quoted" start', 'plain', '"whole quote"', 'a lone " mark']
+    path = tmp_path / "train.tsv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["sentence", "label"])
+        writer.writerows([text, i % 2] for i, text in enumerate(texts))
+    assert '"she said ""great"" twice"' in path.read_text()
+    assert [e.text for e in load_examples(path, SENTIMENT).examples] == texts
+
+
 def test_tsv_wrong_field_count_names_the_line(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text("sentence\tlabel\nfine\t1\nbroken row without tab\n", encoding="utf-8")

@@ -93,9 +93,10 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
     """Yield ``(where, row)`` for each row of a .tsv, .csv, .jsonl or .json (list of objects) file.
 
     TSV files are read without quote handling, as GLUE's are written: some sentences
-    contain a lone ``"``. A row that cannot be read (wrong number of fields, invalid JSON)
-    raises, or with ``skipped`` is added there: GLUE's QQP train.tsv has a few questions
-    cut in two by a line break.
+    contain a lone ``"``. Only a field that a CSV writer quoted (pandas' ``to_csv(sep="\\t")``
+    of a text with a quote in it) is unquoted. A row that cannot be read (wrong number of
+    fields, invalid JSON) raises, or with ``skipped`` is added there: GLUE's QQP train.tsv has
+    a few questions cut in two by a line break.
     """
     path = Path(path)
     if not path.is_file():
@@ -118,7 +119,7 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
                                       "is read without quotes (--skip-bad-rows skips such rows; a .csv or .jsonl "
                                       "file keeps such texts whole)"), skipped)
                 continue
-            yield f"{path}:{number}", dict(zip(header, values))
+            yield f"{path}:{number}", dict(zip(header, [_csv_unquoted(value) for value in values]))
     elif suffix == ".csv":
         yield from _csv_records(path, text, skipped)
     elif suffix == ".jsonl":
@@ -145,6 +146,17 @@ def read_records(path: str | Path, skipped: list[DataError] | None = None) -> It
             raise DataError(str(path), None, "expected a list of objects or a SQuAD file ({'data': [...]})")
     else:
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv, .jsonl or .json")
+
+
+# A whole field in quotes whose own quotes are all doubled, with at least one: how pandas' and
+# the csv module's TSV writers quote a text that holds a quote. GLUE's raw TSVs never double one.
+_CSV_QUOTED = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"')
+
+
+def _csv_unquoted(value: str) -> str:
+    """A TSV field as its text: unquoted where a CSV writer quoted it (``"a ""b"" c"`` is
+    ``a "b" c``), else as it stands, quotes and all (GLUE's ``"hello" he said``)."""
+    return value[1:-1].replace('""', '"') if _CSV_QUOTED.fullmatch(value) else value
 
 
 def _checked_header(path: Path, header: list[str]) -> list[str]:
