@@ -587,3 +587,15 @@ def test_compare_refuses_a_task_or_method_named_twice(tmp_path, monkeypatch, cap
     argv[flag] = values
     assert main(["compare", *[a for pair in argv.items() for a in pair]]) == 2
     assert capsys.readouterr().err.strip() == f"mtpeft: error: {flag}: {named} is named more than once"
+
+
+def test_version_is_the_packages(capsys):
+    import importlib.metadata
+
+    import mtpeft
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mtpeft {mtpeft.__version__}"
+    assert importlib.metadata.version("mtpeft") == mtpeft.__version__  # pyproject reads it from the package

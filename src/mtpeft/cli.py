@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from mtpeft import __version__
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.tasks.spec import TASK_TYPES, TaskSpec
 
@@ -69,6 +70,7 @@ def _range(value: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtpeft", description="Multi-task LoRA adapters on one frozen backbone.")
+    parser.add_argument("--version", action="version", version=f"mtpeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train, evaluate, save, reload and query the customer-support skills")
