@@ -108,3 +108,17 @@ def test_an_unanswerable_qa_example_trains_the_no_answer_position_and_may_be_ans
     v1 = dataclasses.replace(spec, allow_no_answer=False)
     assert kind.predict(v1, kind.summarize(v1, logits, features), features, examples)[1].answer == "Bob"
     assert kind.score(spec, predictions, examples)["exact_match"] == pytest.approx(100.0)
+
+
+def test_a_question_without_a_prediction_scores_zero_whatever_its_gold():
+    """A missing prediction was scored as "", which matched a gold answer that normalises to "" ("The")
+    and, with ``allow_no_answer``, every unanswerable question."""
+    assert squad_metrics({}, {"q": ["The", "a pear"]}) == {"exact_match": 0.0, "f1": 0.0}
+    assert squad_metrics({"q": "an"}, {"q": ["The"]})["exact_match"] == 100.0  # a prediction "" still matches
+    scores = squad_metrics({"a": "Bob"}, {"a": ["Bob"], "b": []}, allow_no_answer=True)
+    assert scores["exact_match"] == 50.0 and scores["no_answer_exact_match"] == 0.0
+
+
+def test_regression_without_examples_says_so():
+    with pytest.raises(ValueError, match="no labelled scores"):
+        regression_metrics([], [])

@@ -37,8 +37,10 @@ def regression_metrics(predictions: Sequence[float], labels: Sequence[float]) ->
     gold = np.asarray(labels, dtype=np.float64)
     if preds.shape != gold.shape:
         raise ValueError(f"{preds.size} predictions for {gold.size} labels")
+    if not gold.size:  # np.ptp failed on it with a bare numpy message
+        raise ValueError("no labelled scores to correlate with")
     constant = np.ptp(preds) == 0 or np.ptp(gold) == 0
-    if gold.size and np.ptp(gold) == 0:  # a collapsed model scores 0 fairly; equal gold scores measure nothing
+    if np.ptp(gold) == 0:  # a collapsed model scores 0 fairly; equal gold scores measure nothing
         log.warning("the %d evaluation scores are all %g: their correlation with any prediction is undefined "
                     "(reported as 0); evaluate on rows with varied scores", gold.size, gold[0])
     return {
@@ -86,10 +88,12 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
         raise ValueError("no reference answers to score against")
     scores = {}
     for qid, golds in references.items():
-        prediction = predictions.get(qid, "")
-        if not golds:
-            if not allow_no_answer:
-                raise ValueError(f"question {qid!r} has no gold answer")
+        if not golds and not allow_no_answer:
+            raise ValueError(f"question {qid!r} has no gold answer")
+        prediction = predictions.get(qid)
+        if prediction is None:  # not scored as "", which matched "no answer" or a gold answer normalised to ""
+            scores[qid] = (0.0, 0.0)
+        elif not golds:
             found = float(not normalize_answer(prediction))
             scores[qid] = (found, found)
         else:
