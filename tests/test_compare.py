@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 from pathlib import Path
@@ -395,3 +396,23 @@ def test_a_task_file_without_labels_finds_them_in_its_data_as_train_does(tmp_pat
     with pytest.raises(ValueError, match=r"same.json: spec.label_column 'verdict': no such column in .*same.csv; "
                                          r"its columns are \['a', 'b', 'label'\]"):
         resolve_task("same", tmp_path, task_files=[str(tmp_path / "same.json")])
+
+
+def test_a_plot_stopped_mid_save_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from mtpeft.report import plot_task
+
+    (row,) = summarise([_fixture_run("sst2", "lora-r8", 1, 90.0, 74_498)])["sst2"]
+    path = plot_task("sst2", [row], "accuracy", tmp_path / "quality_sst2.png")
+    before = path.read_bytes()
+
+    def stopped(self, fname, **kwargs):
+        with open(fname, "wb") if isinstance(fname, (str, Path)) else contextlib.nullcontext(fname) as f:
+            f.write(before[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        plot_task("sst2", [row], "accuracy", path)
+    assert path.read_bytes() == before

@@ -13,6 +13,7 @@ method. Plots are matplotlib PNGs (the ``plots`` extra).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -246,6 +247,18 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Write the PNG whole or not at all: a report stopped mid-save left a truncated plot behind."""
+    fig.tight_layout()
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write(path, png.getvalue())
+    return path
+
+
 def plot_task(task: str, rows: list[Row], metric: str, path: Path) -> Path:
     """The task's metric (mean ± std over seeds) against trainable parameters, log x."""
     plt = _pyplot()
@@ -265,11 +278,7 @@ def plot_task(task: str, rows: list[Row], metric: str, path: Path) -> Path:
     ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (points)")
     ax.set_title(f"{task}: {METRIC_NAMES.get(metric, metric)} vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_times(summary: dict[str, list[Row]], path: Path) -> Path:
@@ -292,11 +301,7 @@ def plot_times(summary: dict[str, list[Row]], path: Path) -> Path:
     ax.set_title("Training time per method")
     ax.legend(fontsize=8)
     ax.grid(True, axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def environments(runs: list[dict]) -> str:
