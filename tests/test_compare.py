@@ -416,3 +416,12 @@ def test_a_plot_stopped_mid_save_leaves_the_old_one_whole(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         plot_task("sst2", [row], "accuracy", path)
     assert path.read_bytes() == before
+
+
+def test_a_nan_score_is_shown_but_never_the_best_row():
+    runs = [_fixture_run("sst2", "full", 1, 91.0, 1_000_770), _fixture_run("sst2", "lora-r2", 1, float("nan"), 2_000),
+            _fixture_run("sst2", "lora-r4", 1, 90.8, 3_000)]
+    summary = summarise(runs)
+    table = targets_table(summary, {"sst2": "accuracy"}, True)
+    assert "`lora-r4` 90.80 (-0.20): met" in table and "accuracy 91.00 (`full`) against 90.5: met" in table
+    assert "| lora-r2 | 2,000 | 500 | nan | 1 |" in task_table("sst2", summary["sst2"], ["accuracy"])

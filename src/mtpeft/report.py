@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import statistics
 from collections import Counter
@@ -193,6 +194,12 @@ def _percent(row: Row) -> float:
     return 100 * row.trainable / row.backbone
 
 
+def _scored(row: Row, metric: str) -> bool:
+    """Whether the row can be the best one: a NaN mean (a diverged seed) won ``max`` whenever it came first."""
+    mean = row.mean(metric)
+    return mean is not None and not math.isnan(mean)
+
+
 def targets_table(summary: dict[str, list[Row]], primary: dict[str, str], absolute: bool | Collection[str]) -> str | None:
     """Where each task stands on the quality targets; None when no task has a full fine-tuning row
     to measure against. ``absolute`` adds the packaged MiniLM's absolute targets: True for every
@@ -213,7 +220,7 @@ def targets_table(summary: dict[str, list[Row]], primary: dict[str, str], absolu
             if _percent(lora) > LORA_MAX_PERCENT:
                 lora_cell += f" at {_percent(lora):.2f} %: over the budget"
         budget = [row for row in rows if row.method.startswith("lora-") and _percent(row) <= LORA_MAX_PERCENT
-                  and row.mean(metric) is not None]
+                  and _scored(row, metric)]
         best = max(budget, key=lambda row: row.mean(metric), default=None)
         best_cell = f"`{best.method}` {_gap_cell(best, full, metric, LORA_MAX_GAP)}" if best else "–"
         tiny = by_method.get("tiny")
@@ -225,7 +232,7 @@ def targets_table(summary: dict[str, list[Row]], primary: dict[str, str], absolu
         absolute_cell = "–"
         if (absolute is True or absolute and task in absolute) and task in ABSOLUTE_TARGETS:
             name, floor = ABSOLUTE_TARGETS[task]
-            scored = [row for row in rows if row.mean(name) is not None]
+            scored = [row for row in rows if _scored(row, name)]
             if scored:
                 top = max(scored, key=lambda row: row.mean(name))
                 absolute_cell = (f"{METRIC_NAMES.get(name, name)} {top.mean(name):.2f} (`{top.method}`) "
