@@ -378,6 +378,11 @@ def test_report_errors(tmp_path):
     (tmp_path / "t" / "x.json").write_text(json.dumps([1, 2]))  # valid JSON, but no run's object
     with pytest.raises(ReportError, match="not an mtpeft compare run"):
         load_runs(tmp_path)
+    run = _fixture_run("sst2", "full", 1, 91.0, 1_000_770)
+    del run["parameters"]
+    (tmp_path / "t" / "x.json").write_text(json.dumps(run))  # a KeyError, naming no file
+    with pytest.raises(ReportError, match=r"x.json: an mtpeft compare run without \['parameters'\]"):
+        summarise(load_runs(tmp_path))
     with pytest.raises(ReportError, match="broken quality section"):
         replace_section(f"{END}\n{START}\n", "x")
     assert replace_section("", f"{START}\nnew\n{END}").startswith("# Results")
@@ -425,3 +430,15 @@ def test_a_nan_score_is_shown_but_never_the_best_row():
     table = targets_table(summary, {"sst2": "accuracy"}, True)
     assert "`lora-r4` 90.80 (-0.20): met" in table and "accuracy 91.00 (`full`) against 90.5: met" in table
     assert "| lora-r2 | 2,000 | 500 | nan | 1 |" in task_table("sst2", summary["sst2"], ["accuracy"])
+
+
+def test_a_grid_names_a_broken_file_among_its_results(tmp_path):
+    """Reading the finished runs of a task ended in a bare JSON error or an AttributeError."""
+    from mtpeft.compare import _other_data
+
+    settings = GridSettings(tasks=["mood"], methods=["tiny"], results=str(tmp_path))
+    (tmp_path / "mood").mkdir()
+    for text, message in (("", "not valid JSON"), ("[1]", "not an mtpeft compare run")):
+        (tmp_path / "mood" / "notes.json").write_text(text)
+        with pytest.raises(ValueError, match=f"notes.json: {message}"):
+            _other_data(grid_cells(settings)[0], settings)

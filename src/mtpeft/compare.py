@@ -287,6 +287,27 @@ def load_cell_data(source: TaskSource, settings: GridSettings) -> tuple[list[Exa
 # ---------------------------------------------------------------------- records
 
 
+# What ``mtpeft report`` reads from every run.
+RUN_KEYS = ("task", "method", "seed", "method_settings", "parameters", "adapter_bytes", "data", "metrics",
+            "primary_metric", "backbone", "machine", "versions", "date")
+
+
+def read_run(path: str | Path) -> dict:
+    """The run JSON at ``path``; any other file is an error naming it (a stray or broken file in the
+    results stopped a grid with a bare JSON error or a traceback, and a report with a KeyError)."""
+    try:
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    found = run.get("format") if isinstance(run, dict) else f"none: a JSON {type(run).__name__}"
+    if found != RESULT_FORMAT:
+        raise ValueError(f"{path}: not an mtpeft compare run (format {found!r})")
+    missing = [k for k in RUN_KEYS if k not in run]
+    if missing:
+        raise ValueError(f"{path}: an mtpeft compare run without {missing}")
+    return run
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("mtpeft", "torch", "transformers", "peft"):
@@ -516,7 +537,7 @@ def _conflict(cell: Cell, settings: GridSettings) -> str | None:
     wanted = settings.run_settings(cell.method)
     recipe = _expected_recipe(cell, settings)
     for path in cell.result_paths(settings.results):
-        run = json.loads(path.read_text())
+        run = read_run(path)
         found = run.get("grid_settings", {})
         if recipe is None:
             differing = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
@@ -536,7 +557,7 @@ def _other_data(cell: Cell, settings: GridSettings) -> str | None:
     wanted = settings.run_settings(cell.method)
     for task in cell.tasks:
         for path in sorted((Path(settings.results) / task).glob("*.json")):
-            found = json.loads(path.read_text()).get("grid_settings", {})
+            found = read_run(path).get("grid_settings", {})
             differing = {k: (found.get(k), wanted[k]) for k in DATA_SETTINGS if found.get(k) != wanted[k]}
             if differing:
                 detail = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in differing.items())

@@ -14,7 +14,6 @@ method. Plots are matplotlib PNGs (the ``plots`` extra).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import statistics
@@ -23,7 +22,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtpeft.compare import RESULT_FORMAT
+from mtpeft.compare import read_run
 from mtpeft.methods import method_names
 from mtpeft.storage import atomic_write
 
@@ -56,13 +55,9 @@ def load_runs(folder: str | Path) -> list[dict]:
     runs = []
     for path in sorted(folder.glob("*/*.json")):
         try:
-            run = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{path}: not valid JSON ({err})") from None
-        found = run.get("format") if isinstance(run, dict) else f"none: a JSON {type(run).__name__}"
-        if found != RESULT_FORMAT:
-            raise ReportError(f"{path}: not an mtpeft compare run (format {found!r})")
-        runs.append(run)
+            runs.append(read_run(path))
+        except ValueError as err:
+            raise ReportError(str(err)) from None
     if not runs:
         raise ReportError(f"no run results under {folder} (expected {folder}/<task>/<method>-seed<k>.json)")
     return runs
