@@ -180,7 +180,7 @@ def test_a_cell_the_method_does_not_apply_to_is_no_failed_run_in_a_child_process
     assert "0 run, 0 already done, 1 not applicable, 0 failed" in log
 
 
-def test_grid_settings_and_cells_fail_clearly():
+def test_grid_settings_and_cells_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'lora-big'"):
         GridSettings(tasks=["sst2"], methods=["lora-big"])
     with pytest.raises(ValueError, match="--max-train must be >= 1"):
@@ -195,6 +195,11 @@ def test_grid_settings_and_cells_fail_clearly():
     assert [c.label() for c in cells][:4] == ["sst2 / zero-shot / seed 1", "sst2 / full / seed 1",
                                               "sst2 / full / seed 2", "sst2 / full / seed 3"]
     assert len(cells) == 2 * (1 + 3) + 3
+    # Zero-shot is written once: a re-run with the seeds in another order finds it under its seed.
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "zero-shot-seed1.json").write_text("{}")
+    reordered = GridSettings(tasks=["sst2", "mrpc"], methods=["zero-shot"], seeds=[3, 1], results=str(tmp_path))
+    assert [c.label() for c in grid_cells(reordered)] == ["sst2 / zero-shot / seed 1", "mrpc / zero-shot / seed 3"]
     settings = GridSettings(tasks=["squad"], methods=["zero-shot"], data_root="nowhere")
     with pytest.raises(FileNotFoundError, match="data folder nowhere/squad does not exist"):
         run_grid(settings, log=lambda line: None)

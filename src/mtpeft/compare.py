@@ -186,7 +186,7 @@ def grid_cells(settings: GridSettings) -> list[Cell]:
         for method in methods:
             if method.kind == "joint":
                 continue
-            for seed in settings.seeds if method.trains else settings.seeds[:1]:
+            for seed in settings.seeds if method.trains else [_seed_of_a_run_once(task, method, settings)]:
                 cells.append(Cell((task,), method, seed))
     for method in methods:
         if method.kind == "joint":
@@ -194,6 +194,19 @@ def grid_cells(settings: GridSettings) -> list[Cell]:
                 raise ValueError(f"method {method.name!r} trains several tasks together: pass two or more --tasks")
             cells.extend(Cell(tuple(settings.tasks), method, seed) for seed in settings.seeds)
     return cells
+
+
+def _seed_of_a_run_once(task: str, method: Method, settings: GridSettings) -> int:
+    """A method that trains nothing has one result whatever the seed: the seed it was written
+    under, else the first. Under the first seed always, a grid re-run with its seeds in another
+    order wrote it again, and the report counted two seeds of one run."""
+    prefix = f"{method.name}-seed"
+    for path in sorted(Path(settings.results, task).glob(f"{prefix}*.json")):
+        try:
+            return int(path.stem.removeprefix(prefix))
+        except ValueError:
+            continue
+    return settings.seeds[0]
 
 
 # ---------------------------------------------------------------------- data
