@@ -410,3 +410,13 @@ def test_joint_training_takes_the_models_bf16_setting_unless_the_config_names_on
     assert train_joint(model, _data(), config, progress=False).bf16 is False
     model.bf16 = None
     assert train_joint(model, _data(), config, progress=False).bf16 is True
+
+
+def test_a_non_finite_loss_stops_the_joint_run_before_its_update(tokenizer, monkeypatch):
+    from test_train import _infinite_loss_at_call
+
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    _infinite_loss_at_call(monkeypatch, 1)  # sent's first step
+    with pytest.raises(ValueError, match=r"'sent': the loss is inf at step \d+; stopped before the update"):
+        train_joint(model, _data(), TrainConfig(epochs=1, batch_size=4, bf16=False), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point())

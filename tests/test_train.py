@@ -371,3 +371,29 @@ def test_each_process_takes_back_its_own_gpu_generator(tmp_path, monkeypatch):
     for rank in (1, 0):
         load_checkpoint(tmp_path / "ckpt.safetensors", {"w": weight}, scheduler, {"seed": 0}, rank=rank)
     assert [state.tolist() for state in restored] == [[1] * 8, [0] * 8]
+
+
+def _infinite_loss_at_call(monkeypatch, n):
+    """The classification loss made infinite at its ``n``th call (a diverging step)."""
+    from mtpeft.tasks.classification import Classification
+
+    calls, loss = [], Classification.loss
+
+    def diverging(self, spec, outputs, batch):
+        calls.append(1)
+        return loss(self, spec, outputs, batch) * (float("inf") if len(calls) == n else 1.0)
+
+    monkeypatch.setattr(Classification, "loss", diverging)
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_update(backbone, tmp_path, monkeypatch):
+    # It went on with every weight NaN, saved that adapter and scored it, without a word.
+    spec = TaskSpec(name="sent", type="classification", labels=["neg", "pos"])
+    model = _model(backbone, spec)
+    _infinite_loss_at_call(monkeypatch, 2)
+    config = TrainConfig(**{**FAST, "epochs": 1, "checkpoint_every": 1})
+    with pytest.raises(ValueError, match="'sent': the loss is inf at step 2; stopped before the update"):
+        train_task(model, "sent", _sentiment(0, 20), _sentiment(1, 4), config, out_dir=tmp_path, progress=False,
+                   report_to=())
+    assert all(torch.isfinite(p).all() for p in model.task_parameters("sent").values())
+    assert (tmp_path / "checkpoint.safetensors").exists() and not (tmp_path / "task.json").exists()

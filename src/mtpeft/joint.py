@@ -49,6 +49,7 @@ from mtpeft.model import SHARED_ADAPTER, MultiTaskModel
 from mtpeft.precision import autocast, resolve_bf16
 from mtpeft.storage import remove_stale_temporaries
 from mtpeft.tasks import TaskSpec, task_type
+from mtpeft.train import finite_loss
 
 SAMPLINGS = ("proportional", "temperature")
 
@@ -229,6 +230,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
             with autocast(device, use_bf16):
                 outputs = model(batch, task)  # rows routed to the shared adapter, then this task's head
             loss = kind.loss(spec, outputs, batch)
+            loss_value = finite_loss(float(loss.detach()), task, step)
             loss.backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -237,7 +239,6 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
             optimizer.zero_grad(set_to_none=True)
             steps[task] += 1
             seen += len(indices)
-            loss_value = float(loss.detach())
             fault_point("step", step)
             # The last step too: an evaluation that fails then resumes without training again.
             if checkpoint is not None and config.checkpoint_every and \

@@ -72,6 +72,15 @@ def _optimizer(model: MultiTaskModel, task: str, config: TrainConfig) -> torch.o
     return torch.optim.AdamW(groups, lr=config.lr, foreach=True)
 
 
+def finite_loss(value: float, task: str, step: int) -> float:
+    """``value``, or an error before the update: one NaN or infinite loss makes every trained
+    weight NaN, and the run went on to save and score that adapter without a word."""
+    if not math.isfinite(value):
+        raise ValueError(f"task {task!r}: the loss is {value} at step {step}; stopped before the update, which "
+                         "would make every trained weight NaN (a lower learning rate, or fp32, may avoid it)")
+    return value
+
+
 def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Example],
                eval_examples: Sequence[Example] | None = None, config: TrainConfig | None = None,
                out_dir: str | Path | None = None, progress: bool = True, run_info: dict | None = None,
@@ -84,7 +93,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     finds one there continues from it. ``save=False`` keeps
     ``out_dir`` to checkpoints, config.json and metrics.json: methods whose weights are not a
     LoRA adapter (``mtpeft.methods``) write their own. ``report_to`` names the trackers
-    (``mtpeft.tracking``) that record the run in ``out_dir``; empty: none.
+    (``mtpeft.tracking``) that record the run in ``out_dir``; empty: none. A NaN or infinite
+    loss stops the run with an error before its update (``finite_loss``); the last checkpoint stays.
     """
     config = config or TrainConfig()
     spec = model.spec(task)
@@ -189,6 +199,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                         outputs = step_model(batch, task)
                     loss = kind.loss(spec, outputs, batch)
                     weight = parallel.loss_weight(len(indices), len(batches[index]))
+                    # Before the backward pass: DeepSpeed's engine updates the weights in it.
+                    loss_value = finite_loss(parallel.batch_loss(loss, weight), task, step + 1)
                     parallel.backward(loss * weight if weight != 1 else loss)
                     if config.max_grad_norm and not parallel.engine_steps:
                         torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
@@ -197,7 +209,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     seen += len(batches[index])
-                    loss_value = parallel.batch_loss(loss, weight)
                     bar.update(1)
                     tracker.step(step, loss_value, scheduler.get_last_lr()[0], len(batches[index]), last=step == total_steps)
                     if step % 10 == 0 or step == total_steps:
