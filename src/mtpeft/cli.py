@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     joint.add_argument("--pad-to-multiple-of", type=int, help=PAD_HELP)
     joint.add_argument("--backbone-dropout", action="store_true", default=None, help=DROPOUT_HELP)
     joint.add_argument("--checkpoint-every", type=int,
-                       help="steps between checkpoints in --out/joint (default 500; -1: none). A run that finds a "
+                       help="steps between checkpoints in --out/joint (default 500; 0 or -1: none). A run that finds a "
                             "checkpoint there continues from it")
     joint.add_argument("--no-progress", action="store_true")
 

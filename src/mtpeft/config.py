@@ -49,7 +49,8 @@ class TrainConfig:
         batch_size: examples (QA: windows) per optimizer step.
         lr: learning rate of the adapter.
         head_lr: learning rate of the head (defaults to ``lr``).
-        weight_decay: AdamW weight decay, not applied to biases.
+        weight_decay: AdamW weight decay of the adapter's matrices; not applied to biases,
+            norms (1-d tensors) or the head.
         warmup_ratio: fraction of steps with a linear warm-up, then linear decay to zero.
         max_grad_norm: gradient clipping; 0 disables it.
         seed: seeds initialisation and data order.

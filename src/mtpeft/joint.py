@@ -165,7 +165,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
             raise ValueError(f"task_epochs[{task!r}] must be > 0, got {epochs}")
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    # Each task's first N examples, as train_task takes them.
+    # A fixed random N of each task's examples, as train_task takes them.
     data = {t: (fixed_subset(train, config.max_train_examples)[0],
                 fixed_subset(evaluation, config.max_eval_examples)[0] if evaluation else evaluation)
             for t, (train, evaluation) in data.items()}
