@@ -84,13 +84,14 @@ def test_resumed_run_logs_each_step_once(tokenizer, tmp_path, monkeypatch):
     from conftest import tiny_bert
 
     # 18 steps, checkpoints at the epoch ends (6, 12); stopped after step 11, so the resumed run
-    # redoes steps 7-11 and logs step 10 again: TensorBoard must show one point per step.
+    # redoes steps 7-11 and logs step 10 again: TensorBoard must show one point per step, and
+    # that point averages steps 1-10 as the uninterrupted run's does (it averaged 7-10).
     config = TrainConfig(epochs=3, batch_size=4, lr=1e-2, warmup_ratio=0.0, checkpoint_every=0, bf16=False)
 
-    def run():
+    def run(folder):
         model = MultiTaskModel(tiny_bert(tokenizer))
         model.add_task(SPEC, LoraSettings(r=2, alpha=4))
-        return train_task(model, "mood", _examples(24), _examples(8, seed=1), config, out_dir=tmp_path / "run",
+        return train_task(model, "mood", _examples(24), _examples(8, seed=1), config, out_dir=tmp_path / folder,
                           progress=False)
 
     def interrupt(where, step):
@@ -100,6 +101,8 @@ def test_resumed_run_logs_each_step_once(tokenizer, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr("mtpeft.train.fault_point", interrupt)
         with pytest.raises(KeyboardInterrupt):
-            run()
-    run()
+            run("run")
+    run("run")
+    run("whole")
     assert [step for step, _ in _scalars(tmp_path / "run")["train/loss"]] == [10, 18]
+    assert _scalars(tmp_path / "run")["train/loss"] == _scalars(tmp_path / "whole")["train/loss"]

@@ -14,7 +14,7 @@ import json
 import os
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,8 +28,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 
 @dataclass
 class RunPosition:
-    """Where a run is: optimizer steps done, epoch, batches of that epoch consumed, and the
-    last step's loss (a run that resumes at its last step reports it as its final loss)."""
+    """Where a run is: optimizer steps done, epoch, batches of that epoch consumed, the
+    last step's loss (a run that resumes at its last step reports it as its final loss), and
+    the losses its tracker has not yet logged (the next point averages them too)."""
 
     step: int = 0
     epoch: int = 0
@@ -37,6 +38,7 @@ class RunPosition:
     seen: int = 0
     elapsed: float = 0.0
     loss: float = float("nan")
+    unlogged_losses: list[float] = field(default_factory=list)
 
 
 class CheckpointMismatchError(ValueError):

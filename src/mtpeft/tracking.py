@@ -74,10 +74,12 @@ class RunTracker:
     @classmethod
     def open(cls, run_dir: str | os.PathLike | None, run_name: str, config: dict | None = None,
              report_to: Sequence[str] | None = ("tensorboard",), log_every: int = 10,
-             resume_step: int = 0) -> RunTracker:
+             resume_step: int = 0, unlogged_losses: Sequence[float] = ()) -> RunTracker:
         """Trackers named in ``report_to`` for the run written to ``run_dir``; none without a ``run_dir``.
 
-        ``resume_step``: the checkpoint's step when the run continues an interrupted one."""
+        ``resume_step``: the checkpoint's step when the run continues an interrupted one;
+        ``unlogged_losses``: the losses since the last point that its checkpoint kept, so the
+        next point averages the steps an uninterrupted run's would."""
         if run_dir is None or not report_to:
             return cls((), log_every)
         run_dir = Path(run_dir)
@@ -88,7 +90,14 @@ class RunTracker:
                 tracker.log({"config": json.dumps(config or {}, indent=2)}, step=0)
             else:
                 tracker.store_init_configuration(_flat(config or {}))
-        return cls(trackers, log_every)
+        run = cls(trackers, log_every)
+        run._losses = list(unlogged_losses)
+        return run
+
+    @property
+    def unlogged_losses(self) -> list[float]:
+        """The steps' losses since the last point, for a checkpoint."""
+        return list(self._losses)
 
     def log(self, values: dict, step: int) -> None:
         for tracker in self.trackers:

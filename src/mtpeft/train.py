@@ -164,7 +164,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     if parallel.zero_stage is not None and parallel.is_main:
         print(f"DeepSpeed ZeRO stage {parallel.zero_stage} over {parallel.world_size} processes", file=sys.stderr)
     tracker = RunTracker.open(out_dir if parallel.is_main else None, task, config.to_dict(), report_to,
-                              resume_step=position.step)
+                              resume_step=position.step, unlogged_losses=position.unlogged_losses)
     step, seen, epoch, loss_value = position.step, position.seen, position.epoch, position.loss
     saves = 0
     started = time.perf_counter() - position.elapsed
@@ -177,7 +177,8 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
         saves += 1
         weights, optimizer_state = parallel.checkpoint_state(trainable, optimizer)
         save_checkpoint(writer, weights, optimizer_state, scheduler,
-                        RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started, loss_value),
+                        RunPosition(step, at_epoch, batch_in_epoch, seen, time.perf_counter() - started, loss_value,
+                                    tracker.unlogged_losses),
                         fingerprint, saves, parallel.rng_states(device))
 
     try:  # an interrupted run leaves the model's precision and dropout as they came in
