@@ -90,6 +90,7 @@ def test_grid_writes_complete_portable_runs_and_resumes(workspace):
     assert str(root) not in text  # no absolute paths
     zero = json.loads((mood / "zero-shot-seed1.json").read_text())
     assert zero["parameters"]["trainable"] == 0 and zero["train"] is None
+    assert zero["metrics"]["examples"] == json.loads((mood / "lora-r2-seed1.json").read_text())["metrics"]["examples"]
     assert zero["hyperparameters"]["zero_shot"]["rule"] == "nearest label-description embedding"
     assert not (root / "runs" / "compare").exists() or not any((root / "runs" / "compare").rglob("*.safetensors"))
 

@@ -423,6 +423,7 @@ def _run_single(cell: Cell, settings: GridSettings, source: TaskSource, data: tu
         model = MultiTaskModel(backbone).to(device)
         t0 = time.perf_counter()
         metrics, details = zero_shot_scores(model, spec, evaluation, train)
+        metrics["examples"] = len(evaluation)  # as a trained cell's evaluation records it
         total = sum(p.numel() for p in model.parameters())
         record.update({"metrics": metrics, "hyperparameters": {"zero_shot": details},
                        "parameters": _parameter_counts(0, total, backbone_count), "adapter_bytes": 0,
