@@ -212,7 +212,7 @@ class DataParallel:
 
     def batch_loss(self, loss: torch.Tensor, weight: float) -> float:
         """The mean loss over the whole batch, from each process's ``loss`` on its share and its
-        ``loss_weight`` (a collective), so a run reports what one process would."""
+        weight from ``shard`` (a collective), so a run reports what one process would."""
         if self.world_size == 1:
             return float(loss.detach())
         import torch.distributed as dist
@@ -221,20 +221,18 @@ class DataParallel:
         dist.all_reduce(total)
         return float(total) / self.world_size
 
-    def shard(self, indices: Sequence[int]) -> list[int] | None:
-        """This process's rows of a global batch; ``None`` when the batch is too small to split
-        (every process sees the same batch, so all skip it together)."""
+    def shard(self, indices: Sequence[int]) -> tuple[list[int], float]:
+        """This process's rows of a global batch, and what its mean loss over them is multiplied
+        by: the processes' gradients are averaged, so with unequal shares each row still counts
+        ``1 / len(indices)``, as on one process. A process left without a row (a batch with fewer
+        rows than processes) runs the batch's first row with weight 0: it still joins the step, so
+        the batch is trained on in its epoch and the run takes the steps one process takes."""
         if self.world_size == 1:
-            return list(indices)
-        if len(indices) < self.world_size:
-            return None
-        return list(indices[self.rank::self.world_size])
-
-    def loss_weight(self, rows: int, batch_rows: int) -> float:
-        """What this process's mean loss over its ``rows`` is multiplied by: the processes'
-        gradients are averaged, so with unequal shares of a batch each row still counts
-        ``1 / batch_rows``, as on one process."""
-        return rows * self.world_size / batch_rows
+            return list(indices), 1.0
+        rows = list(indices[self.rank::self.world_size])
+        if not rows:
+            return list(indices[:1]), 0.0
+        return rows, len(rows) * self.world_size / len(indices)
 
     def barrier(self) -> None:
         if self.accelerator is not None:

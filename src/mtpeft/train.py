@@ -187,19 +187,15 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             while step < total_steps:
                 batches = bucketed_batches(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
                 skip = position.batch_in_epoch if epoch == position.epoch else 0
-                steps_before = step
                 for index in range(skip, len(batches)):
                     if step >= total_steps:
                         break
-                    indices = parallel.shard(batches[index])
-                    if indices is None:
-                        continue
+                    indices, weight = parallel.shard(batches[index])
                     rows = collate([features[i] for i in indices], pad_id, kind.targets, config.pad_to_multiple_of)
                     batch = {k: v.to(device) for k, v in rows.items()}
                     with autocast(device, use_bf16):
                         outputs = step_model(batch, task)
                     loss = kind.loss(spec, outputs, batch)
-                    weight = parallel.loss_weight(len(indices), len(batches[index]))
                     # Before the backward pass: DeepSpeed's engine updates the weights in it.
                     loss_value = finite_loss(parallel.batch_loss(loss, weight), task, step + 1)
                     parallel.backward(loss * weight if weight != 1 else loss)
@@ -219,9 +215,6 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
                     if checkpoint is not None and (config.checkpoint_every and step % config.checkpoint_every == 0
                                                    or step == total_steps):
                         save_position(index + 1, epoch)
-                if skip == 0 and step == steps_before:  # every batch smaller than the process count
-                    raise ValueError(f"task {task!r}: {len(features)} training examples in batches of "
-                                     f"{config.batch_size} leave no batch to split over {parallel.world_size} processes")
                 epoch += 1
                 if checkpoint is not None and step < total_steps:
                     save_position(0, epoch)
