@@ -119,6 +119,19 @@ def test_merge_equals_unmerged_and_unmerge_restores(backbone, tokenizer):
     torch.testing.assert_close(restored, base, rtol=1e-5, atol=1e-5)
 
 
+def test_full_precision_gives_the_backbones_own_weights_after_a_merge(backbone):
+    # An fp32 backbone stayed merged: sharding it (FSDP, DeepSpeed) took the task's delta in as backbone.
+    model = MultiTaskModel(backbone)
+    model.bf16 = False
+    model.add_task(TaskSpec(name="a", type="classification", labels=["x", "y"]))
+    _randomise_adapters(model)
+    own = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if ".lora_" not in n}
+    model.predict(["a text"] * model.merge_min_rows, task="a")
+    assert model._merged_task() == "a"
+    weights = {n: p for n, p in model.full_precision().backbone.named_parameters() if ".lora_" not in n}
+    assert all(torch.equal(weights[n], own[n]) for n in own)
+
+
 def test_gpt2_conv1d_layers_take_adapters(tokenizer):
     torch.manual_seed(0)
     gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64))

@@ -343,7 +343,9 @@ class MultiTaskModel(nn.Module):
             self._fp32_backbone.clear()
 
     def full_precision(self) -> MultiTaskModel:
-        """Put the backbone's fp32 weights back (export, or inspecting weights)."""
+        """Put the backbone's own fp32 weights back (export, inspecting weights, sharding them over
+        processes): unmerged too, as an fp32 backbone a batch of one task merged into is not."""
+        self.unmerge_adapters()
         self._hold_backbone_in(torch.float32)
         return self
 
