@@ -108,11 +108,14 @@ def test_two_process_ddp_equals_single_process(run_setup, compiled):
 
 
 @needs_launcher
-def test_two_process_ddp_equals_single_process_when_a_batch_splits_unevenly(run_setup):
+@pytest.mark.parametrize("examples", [61, 17], ids=["uneven", "fewer-rows-than-processes"])
+def test_two_process_ddp_equals_single_process_when_a_batch_splits_unevenly(run_setup, examples):
     """61 examples in batches of 16 end each epoch with 13 rows, 7 on one process and 6 on the
-    other: every row still weighs 1/13 of that step, as on one process."""
+    other: every row still weighs 1/13 of that step, as on one process. 17 end it with one row,
+    which the other process runs at weight 0: the row is trained on in its epoch, as on one
+    process (it was skipped, and the run made up the step from the next epoch)."""
     tmp_path, args = run_setup
-    args = [*args, "--checkpoint-every", "-1", "--max-train-examples", "61"]
+    args = [*args, "--checkpoint-every", "-1", "--max-train-examples", str(examples)]
     single = _single(args, tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = _launched("ddp_cpu.yaml", args, tmp_path / "two")
@@ -122,24 +125,7 @@ def test_two_process_ddp_equals_single_process_when_a_batch_splits_unevenly(run_
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
-
-
-@needs_launcher
-def test_two_process_ddp_trains_a_batch_with_fewer_rows_than_processes(run_setup):
-    """17 examples in batches of 16 end each epoch with one row, which only one of two processes
-    can take: the other runs it with weight 0, so the row is trained on in its own epoch, as on
-    one process (it was skipped, and the run made up the step from the next epoch)."""
-    tmp_path, args = run_setup
-    args = [*args, "--checkpoint-every", "-1", "--max-train-examples", "17"]
-    single = _single(args, tmp_path / "one")
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _launched("ddp_cpu.yaml", args, tmp_path / "two")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["steps"] == one["steps"] == 4
-    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+    assert two["steps"] == one["steps"] == 2 * -(-examples // 16)
 
 
 ON_CPU_AND_TWO_GPUS = pytest.mark.parametrize("gpus", [False, pytest.param(True, marks=pytest.mark.skipif(
