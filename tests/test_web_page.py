@@ -5,6 +5,7 @@ Skips when Chromium is absent (Debian's ``chromium`` package: ``apt-get install 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -32,10 +33,9 @@ pytestmark = pytest.mark.skipif(not (os.path.isfile(CHROMIUM) and os.access(CHRO
                                        "or set MTPEFT_CHROMIUM)")
 
 
-@pytest.fixture(scope="module")
-def server_url(tokenizer):
-    model = support_model(tiny_bert(tokenizer))
-    app = create_app(model, support=SupportPipeline(model, FAQ, top_k=2))
+@contextlib.contextmanager
+def _served(app):
+    """``app`` under uvicorn on a free loopback port; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -46,10 +46,19 @@ def server_url(tokenizer):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start within 30 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(tokenizer):
+    model = support_model(tiny_bert(tokenizer))
+    with _served(create_app(model, support=SupportPipeline(model, FAQ, top_k=2))) as url:
+        yield url
 
 
 def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -76,3 +85,13 @@ def test_page_screenshot(server_url, tmp_path):
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
     if os.environ.get("MTPEFT_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["MTPEFT_KEEP_SCREENSHOT"])
+
+
+def test_the_answer_is_marked_where_it_is_after_characters_outside_the_bmp(tokenizer, tmp_path):
+    """The API's offsets count code points; JavaScript's slice() counts UTF-16 units, two per emoji."""
+    model = support_model(tiny_bert(tokenizer))
+    faq = [{"question": "📦📦 Where is my parcel?", "context": "📦📦📦 Your parcel arrives within three days of the order."}]
+    with _served(create_app(model, support=SupportPipeline(model, faq, answer_threshold=0.0))) as url:
+        dom = _chromium(tmp_path, "--virtual-time-budget=30000", "--dump-dom", f"{url}/?message=where%20is%20my%20parcel").stdout
+    reply = SupportPipeline(model, faq, answer_threshold=0.0).answer("where is my parcel")
+    assert reply.answer.text and f"<mark>{reply.answer.text}</mark>" in dom, dom[-2000:]
