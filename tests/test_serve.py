@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ pytest.importorskip("prometheus_client")
 
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client import generate_latest  # noqa: E402
 
 from conftest import tiny_bert  # noqa: E402
 from mtpeft.router import LearnedRouter  # noqa: E402
@@ -404,6 +406,24 @@ def test_overload_and_timeout_are_503_with_retry_after(model, monkeypatch):
     with TestClient(slow_app) as c:
         response = c.post("/v1/predict", json={"input": "hi", "task": "sentiment"})
     assert response.status_code == 503 and "request_timeout_s" in response.json()["detail"]
+
+
+def test_a_request_its_client_gave_up_on_is_no_500_and_does_not_hold_up_later_ones(model, monkeypatch):
+    slowed(model, monkeypatch, 0.2)
+    app = create_app(model, settings=ServeSettings(max_wait_ms=0))
+
+    async def give_up_then_ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            post = functools.partial(c.post, "/v1/predict", json={"input": "hi", "task": "sentiment"})
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(post(), 0.05)  # the app is cancelled with the client's request
+            return await post(), app.state.batcher.waiting
+
+    response, waiting = asyncio.run(give_up_then_ask())
+    assert response.status_code == 200 and waiting == 0
+    text = generate_latest(app.state.metrics.registry).decode()
+    assert 'mtpeft_requests_total{endpoint="/v1/predict",status="499"} 1.0' in text
+    assert 'status="500"' not in text
 
 
 def test_shutdown_drains_accepted_requests_and_refuses_new_ones(model, monkeypatch):

@@ -139,6 +139,9 @@ class Admission:
         return self.in_flight
 
 
+# The status a request cancelled before its answer is counted under (nginx's "client closed request").
+CANCELLED = 499
+
 FastHandler = Callable[[bytes], Awaitable[Response | None]]
 
 
@@ -173,7 +176,7 @@ class LimitsAndMetrics:
             self.admission.in_flight -= 1
 
     async def _call(self, scope, receive, send) -> None:
-        started, status = time.perf_counter(), [500]
+        started, status = time.perf_counter(), [None]  # None: no answer started
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -207,9 +210,12 @@ class LimitsAndMetrics:
                 if response is not None:
                     return await response(scope, receive_again, send_status)
             await self.app(scope, receive_again, send_status)
+        except asyncio.CancelledError:  # the client or the server went away first: nothing was sent, no 500
+            status[0] = status[0] or CANCELLED
+            raise
         finally:
             endpoint = getattr(scope.get("route"), "path", "unmatched")  # the route template: few label values
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.requests.labels(endpoint, str(status[0] or 500)).inc()  # 500: an error raised
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
