@@ -110,6 +110,8 @@ def test_explicit_task_wins_over_the_router(client):
     assert unmatched["task"] is None and unmatched["prediction"] is None
     assert unmatched["error"].startswith("no task matched") and len(unmatched["route"]["candidates"]) == 3
     assert (routed["task"], routed["route"]["source"]) == ("sentiment", "router")
+    # Matched no task: a label no task can have ("none" can be a task's name).
+    assert 'mtpeft_routes_total{source="router",task="(none)"} 1.0' in client.get("/metrics").text
 
 
 def test_structured_inputs_route_by_shape_and_text_routed_to_qa_explains(client):

@@ -39,7 +39,8 @@ from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
 from mtpeft.model import MultiTaskModel, to_example
 from mtpeft.predictions import AnswerPrediction
-from mtpeft.router import LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts, task_shape
+from mtpeft.router import (NO_TASK, LearnedRouter, Router, ShapeRouter, decide, input_shape, routing_texts,
+                           task_shape)
 from mtpeft.runtime import bound_kernel_caches
 from mtpeft.schemas import (ErrorOut, Health, InputItem, PairInput, PredictRequest, PredictResponse, QAInput,
                             SupportRequest, SupportResponse, TasksResponse, TextInput)
@@ -483,7 +484,7 @@ def create_app(model: MultiTaskModel, router: Router | None = None, support: Sup
                                          "(NaN or infinity): its adapter, head or backbone weights are broken")
         # counted once the request is answered: a rejected one (422, 500) routed and predicted nothing
         for decision in decisions:
-            metrics.routes.labels(decision.source, decision.task or "none").inc()
+            metrics.routes.labels(decision.source, decision.task or NO_TASK).inc()  # no task can be named "(none)"
         for i in where:
             metrics.predictions.labels(results[i]["task"]).inc()
         return {"results": results}
