@@ -618,3 +618,51 @@ def test_a_file_without_rows_names_itself(tmp_path, name, content):
     path.write_text(content + ("" if name == "dev.json" else "\n"), encoding="utf-8")
     with pytest.raises(DataError, match=rf"^{path}: no usable rows"):
         load_examples(path, SENTIMENT, skip_bad_rows=True)
+
+
+def _qa_spans(spec, tokenizer, example):
+    """Each window's labelled answer, read back from the context through its offsets (None: "not here")."""
+    from mtpeft.tasks import task_type
+
+    features = task_type(spec).encode(spec, tokenizer, [example])
+    return [None if (f["start_position"], f["end_position"]) == (0, 0)
+            else example.text_pair[f["offsets"][f["start_position"]][0]:f["offsets"][f["end_position"]][1]]
+            for f in features]
+
+
+def test_a_qa_answer_keeps_the_combining_accent_the_uncased_tokenizer_drops(tokenizer):
+    """Decomposed text ("Cafe" + U+0301): the tokenizer strips the accent from its offsets, which
+    put an answer ending in it outside the window that holds it and cut it off predicted spans."""
+    from mtpeft.examples import Example
+
+    context = "We met at Cafe\u0301"
+    example = Example("Where?", context, answers=[{"text": "Cafe\u0301", "answer_start": 10}])
+    assert _qa_spans(QA, tokenizer, example) == ["Cafe\u0301"]
+
+
+def test_a_qa_answer_with_spaces_at_its_edges_is_found_in_its_window(tokenizer):
+    from mtpeft.examples import Example
+
+    example = Example("Who?", "Alice met Bob ", answers=[{"text": " Bob ", "answer_start": 9}])
+    assert _qa_spans(QA, tokenizer, example) == ["Bob"]
+
+
+def test_qa_windows_fit_a_tokenizer_with_four_special_tokens_in_a_pair(tokenizer):
+    """RoBERTa joins a pair as <s> A </s></s> B </s>: one token more than the spec's bound on
+    doc_stride counts, which made the tokenizer panic on a question of max_question_length."""
+    import copy
+
+    from tokenizers import processors
+
+    from mtpeft.examples import Example
+
+    roberta_like = copy.deepcopy(tokenizer)
+    roberta_like._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tokenizer.cls_token_id), ("[SEP]", tokenizer.sep_token_id)])
+    spec = TaskSpec(name="qa", type="extractive-qa", text_pair_column="context", max_length=32,
+                    max_question_length=6, doc_stride=22)  # the most the spec allows: 32 - 6 - 3 - 1
+    context = "Alice met Bob in the park. " * 8 + "Then Carol met Dan."
+    example = Example("who did carol meet in the park today?", context,
+                      answers=[{"text": "Dan", "answer_start": context.index("Dan")}])
+    assert "Dan" in _qa_spans(spec, roberta_like, example)

@@ -12,6 +12,7 @@ sum of the example's windows (the lowest, as in the reference v2.0 recipe) beats
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -24,6 +25,18 @@ from mtpeft.heads import SpanHead
 from mtpeft.metrics import squad_metrics
 from mtpeft.predictions import AnswerPrediction
 from mtpeft.tasks.spec import TaskSpec
+
+
+def _question_limit(spec: TaskSpec, tokenizer) -> int:
+    """Tokens a question may keep: ``max_question_length``, fewer where the tokenizer's special
+    tokens (4 in a RoBERTa pair; the spec's bound on ``doc_stride`` counts BERT's 3) would leave
+    the context no more than ``doc_stride`` tokens, which makes the tokenizer panic."""
+    limit = min(spec.max_question_length,
+                spec.max_length - tokenizer.num_special_tokens_to_add(pair=True) - spec.doc_stride - 1)
+    if limit < 1:
+        raise ValueError(f"task {spec.name!r}: max_length={spec.max_length} leaves no room for a question beside "
+                         f"doc_stride={spec.doc_stride} and this tokenizer's special tokens; lower doc_stride")
+    return limit
 
 
 def _cut_questions(tokenizer, questions: list[str], max_tokens: int) -> list[str]:
@@ -53,8 +66,9 @@ class ExtractiveQA:
         return SpanHead(hidden_size)
 
     def encode(self, spec: TaskSpec, tokenizer, examples: Sequence[Example]) -> list[dict]:
-        questions = _cut_questions(tokenizer, [ex.text.lstrip() for ex in examples], spec.max_question_length)
+        questions = _cut_questions(tokenizer, [ex.text.lstrip() for ex in examples], _question_limit(spec, tokenizer))
         contexts = [ex.text_pair or "" for ex in examples]
+        marked = {c for c in set(contexts) if any(unicodedata.category(ch)[0] == "M" for ch in c)}
         encoded = tokenizer(questions, contexts, truncation="only_second", max_length=spec.max_length,
                             stride=spec.doc_stride, return_overflowing_tokens=True,
                             return_offsets_mapping=True, padding=False)
@@ -64,6 +78,8 @@ class ExtractiveQA:
             sequence_ids = encoded.sequence_ids(i)
             # Character span of each context token; None for question and special tokens.
             offsets = [tuple(o) if s == 1 else None for o, s in zip(encoded["offset_mapping"][i], sequence_ids)]
+            if contexts[index] in marked:
+                offsets = _with_marks(offsets, contexts[index])
             feature = {"input_ids": input_ids, "example": index, "offsets": offsets}
             if "token_type_ids" in encoded:
                 feature["token_type_ids"] = encoded["token_type_ids"][i]
@@ -140,10 +156,29 @@ class ExtractiveQA:
                              allow_no_answer=spec.allow_no_answer)
 
 
+def _with_marks(offsets: list, context: str) -> list:
+    """Token spans that take in the combining marks after them that no token holds: an uncased
+    tokenizer drops them (decomposed "Cafe\u0301" is "cafe"), which cut them off answers."""
+    starts = {span[0] for span in offsets if span is not None}
+    extended = []
+    for span in offsets:
+        if span is not None:
+            end = span[1]
+            while end < len(context) and end not in starts and unicodedata.category(context[end])[0] == "M":
+                end += 1
+            span = (span[0], end)
+        extended.append(span)
+    return extended
+
+
 def _token_span(offsets: list, answer: dict) -> tuple[int, int]:
     """Token indices of ``answer`` in a window, or (0, 0) when the window does not hold it."""
+    text = answer["text"]
     start_char = int(answer["answer_start"])
-    end_char = start_char + len(answer["text"])
+    if text.strip():  # no token holds a space: one at an answer's edge put it outside its window
+        start_char += len(text) - len(text.lstrip())
+        text = text.strip()
+    end_char = start_char + len(text)
     context_tokens = [t for t, span in enumerate(offsets) if span is not None]
     if not context_tokens or offsets[context_tokens[0]][0] > start_char or offsets[context_tokens[-1]][1] < end_char:
         return 0, 0
