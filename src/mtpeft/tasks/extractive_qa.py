@@ -158,7 +158,7 @@ class ExtractiveQA:
 
 def _with_marks(offsets: list, context: str) -> list:
     """Token spans that take in the combining marks after them that no token holds: an uncased
-    tokenizer drops them (decomposed "Cafe\u0301" is "cafe"), which cut them off answers."""
+    tokenizer drops them (decomposed "Cafe" + U+0301 is "cafe"), which cut them off answers."""
     starts = {span[0] for span in offsets if span is not None}
     extended = []
     for span in offsets:

@@ -50,7 +50,8 @@ class TaskSpec:
         doc_stride: QA: tokens of overlap between consecutive context windows; by default a
             third of ``max_length`` (128 at 384), kept below what a window leaves for context.
         max_answer_length: QA: longest answer span, in tokens.
-        max_question_length: QA: questions are cut to this many tokens.
+        max_question_length: QA: questions are cut to this many tokens (fewer where a tokenizer's
+            special tokens, 4 in a RoBERTa pair, would leave no more than ``doc_stride`` for context).
         allow_no_answer: QA: a question may have no answer in its context (SQuAD v2.0 style:
             ``answers`` is ``[]``); such rows train the "no answer" position, and a prediction
             is "" when that outscores every span.
