@@ -25,10 +25,22 @@ def test_task_spec_defaults_fit_the_task_type():
     assert (qa.max_length, qa.doc_stride) == (384, 128)
     assert SENTIMENT.max_length == 128
     assert TaskSpec.from_dict(qa.to_dict()) == qa
-    short = TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=96)
+    short = TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=96, max_question_length=64)
     assert short.doc_stride == 28  # a third would be 32; the window leaves 29 tokens of context beside the question
+    # Below 128 tokens a question may take half the window by default: 64 left a 64-token window none.
+    small = TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=64)
+    assert (small.max_question_length, small.doc_stride) == (32, 21)
+    assert qa.max_question_length == 64 and TaskSpec.from_dict(small.to_dict()) == small
     with pytest.raises(ValueError, match="doc_stride=64 must be smaller"):
         TaskSpec(name="faq", type="extractive-qa", text_pair_column="context", max_length=128, doc_stride=64)
+
+
+@pytest.mark.parametrize("kind", [dict(type="pair-classification", labels=["a", "b"], text_pair_column="b"),
+                                  dict(type="extractive-qa", text_pair_column="context")])
+def test_head_and_tail_truncation_is_refused_where_it_would_be_ignored(kind):
+    # Pairs are cut longest-first and QA contexts split into windows: the setting did nothing.
+    with pytest.raises(ValueError, match="truncation='head\\+tail' is for single texts"):
+        TaskSpec(name="t", truncation="head+tail", **kind)
 
 
 @pytest.mark.parametrize("bad", [dict(head_tokens=-3), dict(max_question_length=0), dict(max_answer_length=0),

@@ -51,7 +51,8 @@ class TaskSpec:
             third of ``max_length`` (128 at 384), kept below what a window leaves for context.
         max_answer_length: QA: longest answer span, in tokens.
         max_question_length: QA: questions are cut to this many tokens (fewer where a tokenizer's
-            special tokens, 4 in a RoBERTa pair, would leave no more than ``doc_stride`` for context).
+            special tokens, 4 in a RoBERTa pair, would leave no more than ``doc_stride`` for context);
+            by default 64, or half of ``max_length`` below 128 tokens.
         allow_no_answer: QA: a question may have no answer in its context (SQuAD v2.0 style:
             ``answers`` is ``[]``); such rows train the "no answer" position, and a prediction
             is "" when that outscores every span.
@@ -75,7 +76,7 @@ class TaskSpec:
     head_tokens: int = 128
     doc_stride: int | None = None
     max_answer_length: int = 30
-    max_question_length: int = 64
+    max_question_length: int | None = None
     allow_no_answer: bool = False
     label_range: list[float] | None = None
     pooling: str = "mean"
@@ -111,6 +112,13 @@ class TaskSpec:
             self.max_length = 384 if self.type == "extractive-qa" else 128
         if self.max_length < 8:
             raise ValueError(f"task {self.name!r}: max_length={self.max_length} is too small (>= 8)")
+        if self.max_question_length is None:
+            # 64 left a window under 68 tokens no room for context: refused, with no flag to lower it.
+            self.max_question_length = min(64, self.max_length // 2)
+        if self.truncation == "head+tail" and self.is_pair:  # QA tasks are pairs too
+            # Pairs are cut longest-first and QA contexts split into windows: it would be ignored.
+            raise ValueError(f"task {self.name!r}: truncation='head+tail' is for single texts, not a {self.type} "
+                             "task (pairs are cut longest first, QA contexts split into windows)")
         # Counts that would otherwise silently index from the end (head+tail cut points, question
         # cut) or fail deep inside the tokenizer (a negative stride).
         for field_name, least in (("head_tokens", 0), ("max_answer_length", 1), ("max_question_length", 1)):
