@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    eager, _, _ = build_models()
+    eager = build_models()[0]
     eager.bf16 = True
     compiled = copy.deepcopy(eager)
     vocab = eager.tokenizer.vocab_size
@@ -42,6 +42,8 @@ def main() -> None:
 
     def run(model, tasks):
         def call():
+            if isinstance(tasks, str):  # a single-task batch merges its adapter, as MultiTaskModel.run does
+                model.merge_adapter(tasks)
             model.encode(batch, tasks)
             return n
         return call
