@@ -237,3 +237,21 @@ def test_training_takes_the_models_bf16_setting_unless_the_config_names_one(back
     result = train_task(model, "a", examples, [], TrainConfig(epochs=1, batch_size=2, bf16=config_bf16,
                                                                checkpoint_every=-1), progress=False, report_to=())
     assert result.bf16 is trained_in_bf16
+
+
+def test_a_model_that_first_predicted_in_bf16_can_then_train(backbone):
+    """The backbone's bf16 copies were first made under predict's inference mode, so training
+    the same model afterwards (score a warm start, then train it) failed: inference tensors
+    cannot be saved for backward."""
+    from mtpeft.config import TrainConfig
+    from mtpeft.examples import Example
+    from mtpeft.train import train_task
+
+    model = _model(backbone)
+    model.bf16 = True
+    model.predict(TEXTS, task="a")  # the backbone is now held in bf16
+    examples = [Example(text=t, label=i % 2) for i, t in enumerate(TEXTS)]
+    train_task(model, "a", examples, [], TrainConfig(epochs=1, batch_size=2, bf16=True, checkpoint_every=-1),
+               progress=False, report_to=())
+    model.full_precision()
+    assert all(p.dtype == torch.float32 for p in model.backbone.parameters())

@@ -333,9 +333,12 @@ class MultiTaskModel(nn.Module):
             if not weights:
                 return
             self.unmerge_adapters()
-            for param in weights:
-                self._fp32_backbone.append((param, param.data))
-                param.data = param.data.to(torch.bfloat16)
+            # Outside inference mode even when predict casts: training the same model later
+            # could not save inference tensors for backward.
+            with torch.inference_mode(False):
+                for param in weights:
+                    self._fp32_backbone.append((param, param.data))
+                    param.data = param.data.to(torch.bfloat16)
         elif self._fp32_backbone:
             self.unmerge_adapters()
             for param, original in self._fp32_backbone:
