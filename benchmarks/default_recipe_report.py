@@ -5,18 +5,19 @@ query/value, each task's preset epochs and rates), so the table is read from the
 than from separate runs: one set of trainings, the same seeds, the figures agree with
 RESULTS.md. Writes ``results/default_recipe.json`` and prints the table.
 
-Usage: python benchmarks/default_recipe_report.py [results/compare]
+Usage: python benchmarks/default_recipe_report.py [results/compare] [--out results/default_recipe.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from datetime import date
 from pathlib import Path
 
 from mtpeft.report import METRIC_NAMES, SHOWN_METRICS, load_runs, summarise
+from mtpeft.storage import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "lora-r8"
@@ -26,7 +27,7 @@ def _machines(runs: list[dict]) -> list[str]:
     return sorted({f"{r['machine']['cpu']}, {r['machine']['torch_threads']} threads" for r in runs})
 
 
-def main(folder: str) -> None:
+def main(folder: str, out: Path) -> None:
     runs = [r for r in load_runs(folder) if r["method"] == METHOD]
     summary = summarise(runs)
     rows = []
@@ -51,8 +52,7 @@ def main(folder: str) -> None:
     source = Path(folder).resolve()
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source  # no machine paths in the record
     report = {"date": date.today().isoformat(), "source": str(shown), "method": METHOD, "rows": rows}
-    out = ROOT / "results" / "default_recipe.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(out, (json.dumps(report, indent=2) + "\n").encode())
 
     print("| task | recipe | dev metric (mean ± std over seeds) | seeds | trainable params | x fewer than backbone "
           "| adapter + head on disk |")
@@ -70,4 +70,9 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "results" / "compare"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", default=str(ROOT / "results" / "compare"),
+                        help="the grid's run JSONs (default: results/compare)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "default_recipe.json"))
+    args = parser.parse_args()  # --help was read as the folder
+    main(args.folder, Path(args.out))

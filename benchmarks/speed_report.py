@@ -8,6 +8,7 @@ replaced; the quality section (``mtpeft report``) and anything else stay as they
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -238,7 +239,10 @@ def render() -> str:
 
 
 def main() -> None:
-    out = ROOT / "RESULTS.md"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "RESULTS.md"), help="the file whose section to rewrite "
+                                                                        "(default: RESULTS.md)")
+    out = Path(parser.parse_args().out)  # --help no longer rewrites RESULTS.md
     text = out.read_text() if out.exists() else "# Results\n"
     section = render()
     start, end = text.find(START), text.find(END)
