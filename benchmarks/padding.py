@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 
-from speedkit import round_robin, write_result
+from speedkit import DATA, round_robin, write_result
 
 from mtpeft import MultiTaskModel
 from mtpeft.batching import bucketed_batches, padded_length
@@ -25,7 +24,6 @@ from mtpeft.tasks import task_type
 from mtpeft.tasks.presets import get_preset
 from mtpeft.train import train_task
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MULTIPLES = (8, 1)
 
 
@@ -44,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not DATA.is_dir():
-        raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE SST-2 files")
+        raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE SST-2 files (MTPEFT_DATA_ROOT names their folder)")
     preset = get_preset("sst2")
     examples = load_task_data(preset.spec, DATA / "glue" / "SST-2", layout=preset.layout).train[: args.sentences]
     base = TrainConfig(**{**preset.adapter_recipe(), "epochs": 1.0, "checkpoint_every": -1})

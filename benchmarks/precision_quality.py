@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from speedkit import RESULTS, write_result
+from speedkit import DATA, RESULTS, write_result
 
 from mtpeft import MultiTaskModel
 from mtpeft.config import TrainConfig
@@ -28,7 +28,6 @@ from mtpeft.sources import load_task_data
 from mtpeft.tasks.presets import get_preset
 from mtpeft.train import train_task
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOLDERS = {"sst2": "glue/SST-2", "stsb": "glue/STS-B"}
 METRICS = {"sst2": "accuracy", "stsb": "spearman"}
 PRECISIONS = {"bf16": True, "fp32": False}
@@ -76,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "precision_quality.json"))
     args = parser.parse_args()
     if not DATA.is_dir():
-        raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE files described in its README")
+        raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE files described in its README (MTPEFT_DATA_ROOT names their folder)")
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     settings = {"sst2_subset": args.sst2_subset}
     out = Path(args.out)

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+# The real datasets: $MTPEFT_DATA_ROOT, else ../shared/data beside the repository (as
+# `mtpeft compare --data-root` defaults), for the benchmarks that train on them.
+DATA = Path(os.environ.get("MTPEFT_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None] | None:

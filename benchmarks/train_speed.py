@@ -28,11 +28,11 @@ import argparse
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from speedkit import matmul_flops_per_example, matmul_peak_tflops, peak_rss_mib, reset_peak_rss, round_robin, write_result
+from speedkit import (DATA, matmul_flops_per_example, matmul_peak_tflops, peak_rss_mib, reset_peak_rss,
+                      round_robin, write_result)
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from mtpeft import MultiTaskModel
@@ -45,7 +45,6 @@ from mtpeft.tasks import task_type
 from mtpeft.tasks.presets import get_preset
 from mtpeft.train import train_task
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RANK, BATCH, TOKENS = 8, 32, 64
 
 
@@ -248,7 +247,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not DATA.is_dir():
-        raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE and IMDb files described in its README")
+        raise SystemExit(f"{DATA} not found: this benchmark trains on the GLUE and IMDb files described in its README (MTPEFT_DATA_ROOT names their folder)")
     peak = matmul_peak_tflops()
     if args.floor_only:
         write_result("train_speed_floor", {"sst2_epoch_floor": epoch_floor(*sst2_data(), peak)}, args.out)
