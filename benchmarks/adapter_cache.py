@@ -130,8 +130,9 @@ def measure_memory(bundle: Path, n: int, capacity: int) -> dict:
         "rss_mb_per_registered_task_on_disk": round((registered - before) / n / 2**20, 4),
         "rss_mb_per_task_in_cpu_memory": round((in_memory - before) / n / 2**20, 4),
         "tensor_mb_per_task_in_cpu_memory": round(tensor_bytes / n / 2**20, 4),
-        "rss_mb_per_active_task": round((with_active - in_memory) / capacity / 2**20, 4),
-        "parameter_mb_per_active_task": round(active_param_bytes / capacity / 2**20, 4),
+        # per task made active: fewer than the capacity when the bundle has fewer tasks
+        "rss_mb_per_active_task": round((with_active - in_memory) / len(active) / 2**20, 4),
+        "parameter_mb_per_active_task": round(active_param_bytes / len(active) / 2**20, 4),
         "rss_gb_over_backbone_all_tasks_in_memory_and_capacity_active": round((with_active - before) / 2**30, 3),
     }
 
