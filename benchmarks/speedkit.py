@@ -123,13 +123,24 @@ def machine(device: torch.device | str = "cpu") -> dict:
     return record
 
 
+def _portable(arg: str) -> str:
+    """A command-line argument for the record: an absolute path (``--out /tmp/x.json``) as seen
+    from the repository, or its name when outside it; no machine's paths in results/."""
+    if not os.path.isabs(arg):
+        return arg
+    try:
+        return Path(arg).resolve().relative_to(RESULTS.parent).as_posix()
+    except ValueError:
+        return Path(arg).name
+
+
 def write_result(name: str, payload: dict, out: str | None = None, device: torch.device | str = "cpu") -> Path:
     """Write ``results/<name>.json`` with the command, date and machine (with ``device`` if a GPU), atomically."""
     from mtpeft.storage import write_json
 
     path = Path(out) if out else RESULTS / f"{name}.json"
     script = os.path.relpath(Path(sys.argv[0]).resolve(), RESULTS.parent)
-    record = {"benchmark": name, "command": " ".join(["python", script, *sys.argv[1:]]),
+    record = {"benchmark": name, "command": " ".join(["python", script, *map(_portable, sys.argv[1:])]),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(device), **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
