@@ -73,7 +73,8 @@ def offline(bundle: str, task: str, texts: list[str], repeats: int = 5) -> dict:
             "single_text_ms_p50": round(statistics.median(single), 2)}
 
 
-async def clients(base: str, task: str, texts: list[str], concurrency: int, requests: int) -> dict:
+async def clients(base: str, task: str, texts: list[str], concurrency: int, requests: int,
+                  warmed_up=lambda: None) -> dict:
     queue = list(range(requests))
     latencies: list[float] = []
     errors = 0
@@ -91,6 +92,7 @@ async def clients(base: str, task: str, texts: list[str], concurrency: int, requ
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         for _ in range(20):  # warm-up
             await http.post(f"{base}/v1/predict", json={"inputs": [texts[0]], "task": task})
+        warmed_up()
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         seconds = time.perf_counter() - start
@@ -99,13 +101,14 @@ async def clients(base: str, task: str, texts: list[str], concurrency: int, requ
             "requests_per_s": round(requests / seconds, 1)}
 
 
-def wrk_level(base: str, task: str, text: str, concurrency: int, seconds: float) -> dict:
+def wrk_level(base: str, task: str, text: str, concurrency: int, seconds: float, warmed_up=lambda: None) -> dict:
     """One concurrency level with wrk: the same request over and over on keep-alive connections."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         body = json.dumps({"inputs": [text], "task": task})
         script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n')
     url = f"{base}/v1/predict"
     subprocess.run(["wrk", "-t1", f"-c{concurrency}", "-d2s", "-s", script.name, url], capture_output=True, check=True)
+    warmed_up()
     out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", script.name, "--latency", url],
                          capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
@@ -131,9 +134,11 @@ def batch_totals(base: str) -> tuple[float, float]:
 
 
 def with_batches(base: str, measure) -> dict:
-    """``measure()``'s result plus the mean rows per model call the server ran meanwhile."""
-    calls, rows = batch_totals(base)
-    result = measure()
+    """``measure(warmed_up)``'s result plus the mean rows per model call the server ran after
+    ``measure`` called ``warmed_up()``: its warm-up requests, one row a call, are not counted."""
+    before = []
+    result = measure(lambda: before.append(batch_totals(base)))
+    (calls, rows), = before
     calls_after, rows_after = batch_totals(base)
     result["rows_per_model_call"] = round((rows_after - rows) / max(1.0, calls_after - calls), 2)
     return result
@@ -178,11 +183,13 @@ def main() -> None:
                     time.sleep(0.5)
             if shutil.which("wrk") and not args.httpx:
                 generator = "wrk"
-                levels = [with_batches(base, lambda c=c: wrk_level(base, args.task, texts[0], int(c), args.seconds))
+                levels = [with_batches(base, lambda warmed_up, c=c: wrk_level(base, args.task, texts[0], int(c), args.seconds,
+                                                                             warmed_up))
                           for c in args.concurrency.split(",")]
             else:
                 generator = "httpx"
-                levels = [with_batches(base, lambda c=c: asyncio.run(clients(base, args.task, texts, int(c), args.requests)))
+                levels = [with_batches(base, lambda warmed_up, c=c: asyncio.run(clients(base, args.task, texts, int(c),
+                                                                                     args.requests, warmed_up)))
                           for c in args.concurrency.split(",")]
         finally:
             server.send_signal(signal.SIGTERM)
