@@ -599,3 +599,16 @@ def test_version_is_the_packages(capsys):
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"mtpeft {mtpeft.__version__}"
     assert importlib.metadata.version("mtpeft") == mtpeft.__version__  # pyproject reads it from the package
+
+
+@pytest.mark.parametrize("argv", [["compare", "--tasks", "sst2", "--methods", "full"],
+                                  ["train-joint", "--tasks", "sst2,stsb", "--out", "joint"], ["report"]])
+def test_commands_other_than_train_refuse_several_processes(argv, monkeypatch, capsys, tmp_path):
+    # Under accelerate launch / torchrun each process would run the whole command and write the
+    # same files (a compare grid raced on its work folders; full fine-tuning failed in DDP).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"mtpeft: error: mtpeft {argv[0]} runs in one process" in err and "mtpeft train" in err
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything

@@ -393,6 +393,14 @@ def test_task_epochs_or_total_steps_that_would_change_the_run_silently_are_clear
         train_joint(model, _data(), config, total_steps=0, progress=False)
 
 
+def test_joint_training_launched_on_several_processes_is_a_clear_error(tokenizer, monkeypatch):
+    # Its loop takes no data-parallel share: every process would train the whole run and write it.
+    model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"train_joint runs in one process.*\(2 processes\).*mtpeft train"):
+        train_joint(model, _data(), TrainConfig(epochs=1, batch_size=4, bf16=False), progress=False)
+
+
 def test_a_warm_start_that_joint_training_would_ignore_is_a_clear_error(tokenizer, tmp_path):
     model = build_joint_model(tiny_bert(tokenizer), [SENT, SIM], LoraSettings(r=4, alpha=8), seed=0)
     config = TrainConfig(epochs=1, batch_size=4, bf16=False, init_from=str(tmp_path / "saved"))

@@ -29,6 +29,17 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "distilbert": ["q_lin", "v_lin"],
     "gpt2": ["c_attn"],
 }
+# Modules a backbone's forward pass computes but no head uses: BERT's and RoBERTa's pooler
+# (heads pool the hidden states themselves). Never adapted or fine-tuned: they would get no
+# gradient, and DDP refuses parameters that get none.
+UNUSED_MODULES = ("pooler",)
+
+
+def unused_by_heads(parameter_or_module_path: str) -> bool:
+    """Whether a backbone path lies under one of ``UNUSED_MODULES``."""
+    return any(part in UNUSED_MODULES for part in parameter_or_module_path.split("."))
+
+
 # Every linear layer of the encoder blocks (``target_modules="all-linear"``).
 ALL_LINEAR_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "key", "value", "dense"],

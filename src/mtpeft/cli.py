@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                "export": _export, "train-router": _train_router, "support": _support, "serve": _serve,
                "train-joint": _train_joint, "compare": _compare, "report": _report}[args.command]
     try:
+        if args.command != "train" and os.environ.get("WORLD_SIZE", "1") != "1":
+            from mtpeft.distributed import refuse_several_processes
+
+            refuse_several_processes(f"mtpeft {args.command}")
         with _progress_bars(not getattr(args, "no_progress", False)):
             return command(args)
     except (ValueError, KeyError, OSError) as err:  # OSError: a path in the way, no permission, a full disk ...

@@ -40,10 +40,25 @@ def _deepspeed_launch() -> bool:
     return _env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` or ``torchrun`` started for this run (1 when
+    started plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def refuse_several_processes(what: str) -> None:
+    """Raise for work that one process does alone: launched on several, each process would run
+    all of it and write the same files."""
+    if launched_processes() > 1:
+        raise ValueError(f"{what} runs in one process, not under accelerate launch or torchrun "
+                         f"({launched_processes()} processes); data-parallel training is `mtpeft train` "
+                         "(docs/distributed.md)")
+
+
 def fsdp_launch() -> bool:
     """Started by ``accelerate launch`` with an FSDP config on several processes. The model is
     then built on the CPU: sharding moves each process's part onto its own device."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and _env_flag("ACCELERATE_USE_FSDP")
+    return launched_processes() > 1 and _env_flag("ACCELERATE_USE_FSDP")
 
 
 class DataParallel:
@@ -57,7 +72,7 @@ class DataParallel:
         self._zero = None  # its checkpoint reader/writer, once the optimizer is prepared
         self.device: torch.device | None = None  # where sharding puts this process's part
         self.rank, self.world_size = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if launched_processes() <= 1:
             return
         if fsdp_launch():
             self._join_for_fsdp()

@@ -41,7 +41,7 @@ from mtpeft.checkpoint import (CHECKPOINT_FILE, RunPosition, adapter_key, backbo
                                load_checkpoint, recipe_key, save_checkpoint)
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.data import fixed_subset
-from mtpeft.distributed import local_rng_state
+from mtpeft.distributed import local_rng_state, refuse_several_processes
 from mtpeft.evaluate import evaluate_task
 from mtpeft.examples import Example
 from mtpeft.lora import inject_lora_layers
@@ -151,6 +151,7 @@ def train_joint(model: MultiTaskModel, data: dict[str, tuple[Sequence[Example], 
     (0 or -1: none; the run has no epochs), a run that finds one continues from it, and it is
     deleted at the end.
     """
+    refuse_several_processes("train_joint")  # its loop has no data-parallel share of the batches
     config = config or TrainConfig()
     if config.init_from:  # was ignored: the run trained from fresh weights without a word
         raise ValueError(f"init_from={config.init_from!r}: train_joint trains its shared adapter from a fresh start; "

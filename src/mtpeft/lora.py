@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from mtpeft.backbone import UNUSED_MODULES
+
 
 # A mixed batch whose tasks' ranks sum to more than this uses per-row gathered adapters
 # instead of one stacked matmul (see MultiLoraLayer._stacked_delta). Measured on MiniLM
@@ -409,10 +411,10 @@ def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Modu
 
 
 def inject_lora_layers(model: nn.Module, target_modules: Sequence[str],
-                       exclude: Sequence[str] = ("pooler",)) -> dict[str, MultiLoraLayer]:
+                       exclude: Sequence[str] = UNUSED_MODULES) -> dict[str, MultiLoraLayer]:
     """Wrap every module whose name ends with a target in a ``MultiLoraLayer``.
 
-    Modules under ``exclude`` (BERT's pooler, which mean-pooling heads never use) are left alone.
+    Modules under ``exclude`` (by default the backbone's ``UNUSED_MODULES``, such as BERT's pooler) are left alone.
 
     Returns the wrapped layers by their module path in ``model``. Already wrapped layers
     are returned as they are, so adding a task with the same targets is cheap: while no

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.pytorch_utils import Conv1D
 
-from mtpeft.backbone import Backbone
+from mtpeft.backbone import Backbone, unused_by_heads
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.model import MultiTaskModel
 from mtpeft.storage import save_pretrained_atomically, save_task, write_json, write_safetensors
@@ -141,7 +141,8 @@ class Method:
             return model
         model.add_task(spec, head_only=True)
         if self.kind == "full":
-            model.extra_parameters[spec.name] = {f"backbone.{n}": p for n, p in model.backbone.named_parameters()}
+            model.extra_parameters[spec.name] = {f"backbone.{n}": p for n, p in model.backbone.named_parameters()
+                                                 if not unused_by_heads(n)}
             model.backbone_dropout = True  # the backbone trains, so its dropout regularises again
         elif self.kind == "bottleneck":
             from mtpeft.bottleneck import add_bottleneck_adapter
