@@ -120,6 +120,24 @@ def test_eviction_never_removes_a_task_of_the_current_batch(reference, tokenizer
         model.predict(TEXTS[:2], task=["t05", "t06"])
 
 
+def test_a_task_held_by_an_active_block_is_not_evicted_by_a_call_inside_it(reference, tokenizer):
+    # The model lock is re-entrant: a predict inside ``with store.active([...])`` on the same
+    # thread evicted the block's own task, which then was missing from the model it yielded.
+    model, bundle = reference
+    store = _store(tokenizer, bundle, capacity=2)
+    store.ensure_active(["t00", "t01"])
+    with store.active(["t01"]) as held:
+        for g, w in zip(store.predict(TEXTS, task="t02"), model.predict(TEXTS, task="t02")):
+            _same(g, w)
+        assert "t01" in held.specs  # t00 was evicted for t02, not the held t01
+        with pytest.raises(ValueError, match="held by an enclosing"):
+            store.ensure_active(["t03", "t04"])  # both fit only by evicting t01
+        assert "t01" in held.specs
+        held.predict(TEXTS[0], task="t01")
+    store.ensure_active(["t03", "t04"])  # released at the block's end
+    assert sorted(store.model.task_names) == ["t03", "t04"]
+
+
 def test_concurrent_cold_loads_read_each_task_once(reference, tokenizer, monkeypatch):
     model, bundle = reference
     store = _store(tokenizer, bundle, capacity=8)

@@ -25,7 +25,7 @@ import contextlib
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -105,6 +105,9 @@ class AdapterStore:
         self._entries: dict[str, _Entry] = {}
         self._pinned: set[str] = set(model.specs)
         self._lru: OrderedDict[str, None] = OrderedDict()  # active, unpinned; least recently used first
+        # Tasks an ``active`` block holds (by how many blocks): the model lock is re-entrant, so a
+        # call inside a block, on its thread, must not evict them.
+        self._held: Counter[str] = Counter()
         self._model_lock = threading.RLock()  # model changes and forward passes
         self._lock = threading.Lock()  # the registry and the reads in flight
         self._reading: dict[str, Future] = {}
@@ -252,9 +255,13 @@ class AdapterStore:
                 self._model_lock.release()
                 raise
             self._model_lock.release()  # an evicted task lost its weights since the prefetch: read again
+        with self._lock:
+            self._held.update(names)
         try:
             yield self.model
         finally:
+            with self._lock:
+                self._held -= Counter(names)
             self._model_lock.release()
 
     def _activate(self, names: list[str], read_if_missing: bool) -> bool:
@@ -264,7 +271,12 @@ class AdapterStore:
             if len(wanted) > self.capacity:
                 raise ValueError(f"a batch of {len(wanted)} tasks does not fit capacity={self.capacity} active tasks; "
                                  f"raise the capacity or split the batch (run() splits it)")
+            held = [n for n in self._held if n in self._lru and n not in wanted]
+            if len(wanted) + len(held) > self.capacity:
+                raise ValueError(f"tasks {wanted} do not fit capacity={self.capacity} beside {sorted(held)}, held by an "
+                                 f"enclosing `active` block on this thread; raise the capacity or call outside it")
             missing = [n for n in wanted if n not in self._lru]
+            keep = set(wanted) | set(self._held)
             if not read_if_missing and any(self._entries[n].state is None for n in missing):
                 return False
             for name in wanted:
@@ -274,7 +286,6 @@ class AdapterStore:
             self.stats.misses += len(missing)
         if read_if_missing:
             self.prefetch(missing)
-        keep = set(wanted)
         for name in missing:
             self._evict_for_one(keep)
             started = time.perf_counter()
@@ -295,7 +306,7 @@ class AdapterStore:
             with self._lock:
                 if len(self._lru) < self.capacity:
                     return
-                victim = next(n for n in self._lru if n not in keep)  # exists: len(keep) <= capacity
+                victim = next(n for n in self._lru if n not in keep)  # exists: wanted and held fit capacity
                 del self._lru[victim]
                 self.stats.evictions += 1
             self.model.remove_task(victim)
