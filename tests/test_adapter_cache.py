@@ -138,6 +138,23 @@ def test_a_task_held_by_an_active_block_is_not_evicted_by_a_call_inside_it(refer
     assert sorted(store.model.task_names) == ["t03", "t04"]
 
 
+def test_a_bundle_with_a_name_already_registered_registers_none_of_its_tasks(reference, tokenizer, tmp_path):
+    # It registered the bundle's tasks up to the clash, so registering it again once the clash
+    # was removed failed on those (already registered).
+    model, bundle = reference
+    store = _store(tokenizer, bundle, capacity=2)
+    extra = MultiTaskModel(tiny_bert(tokenizer))
+    extra.add_task(TaskSpec(name="new-a", type="classification", labels=["x", "y"]), LoraSettings(r=2, alpha=4))
+    extra.add_task(TaskSpec(name="t10", type="classification", labels=["x", "y"]), LoraSettings(r=2, alpha=4))
+    extra.add_task(TaskSpec(name="new-b", type="classification", labels=["x", "y"]), LoraSettings(r=2, alpha=4))
+    save_bundle(extra, tmp_path / "extra")
+    with pytest.raises(ValueError, match="'t10' .* is already registered"):
+        store.register_bundle(tmp_path / "extra")
+    assert not {"new-a", "new-b"} & set(store.specs)
+    store.unregister("t10")
+    assert sorted(store.register_bundle(tmp_path / "extra")) == ["new-a", "new-b", "t10"]
+
+
 def test_concurrent_cold_loads_read_each_task_once(reference, tokenizer, monkeypatch):
     model, bundle = reference
     store = _store(tokenizer, bundle, capacity=8)

@@ -123,31 +123,44 @@ class AdapterStore:
     # ----------------------------------------------------------------- registry
 
     def register_bundle(self, path: str | os.PathLike) -> list[str]:
-        """Register every task of a bundle; only their ``task.json`` files are read now."""
-        return [self.register(folder, digests) for folder, digests in bundle_entries(path)]
+        """Register every task of a bundle; only their ``task.json`` files are read now.
+
+        All or none: one task that cannot be registered (its name taken, another backbone, an
+        unreadable task.json) leaves the others out too, so the bundle can be registered again
+        once that is fixed.
+        """
+        return self._add(*(self._read_entry(folder, digests) for folder, digests in bundle_entries(path)))
 
     def register(self, folder: str | os.PathLike, digests: dict[str, str] | None = None) -> str:
         """Register a saved task folder; its weights are read on first use, checked against
         ``digests`` ({file name: sha256}, from a bundle manifest) when given."""
+        return self._add(self._read_entry(folder, digests))[0]
+
+    @staticmethod
+    def _read_entry(folder: str | os.PathLike, digests: dict[str, str] | None) -> tuple[_Entry, str]:
         folder = Path(folder)
         record = read_task_record(folder, digests)
         spec = TaskSpec.from_dict(record["spec"])
-        return self._add(_Entry(spec, record, folder, dict(digests or {})), f"in {folder}")
+        return _Entry(spec, record, folder, dict(digests or {})), f"in {folder}"
 
     def register_saved(self, saved: SavedTask) -> str:
         """Register a task from CPU tensors (``storage.read_task``'s form); they stay in memory."""
-        return self._add(_Entry(saved.spec, saved.record, state=saved), f"from {saved.source}")
+        return self._add((_Entry(saved.spec, saved.record, state=saved), f"from {saved.source}"))[0]
 
-    def _add(self, entry: _Entry, where: str) -> str:
-        name = entry.spec.name
-        self.model.identity.check_matches(entry.record["backbone"], f"task {name!r} {where}")
+    def _add(self, *entries: tuple[_Entry, str]) -> list[str]:
+        """Register ``entries`` together: if one cannot be (another backbone, a name taken), none is."""
+        for entry, where in entries:
+            self.model.identity.check_matches(entry.record["backbone"], f"task {entry.spec.name!r} {where}")
+        names = [entry.spec.name for entry, _ in entries]
         with self._lock:
-            if name in self.specs:
-                raise ValueError(f"task {name!r} {where} is already registered")
-            self._entries[name] = entry
-            self.task_metrics[name] = entry.record.get("metrics", {})
-            self.specs[name] = entry.spec
-        return name
+            for i, (name, (_, where)) in enumerate(zip(names, entries)):
+                if name in self.specs or name in names[:i]:
+                    raise ValueError(f"task {name!r} {where} is already registered")
+            for name, (entry, _) in zip(names, entries):
+                self._entries[name] = entry
+                self.task_metrics[name] = entry.record.get("metrics", {})
+                self.specs[name] = entry.spec
+        return names
 
     def unregister(self, name: str) -> None:
         """Forget a task, removing it from the model if it is active."""
