@@ -130,6 +130,25 @@ def test_an_exported_regression_task_outputs_scores_in_the_tasks_range(backbone,
     assert min(scores) > 1.0
 
 
+def test_an_exported_regression_task_scores_in_a_transformers_pipeline(backbone, tmp_path):
+    # Its config had no labels (num_labels 0) and no problem type: the text-classification
+    # pipeline failed with KeyError 0, and would have put the score through a sigmoid.
+    from transformers import pipeline
+
+    model = MultiTaskModel(backbone)
+    model.bf16 = False
+    model.add_task(TaskSpec(name="stars", type="regression", label_range=[1, 5]))
+    with torch.no_grad():
+        model.heads["stars"].out.bias.fill_(0.6)
+    export_task(model, "stars", tmp_path / "stars")
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "stars", trust_remote_code=True).eval()
+    assert exported.config.num_labels == 1 and exported.config.problem_type == "regression"
+    scorer = pipeline("text-classification", model=exported, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "stars"))
+    texts = ["great sofa", "the parcel came late"]
+    got = [row["score"] for row in scorer(texts)]
+    assert got == pytest.approx([p.score for p in model.predict(texts, task="stars")], abs=1e-4)
+
+
 def test_a_task_whose_backbone_holds_bottleneck_adapters_is_refused(backbone, tmp_path):
     # The export writes a plain transformers backbone: the wrapped layers' weights were written under
     # names it does not load (base_layer, bottleneck), so it came back silently with random layers.

@@ -152,7 +152,9 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
     for key in ("architectures", "auto_map", "transformers_version", "_name_or_path"):
         backbone_config.pop(key, None)
     auto = "AutoModelForQuestionAnswering" if kind == "span" else "AutoModelForSequenceClassification"
-    labels = spec.labels or []
+    # A regression task's one output is named after it, and ``problem_type`` makes a transformers
+    # pipeline report the score as is (a config of no labels failed there, KeyError 0).
+    labels = spec.labels or ([spec.name] if spec.type == "regression" else [])
     config = {
         "model_type": "mtpeft-export",
         "architectures": ["MtpeftModel"],  # the class both auto_map names are aliases of
@@ -163,6 +165,7 @@ def export_task(model: MultiTaskModel, task: str, folder: str | os.PathLike) -> 
         "num_outputs": head.out.out_features,
         "id2label": {str(i): label for i, label in enumerate(labels)},
         "label2id": {label: i for i, label in enumerate(labels)},
+        **({"problem_type": "regression"} if spec.type == "regression" else {}),
         "mtpeft_task": spec.to_dict(),
     }
     weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
