@@ -238,6 +238,16 @@ def test_model_card_is_readable_by_huggingface_hub(backbone, tmp_path):
     assert "| accuracy | 91.50 |" in card.text and "trainable parameters" in card.text
 
 
+def test_a_head_only_tasks_model_card_does_not_say_peft_loads_its_adapter(backbone, tmp_path):
+    # The card told every task's reader that PeftModel.from_pretrained loads its adapter, also
+    # a head-only task's, whose folder holds no adapter_config.json for PEFT to read.
+    model = _model(backbone)
+    model.add_task(TaskSpec(name="probe", type="classification", labels=["x", "y"]), head_only=True)
+    model.save(tmp_path)
+    assert "PeftModel.from_pretrained" not in (tmp_path / "probe" / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in (tmp_path / "sentiment" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("base", ["runs/models: mini #2", "@team/mini", "C:\\models\\mini"])
 def test_model_card_names_a_base_model_that_yaml_would_misread(backbone, tmp_path, base):
     # Written unquoted, "a: b" and " #" broke the front matter, "@..." is reserved in YAML.

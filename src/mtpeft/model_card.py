@@ -60,9 +60,11 @@ def render_model_card(record: dict, base_model: str) -> str:
         lines.append("Not evaluated at training time.")
     lines += ["", "## Use", "", "```python", "from mtpeft import MultiTaskModel", "",
               "model = MultiTaskModel.load(\"path/to/this/folder\")",
-              f"model.predict(..., task={json.dumps(spec['name'])})", "```", "",
-              "The adapter also loads with `peft.PeftModel.from_pretrained(backbone, folder)` on the same backbone.",
-              "", "## Limits", "",
+              f"model.predict(..., task={json.dumps(spec['name'])})", "```", ""]
+    if adapter:  # a head-only folder has no adapter_config.json for PEFT to read
+        lines += ["The adapter also loads with `peft.PeftModel.from_pretrained(backbone, folder)` on the same backbone.",
+                  ""]
+    lines += ["## Limits", "",
               "Trained for the task and data above only; scores hold for data like the evaluation set. "
               f"Inputs longer than {spec['max_length']} tokens are truncated"
               + (" (QA contexts are windowed)" if spec["type"] == "extractive-qa" else "") + ". "
