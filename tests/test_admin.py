@@ -294,6 +294,20 @@ def test_a_changed_file_or_a_misfit_adapter_changes_nothing(tokenizer, served, r
         assert sorted(served.specs) == ["sentiment", "similar-questions"]
 
 
+def test_a_task_named_as_the_probe_is_refused_and_loading_goes_on(tokenizer, served, root):
+    # It loaded, and from then on every load and reload was refused: the probe's name was taken.
+    from mtpeft.admin import PROBE
+
+    odd = support_model(tiny_bert(tokenizer))
+    odd.add_task(dataclasses.replace(SPECS[0], name=PROBE))
+    odd.save(root / "odd", tasks=[PROBE])
+    with TestClient(create_app(served, admin_root=root, api_key=KEY)) as c:
+        response = c.post("/v1/admin/tasks", json={"path": "odd"}, headers=AUTH)
+        assert response.status_code == 422 and "kept for checking new tasks" in response.json()["detail"]
+        assert PROBE not in served.specs
+        assert c.post("/v1/admin/tasks", json={"path": "faq-answer"}, headers=AUTH).status_code == 200
+
+
 def test_support_tasks_are_pinned(tokenizer, root):
     model = support_model(tiny_bert(tokenizer))
     relabelled = support_model(tiny_bert(tokenizer))

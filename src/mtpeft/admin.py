@@ -313,6 +313,9 @@ class TaskManager:
             spec = TaskSpec.from_dict(record["spec"])
             if task is not None and spec.name != task:
                 raise ManagementError(422, f"{shown!r} holds task {spec.name!r}, not {task!r}")
+            if spec.name == PROBE:  # loaded, it would stop every later load and reload from being tried
+                raise ManagementError(422, f"{shown!r} holds task {PROBE!r}, the name kept for checking new tasks; "
+                                           "save it under another name")
             self.model.identity.check_matches(record["backbone"], f"task {spec.name!r} in {shown!r}")
             needed = [TASK_FILE, HEAD_WEIGHTS] + ([ADAPTER_WEIGHTS] if record.get("adapter") else [])
             unlisted = [name for name in needed if name not in digests]
