@@ -250,6 +250,22 @@ def test_registered_from_memory_and_pinned_tasks(reference, tokenizer):
     assert "t03" not in own.task_names and "t03" not in store.specs
 
 
+def test_a_task_that_does_not_fit_is_not_left_pinned(reference, tokenizer):
+    # It was marked pinned before it was added: the failed add left a "pinned" task that was
+    # never active, so each later predict failed as an unknown task of the model.
+    import dataclasses
+
+    store = AdapterStore(MultiTaskModel(tiny_bert(tokenizer)), capacity=2)
+    saved = read_task(reference[1] / "t03")
+    store.register_saved(dataclasses.replace(saved, head={k: v[:1] for k, v in saved.head.items()}))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            store.pin(["t03"])
+        assert store.pinned_tasks == [] and "t03" not in store.model.specs
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        store.predict(TEXTS[0], task="t03")
+
+
 def test_bad_input_fails_clearly(reference, tokenizer, tmp_path):
     store = _store(tokenizer, reference[1], capacity=2)
     with pytest.raises(UnknownTaskError, match="unknown task 'nope'"):

@@ -333,15 +333,16 @@ class AdapterStore:
                 with self._lock:
                     if name in self._pinned:
                         continue
-                    self._pinned.add(name)
                     was_active = name in self._lru
-                    self._lru.pop(name, None)
                     state = self._entries[name].state
                 if not was_active:
                     if state is None:
                         self.prefetch([name])
                         state = self._entries[name].state
-                    install_task(self.model, state)
+                    install_task(self.model, state)  # pinned only once in the model: a misfit stays unpinned
+                with self._lock:
+                    self._pinned.add(name)
+                    self._lru.pop(name, None)
 
     # ----------------------------------------------------------------- inference
 
