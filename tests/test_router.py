@@ -73,6 +73,27 @@ def test_an_input_only_tasks_the_router_never_learned_take_names_them(model, tok
     unrelated = LearnedRouter(alone, ["mood"], {}, torch.zeros(1, width), torch.zeros(1))
     assert unrelated.route([("a", "b")])[0].reason == "no task takes a pair input; tasks: ['mood']"
 
+def test_an_input_for_a_task_removed_since_training_is_not_handed_to_another(tokenizer):
+    # The removed task's probability was shared out among the tasks left: a clear FAQ request
+    # (p=0.94) went to sentiment at p=0.73, above the threshold, once faq-answer was unloaded.
+    from tiny_bundle import SPECS
+
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    for spec in SPECS:
+        model.add_task(spec)
+    width = model.identity.hidden_size + 1024 + 3
+    classes = [NO_TASK, "faq-answer", "sentiment"]
+    shapes = {NO_TASK: "text", "faq-answer": "qa", "sentiment": "text"}
+    router = LearnedRouter(model, classes, shapes, torch.zeros(3, width), torch.tensor([0.0, 4.0, 1.0]))
+    assert router.route(["how long do refunds take"])[0].task == "faq-answer"
+    model.remove_task("faq-answer")
+    text, qa = router.route(["how long do refunds take", QA])
+    assert text.task is None and text.confidence == pytest.approx(0.936, abs=1e-3)
+    assert text.reason.startswith("the input looks most like task 'faq-answer' (p=0.94), which the model does not hold")
+    assert [c for c, _ in text.candidates] == ["sentiment"]  # only tasks that can be named
+    assert qa.task is None and qa.candidates == [] and "'faq-answer'" in qa.reason
+
+
 def test_fit_refuses_a_bad_threshold_or_c_before_embedding_the_examples(model, monkeypatch):
     def embedded(*args, **kwargs):
         raise AssertionError("the examples were embedded before the threshold was checked")

@@ -186,11 +186,18 @@ class LearnedRouter:
     # ----------------------------------------------------------------- routing
 
     def allowed(self, shape: str) -> list[bool]:
-        """Classes an input of ``shape`` may go to: tasks of that shape in the model, and
-        "no task" for plain text; a plain string may also go to a task of any shape."""
+        """Classes an input of ``shape`` may go to: tasks of that shape, and "no task" for plain
+        text; a plain string may also go to a task of any shape.
+
+        A task the router learned but the model no longer holds keeps its recorded shape: left
+        out, its probability would be shared out among the tasks left and send its inputs to
+        one of them, sure of itself; kept, such an input is answered no task (``route``).
+        """
         specs = self.model.specs
-        return [(c == NO_TASK and shape == "text") or
-                (c in specs and (shape == "text" or task_shape(specs[c]) == shape)) for c in self.classes]
+        shapes = [task_shape(specs[c]) if c in specs else None if c == NO_TASK else self.shapes.get(c)
+                  for c in self.classes]
+        return [(c == NO_TASK and shape == "text") or (s is not None and shape in ("text", s))
+                for c, s in zip(self.classes, shapes)]
 
     def probabilities(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
         """(N, C) probabilities over ``classes``, renormalised over the allowed ones."""
@@ -206,7 +213,7 @@ class LearnedRouter:
         decisions = []
         for value, row in zip(inputs, self.probabilities(inputs).tolist()):
             ranked = sorted(((c, p) for c, p in zip(self.classes, row) if p > 0), key=lambda cp: -cp[1])
-            candidates = [(c, round(p, 4)) for c, p in ranked if c != NO_TASK][:5]
+            candidates = [(c, round(p, 4)) for c, p in ranked if c in self.model.specs][:5]
             if not ranked:
                 decisions.append(RouteDecision(None, 0.0, [], "router", self._unrouted(input_shape(value))))
                 continue
@@ -214,6 +221,10 @@ class LearnedRouter:
             if best == NO_TASK:
                 decisions.append(RouteDecision(None, confidence, candidates, "router",
                                                f"the input looks like none of the tasks (p={confidence:.2f})"))
+            elif best not in self.model.specs:
+                decisions.append(RouteDecision(None, confidence, candidates, "router",
+                                               f"the input looks most like task {best!r} (p={confidence:.2f}), which "
+                                               "the model does not hold; name a task or retrain the router"))
             elif confidence < self.threshold:
                 decisions.append(RouteDecision(None, confidence, candidates, "router",
                                                f"best task {best!r} has p={confidence:.2f} < threshold {self.threshold}"))
