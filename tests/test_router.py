@@ -379,3 +379,12 @@ def test_router_data_folders_are_data_roots_or_one_tasks_files_never_guessed(tok
     assert _router_data(model, [f"mrpc={tmp_path / 'glue/MRPC'}"]) == {"mrpc": str(tmp_path / "glue/MRPC")}
     with pytest.raises(ValueError, match="no training file of the bundle's built-in tasks"):
         _router_data(model, [str(tmp_path / "glue")])
+
+
+def test_a_damaged_router_safetensors_is_a_value_error_naming_the_file(model, router, tmp_path):
+    # safetensors' own error named neither the file nor that it is the router's, and was no ValueError
+    # (the command line printed a traceback).
+    router.save(tmp_path)
+    (tmp_path / "router.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"router.safetensors: not a readable safetensors file"):
+        LearnedRouter.load(tmp_path, model)

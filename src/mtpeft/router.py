@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from mtpeft.embeddings import embed_texts
@@ -305,7 +306,11 @@ class LearnedRouter:
         if missing:
             raise ValueError(f"{folder / ROUTER_FILE}: missing {', '.join(missing)}; retrain with `mtpeft train-router`")
         model.identity.check_matches(record["backbone"], f"the router in {folder}")
-        tensors = load_safetensors_bytes(read_bundle_file(folder / ROUTER_WEIGHTS))
+        try:
+            tensors = load_safetensors_bytes(read_bundle_file(folder / ROUTER_WEIGHTS))
+        except SafetensorError as err:  # no ValueError: the command line would print a traceback
+            raise ValueError(f"{folder / ROUTER_WEIGHTS}: not a readable safetensors file ({err}); "
+                             "retrain with `mtpeft train-router`") from None
         dims = record.get("lexical_dims", LEXICAL_DIMS)
         classes = len(record["classes"])
         # the bias too: a 1-long one would broadcast over every class, silently dropping what was learned
