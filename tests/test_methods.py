@@ -329,6 +329,24 @@ def test_zero_shot_rules(tokenizer):
     assert label_descriptions(TaskSpec(name="sst2", type="classification", labels=["negative", "positive"]))
 
 
+def test_zero_shot_threshold_is_fit_on_pairs_from_across_a_label_sorted_training_set(tokenizer, monkeypatch):
+    # Only the first 4000 pairs were used: a file sorted by label gave a threshold fit on one label alone.
+    import mtpeft.zero_shot as zero_shot
+
+    seen = []
+    fit = zero_shot.best_threshold
+    monkeypatch.setattr(zero_shot, "best_threshold", lambda cosines, labels: seen.extend(labels) or fit(cosines, labels))
+    monkeypatch.setattr(zero_shot, "THRESHOLD_FIT_EXAMPLES", 4)
+    model = MultiTaskModel(tiny_bert(tokenizer))
+    model.bf16 = False
+    spec = TaskSpec(name="para", type="pair-classification", labels=["no", "yes"], text_pair_column="b")
+    train = sorted((Example(text=f"w{i}", text_pair=f"w{i}" if i % 2 else f"v{i}", label=i % 2) for i in range(10)),
+                   key=lambda ex: ex.label)
+    _, details = zero_shot_scores(model, spec, train[:2], train_examples=train)
+    assert sorted(seen) == [0, 0, 1, 1]
+    assert details["threshold_fit_on"] == "4 of 10 training pairs, taken evenly across them (uses their labels)"
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_method_predicts_with_a_bf16_held_backbone(name, tokenizer):
     model = get_method(name).build(tiny_bert(tokenizer), PAIR)

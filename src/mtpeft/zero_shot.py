@@ -30,6 +30,7 @@ from mtpeft.methods import MethodNotApplicable
 from mtpeft.metrics import classification_metrics, regression_metrics
 from mtpeft.model import MultiTaskModel
 from mtpeft.precision import autocast, resolve_bf16
+from mtpeft.router_data import spread
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.base import encode_sequences
 
@@ -42,7 +43,7 @@ LABEL_DESCRIPTIONS: dict[str, dict[str, str]] = {
                   "neutral": "A customer asking a plain question, neither happy nor unhappy.",
                   "positive": "A happy, grateful customer praising the service."},
 }
-THRESHOLD_FIT_EXAMPLES = 4000  # training pairs scanned to fit the pair-classification threshold
+THRESHOLD_FIT_EXAMPLES = 4000  # training pairs, taken evenly across the set, to fit the pair-classification threshold
 
 
 def label_descriptions(spec: TaskSpec) -> list[str]:
@@ -138,14 +139,15 @@ def zero_shot_scores(model: MultiTaskModel, spec: TaskSpec, eval_examples: Seque
             "rule": "score = low + (high - low) * cosine(mean-pooled embeddings)"}
     gold = [int(ex.label) for ex in eval_examples]
     if spec.is_pair:
-        fit = list(train_examples)[:THRESHOLD_FIT_EXAMPLES]
+        train = list(train_examples)
+        fit = spread(train, THRESHOLD_FIT_EXAMPLES) if train else []  # not the first ones: files are often sorted by label
         if not fit:
             raise MethodNotApplicable(f"task {spec.name!r}: the cosine threshold is fit on training pairs; none given")
         threshold = best_threshold(_pair_cosines(model, spec, fit, batch_size), [int(ex.label) for ex in fit])
         predicted = (_pair_cosines(model, spec, eval_examples, batch_size) >= threshold).long().tolist()
         return classification_metrics(predicted, gold, 2), {
             "rule": f"{spec.labels[1]!r} when cosine >= threshold", "threshold": round(threshold, 6),
-            "threshold_fit_on": f"first {len(fit)} training pairs (uses their labels)"}
+            "threshold_fit_on": f"{len(fit)} of {len(train)} training pairs, taken evenly across them (uses their labels)"}
     descriptions = label_descriptions(spec)
     texts = embed(model, spec, [ex.text for ex in eval_examples], batch_size)
     labels = embed(model, spec, descriptions, batch_size)
