@@ -388,3 +388,12 @@ def test_a_damaged_router_safetensors_is_a_value_error_naming_the_file(model, ro
     (tmp_path / "router.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"router.safetensors: not a readable safetensors file"):
         LearnedRouter.load(tmp_path, model)
+
+
+def test_a_router_saved_to_a_bundle_folder_goes_into_its_router_folder(model, router, tmp_path):
+    # load() finds a bundle's router/ inside, but save() wrote beside bundle.json, where loading the
+    # bundle never looks: the bundle kept routing with its old router (or the shape rule), silently.
+    model.save(tmp_path / "bundle")
+    assert router.save(tmp_path / "bundle") == tmp_path / "bundle" / ROUTER_DIR
+    assert not (tmp_path / "bundle" / "router.json").exists()
+    assert isinstance(load_router(tmp_path / "bundle", model), LearnedRouter)

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from mtpeft.embeddings import embed_texts
-from mtpeft.storage import read_bundle_file, record_in_manifest, write_json, write_safetensors
+from mtpeft.storage import BUNDLE_FILE, read_bundle_file, record_in_manifest, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -275,8 +275,11 @@ class LearnedRouter:
     # ----------------------------------------------------------------- storage
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``router.json`` and ``router.safetensors`` into ``folder`` (a bundle's ``router/``)."""
+        """Write ``router.json`` and ``router.safetensors`` into ``folder`` (a bundle's ``router/``);
+        a bundle folder saves into its ``router/``, where loading the bundle looks, as ``load`` reads it."""
         folder = Path(folder)
+        if (folder / BUNDLE_FILE).is_file():
+            folder = folder / ROUTER_DIR
         write_safetensors(folder / ROUTER_WEIGHTS, {"weight": self.weight, "bias": self.bias}, metadata={"format": "pt"})
         write_json(folder / ROUTER_FILE, {"format": ROUTER_FORMAT, "classes": self.classes, "shapes": self.shapes,
                                           "threshold": self.threshold, "lexical_dims": self.lexical_dims,
