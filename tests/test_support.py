@@ -49,6 +49,9 @@ def test_faq_csv_rows_of_empty_cells_are_skipped_as_blank_lines(tmp_path):
     ('{"question": "\\u200b", "context": "c"}\n', r"faq.jsonl:1: field 'question': expected non-empty text"),
     ('{"id": "a", "question": "q", "context": "c"}\n{"id": "a", "question": "r", "context": "d"}\n', "duplicate FAQ id 'a'"),
     ("\n", "no FAQ entries"),
+    # A JSON escape of half a surrogate pair loaded, then failed in the tokenizer with a bare TypeError.
+    ('{"question": "Where is it\\ud83d?", "context": "c"}\n', r"faq.jsonl:1: field 'question': not valid Unicode"),
+    ('{"question": "q", "answer": "\\udc00"}\n', r"faq.jsonl:1: field 'answer': not valid Unicode"),
 ])
 def test_faq_errors_name_file_line_and_field(tmp_path, content, message):
     (tmp_path / "faq.jsonl").write_text(content)
@@ -127,6 +130,12 @@ def test_wrong_task_kinds_list_the_tasks_that_fit(model):
         SupportPipeline(model, FAQ).answer("  ")
     with pytest.raises(ValueError, match="message is empty"):
         SupportPipeline(model, FAQ).answer("\u200b\ufeff")
+
+
+def test_a_message_that_is_no_valid_unicode_is_a_clear_error(pipeline):
+    # A lone surrogate (non-UTF-8 bytes on the command line, a JSON escape) failed in the tokenizer with a TypeError.
+    with pytest.raises(ValueError, match="message is not valid Unicode text"):
+        pipeline.answer("refund \udcff")
 
 
 def test_match_score_for_labels_and_regression():

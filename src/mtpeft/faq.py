@@ -111,7 +111,20 @@ def _text(where: str, row: dict, columns: tuple[str, ...]) -> str:
     value = row[column]
     if not isinstance(value, str) or is_blank(value):
         raise DataError(where, column, f"expected non-empty text, found {value!r}")
+    if not is_unicode(value):  # loaded from a JSON escape, it failed in the tokenizer with a bare TypeError
+        raise DataError(where, column, "not valid Unicode text: it holds a lone surrogate (a JSON escape such as "
+                                       "\\ud83d without the other half of its pair)")
     return value
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: a lone surrogate (half an escaped pair in JSON, bytes that are
+    not UTF-8 on a command line) does not, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sentences(text: str) -> list[str]:

@@ -36,7 +36,7 @@ import torch
 from mtpeft.data import is_blank
 from mtpeft.embeddings import embed_texts
 from mtpeft.examples import Example
-from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, load_faq, packaged_faq_path
+from mtpeft.faq import FaqEntry, FaqIndex, faq_entries, is_unicode, load_faq, packaged_faq_path
 from mtpeft.predictions import AnswerPrediction, LabelPrediction, Prediction, ScorePrediction
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.spec import UnknownTaskError
@@ -174,6 +174,8 @@ class SupportPipeline:
         """
         if not isinstance(message, str) or is_blank(message):
             raise ValueError("the message is empty; pass the customer's text")
+        if not is_unicode(message):
+            raise ValueError("the message is not valid Unicode text: it holds a lone surrogate")
         top_k = self.top_k if top_k is None else top_k
         _check_top_k(top_k)
         run = run or self.model.run
