@@ -156,6 +156,20 @@ def test_one_call_answer_builds_the_index_once(model, tmp_path):
     assert len(_pipelines(model)) == 1
 
 
+def test_one_call_answer_takes_top_k_per_call_without_building_another_index(model, tmp_path):
+    # top_k was part of the cache key: each new value embedded the whole FAQ again and kept one more index alive.
+    from mtpeft.support import _pipelines
+
+    path = tmp_path / "faq.jsonl"
+    _write_faq(path, FAQ)
+    before = len(_pipelines(model))
+    assert [len(answer(model, "refund time?", faq=path, top_k=k).similar) for k in (1, 2, 3, 1)] == [1, 2, 3, 1]
+    assert len(_pipelines(model)) == before + 1
+    assert len(answer(model, "refund time?", faq=path).similar) == 4  # the pipeline's default of 5, FAQ of 4
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        answer(model, "refund time?", faq=path, top_k=0)
+
+
 def test_faq_id_zero_is_kept_and_missing_ids_are_numbered():
     entries = faq_entries([{"id": 0, "question": "a?", "context": "A."}, {"question": "b?", "context": "B."},
                            {"id": "", "question": "c?", "context": "C."}])

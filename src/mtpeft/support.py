@@ -255,13 +255,15 @@ def _pipelines(model: MultiTaskModel) -> dict:
     return vars(model).setdefault("_support_pipelines", {})
 
 
-def answer(model: MultiTaskModel, message: str, faq: str | os.PathLike | None = None, **settings) -> SupportReply:
+def answer(model: MultiTaskModel, message: str, faq: str | os.PathLike | None = None, top_k: int | None = None,
+           **settings) -> SupportReply:
     """One call from a loaded bundle to a support reply; the FAQ index is built once per model and FAQ file.
 
-    ``settings`` go to ``SupportPipeline`` (task names, ``top_k``, ``answer_threshold``).
+    ``settings`` go to ``SupportPipeline`` (task names, ``answer_threshold``). ``top_k`` goes to each
+    call (default the pipeline's 5): as a cache key, every new value embedded the FAQ again.
     """
     key = (str(packaged_faq_path() if faq is None else faq), tuple(sorted(settings.items())))
     cache = _pipelines(model)
     if key not in cache:
         cache[key] = SupportPipeline(model, faq, **settings)
-    return cache[key].answer(message)
+    return cache[key].answer(message, top_k=top_k)
