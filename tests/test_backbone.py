@@ -48,6 +48,23 @@ def test_local_path_backbone_has_a_stable_identity(tokenizer, tmp_path):
     assert loaded.identity.fingerprint == tiny.identity.fingerprint
     assert loaded.identity.hidden_size == 32 and loaded.identity.model_type == "bert"
     assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert loaded.model.config._attn_implementation == "sdpa"  # PyTorch's fused kernels where there are some
+
+
+def test_a_local_mpnet_backbone_loads_and_takes_adapters(tokenizer, tmp_path):
+    # Attention was asked for as sdpa by name, which transformers refuses for MPNet (all-mpnet-base-v2's
+    # architecture, whose LoRA and IA3 targets mtpeft lists): loading failed with a ValueError.
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    MPNetModel(MPNetConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = MultiTaskModel(load_backbone(tmp_path))
+    model.bf16 = False
+    model.add_task(SPEC)
+    assert _leaf_names(model) == ["q", "v"]
+    assert len(model.predict(["a b", "c d e f"], task="t")) == 2
 
 
 def test_a_local_backbone_whose_weights_are_a_pickle_is_refused_unread(tokenizer, tmp_path, monkeypatch):

@@ -171,12 +171,14 @@ def load_backbone(name: str | os.PathLike | None = DEFAULT_BACKBONE) -> Backbone
     """
     name = DEFAULT_BACKBONE if name is None else str(name)
     path = resolve_backbone_path(name)
-    # sdpa: PyTorch's fused attention kernels, the fastest CPU path in transformers 5. Only
-    # safetensors: transformers would otherwise fall back to a folder's pytorch_model.bin, a pickle.
+    # Attention: transformers' default, sdpa (PyTorch's fused kernels, the fastest CPU path in
+    # transformers 5) where the architecture has it, else eager; asking for sdpa by name refused
+    # the architectures without it (MPNet). Only safetensors: transformers would otherwise fall
+    # back to a folder's pytorch_model.bin, a pickle.
     # fp32 whatever the checkpoint holds: transformers loads a model in the dtype it was saved in,
     # so a bf16-saved backbone ran --fp32 in bf16, took merged adapters into bf16 weights and was
     # fully fine-tuned in bf16. mtpeft makes its own bf16 copy for compute (MultiTaskModel.bf16).
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", use_safetensors=True, dtype=torch.float32)
+    model = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return from_model(model, tokenizer, name)
 

@@ -63,7 +63,7 @@ def load_backbone_4bit(name: str | os.PathLike | None = DEFAULT_BACKBONE, device
     # The layers left unquantized (embeddings, norms) load in fp32: MultiTaskModel holds them
     # in bf16 for inference where the GPU is fast at it, as it does for any frozen backbone.
     model = AutoModel.from_pretrained(path, quantization_config=config, device_map={"": device},
-                                      dtype=torch.float32, attn_implementation="sdpa",
+                                      dtype=torch.float32,  # attention: sdpa where it has it, as load_backbone
                                       use_safetensors=True)  # never a pytorch_model.bin: a pickle, as load_backbone
     tokenizer = AutoTokenizer.from_pretrained(path)
     return from_model(model, tokenizer, DEFAULT_BACKBONE if name is None else str(name))
