@@ -217,6 +217,29 @@ def test_peft_methods_build_on_distilbert(tokenizer, tmp_path):
         get_method("prefix-tuning").build(_tiny_distilbert(tokenizer), PAIR)
 
 
+def test_peft_methods_refuse_a_max_length_their_backbone_has_no_positions_for(tokenizer):
+    # A prompt's or prefix's 20 virtual tokens take positions before the text's, and the peft wrapper
+    # hid RoBERTa's two reserved positions from the check: a long input failed deep in the backbone
+    # ("The size of tensor a (532) must match the size of tensor b (512)", or an IndexError).
+    from transformers import RobertaConfig, RobertaModel
+
+    from mtpeft.backbone import from_model
+
+    def spec(max_length):
+        return TaskSpec(name="t", type="classification", labels=["a", "b"], max_length=max_length)
+
+    for name in ("prompt-tuning", "prefix-tuning"):  # the tiny BERT has 512 positions
+        with pytest.raises(ValueError, match="max_length <= 488"):  # inference pads to a multiple of 8
+            get_method(name).build(tiny_bert(tokenizer), spec(492))
+        model = get_method(name).build(tiny_bert(tokenizer), spec(488))
+        model.bf16 = False
+        assert len(model.predict(" ".join(["word"] * 600), task="t").probabilities) == 2
+    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="max_length <= 64"):
+        get_method("ia3").build(from_model(RobertaModel(config), tokenizer, name="tiny-roberta"), spec(66))
+
+
 def test_prompt_tuning_on_embeddings_narrower_than_the_hidden_states(tokenizer):
     # ELECTRA-small's embeddings are 128 wide, projected up to its 256 hidden size: the prompt was
     # made hidden-size wide, and concatenating it with the input embeddings failed.

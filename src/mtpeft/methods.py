@@ -33,8 +33,9 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.pytorch_utils import Conv1D
 
 from mtpeft.backbone import Backbone, unused_by_heads
+from mtpeft.batching import padded_length
 from mtpeft.config import LoraSettings, TrainConfig
-from mtpeft.model import MultiTaskModel
+from mtpeft.model import MultiTaskModel, max_positions
 from mtpeft.storage import save_pretrained_atomically, save_task, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
 from mtpeft.tasks.presets import RECIPE_SECTIONS
@@ -129,6 +130,7 @@ class Method:
             raise ValueError(f"method {self.name!r} trains several tasks together: use mtpeft.joint")
         torch.manual_seed(seed)  # the adapter's and head's initial weights
         if self.kind == "peft":
+            check_positions_left(backbone, spec, self.settings.get("virtual_tokens", 0))
             encoder = PeftEncoder.wrap(backbone.model, peft_config(self.settings, backbone))
             model = MultiTaskModel(Backbone(encoder, backbone.tokenizer, backbone.identity))
             model.add_task(spec, head_only=True)
@@ -236,6 +238,19 @@ class PeftEncoder(nn.Module):
         types = None if token_type_ids is None else torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
         out = base(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, token_type_ids=types)
         return BaseModelOutput(last_hidden_state=out.last_hidden_state[:, virtual:])
+
+
+def check_positions_left(backbone: Backbone, spec: TaskSpec, virtual: int) -> None:
+    """Refuse a ``max_length`` the backbone has no positions for beside ``virtual`` prompt or prefix
+    tokens (they take positions before the text's). Checked on the bare backbone, before peft wraps
+    it in place: the wrapper hides RoBERTa's embeddings, two positions fewer, from ``add_task``'s check.
+    Inference pads a batch up to a multiple of 8 tokens (``pad_sequences``): those positions count too."""
+    positions = max_positions(backbone.model)
+    if positions is not None and padded_length(spec.max_length, 8) + virtual > positions:
+        longest = (positions - virtual) // 8 * 8
+        beside = f" beside the method's {virtual} virtual tokens" if virtual else ""
+        raise ValueError(f"task {spec.name!r}: max_length={spec.max_length} is longer than the {longest} tokens "
+                         f"backbone {backbone.identity.name!r} takes{beside}; use max_length <= {longest}")
 
 
 def peft_config(settings: dict, backbone: Backbone):

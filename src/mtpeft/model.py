@@ -127,13 +127,8 @@ class MultiTaskModel(nn.Module):
 
         A longer input failed only once one came, deep in the backbone ("The size of tensor a
         (600) must match the size of tensor b (512)"), in training possibly after hours.
-        RoBERTa-style embeddings number positions from ``padding_idx + 1``, so two fewer fit.
         """
-        positions = getattr(self.backbone.config, "max_position_embeddings", None)  # GPT-2: n_positions
-        if not isinstance(positions, int):
-            return None
-        padding_idx = getattr(getattr(self.backbone, "embeddings", None), "padding_idx", None)
-        return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+        return max_positions(self.backbone)
 
     def _targets(self, lora: LoraSettings) -> list[str]:
         if lora.target_modules is None:
@@ -577,6 +572,16 @@ class MultiTaskModel(nn.Module):
             model.router = LearnedRouter.load(Path(path) / ROUTER_DIR, model)
         return model
 
+
+
+def max_positions(backbone: nn.Module) -> int | None:
+    """``MultiTaskModel.max_positions`` of a bare transformer. RoBERTa-style embeddings number
+    positions from ``padding_idx + 1``, so two fewer fit."""
+    positions = getattr(backbone.config, "max_position_embeddings", None)  # GPT-2: n_positions
+    if not isinstance(positions, int):
+        return None
+    padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
 
 
 def answer_routed(batch: Sequence[ModelInput], decisions: Sequence[RouteDecision], spec: Callable[[str], TaskSpec],
