@@ -255,6 +255,22 @@ def test_prompt_tuning_on_embeddings_narrower_than_the_hidden_states(tokenizer):
     assert len(model.predict([("a b", "c d e")] * 2, task="p")) == 2
 
 
+def test_a_backbone_already_holding_a_methods_adapters_is_refused(tokenizer):
+    # build adds a method's adapters to the backbone in place: a second method built on the same one
+    # also ran the first's (trained) adapters, outside its own parameters and counts (houlsby then
+    # pfeiffer, lora-r2-all then lora-r2), or failed on peft's layers ("LoRA supports nn.Linear and
+    # Conv1D layers, not Linear").
+    for first, second in (("houlsby", "pfeiffer"), ("lora-r2-all", "lora-r2"), ("ia3", "lora-r2"),
+                          ("lora-r2", "head-only"), ("lora-r2", "dora")):
+        backbone = tiny_bert(tokenizer)
+        get_method(first).build(backbone, PAIR)
+        with pytest.raises(ValueError, match="freshly loaded backbone"):
+            get_method(second).build(backbone, PAIR)
+    backbone = tiny_bert(tokenizer)
+    get_method("prompt-tuning").build(backbone, PAIR)  # the prompt lives in peft's wrapper, not in the backbone
+    get_method("lora-r2").build(backbone, PAIR)
+
+
 def test_bottleneck_starts_as_the_base_model_and_routes_rows(tokenizer):
     backbone = tiny_bert(tokenizer)
     model = MultiTaskModel(backbone)

@@ -34,7 +34,9 @@ from transformers.pytorch_utils import Conv1D
 
 from mtpeft.backbone import Backbone, unused_by_heads
 from mtpeft.batching import padded_length
+from mtpeft.bottleneck import BottleneckLayer
 from mtpeft.config import LoraSettings, TrainConfig
+from mtpeft.lora import MultiLoraLayer
 from mtpeft.model import MultiTaskModel, max_positions
 from mtpeft.storage import save_pretrained_atomically, save_task, write_json, write_safetensors
 from mtpeft.tasks import TaskSpec
@@ -123,11 +125,12 @@ class Method:
     def build(self, backbone: Backbone, spec: TaskSpec, seed: int = 0) -> MultiTaskModel:
         """A model holding ``spec`` as its one task, ready for ``train_task``.
 
-        ``backbone`` is changed in place by ``full`` (it trains) and by the peft methods (peft
-        injects its layers): give each run a freshly loaded one.
+        ``backbone`` is changed in place: ``full`` trains it, the other methods add their adapters to
+        it (a backbone already holding some is refused): give each run a freshly loaded one.
         """
         if self.kind == "joint":
             raise ValueError(f"method {self.name!r} trains several tasks together: use mtpeft.joint")
+        check_no_adapters(backbone, self.name)
         torch.manual_seed(seed)  # the adapter's and head's initial weights
         if self.kind == "peft":
             check_positions_left(backbone, spec, self.settings.get("virtual_tokens", 0))
@@ -176,6 +179,16 @@ class Method:
         write_json(folder / "method.json", {"method": self.to_dict(), "spec": model.spec(task).to_dict(),
                                             "backbone": model.identity.to_dict()})
         return folder
+
+
+def check_no_adapters(backbone: Backbone, method: str) -> None:
+    """Refuse a backbone that already holds adapter layers (LoRA, bottleneck, peft's): ``build`` adds
+    a method's to the backbone in place, so a second method built on it also ran the first's."""
+    for path, module in backbone.model.named_modules():
+        if isinstance(module, (MultiLoraLayer, BottleneckLayer)) or type(module).__module__.startswith("peft."):
+            raise ValueError(f"method {method!r}: the backbone already holds adapters ({path}: "
+                             f"{type(module).__name__}), which would run beside this method's; build each "
+                             "method on a freshly loaded backbone (load_backbone)")
 
 
 def weights_bytes(folder: str | Path) -> int:
