@@ -23,6 +23,7 @@ needs a higher rate there).
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -245,12 +246,18 @@ class PeftEncoder(nn.Module):
         if config.peft_type == PeftType.PREFIX_TUNING:
             # Virtual keys/values in every layer; the queries are still the T real tokens.
             return base(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids,
-                        past_key_values=self.peft.get_prompt(batch_size=batch))
+                        **{_cache_argument(base): self.peft.get_prompt(batch_size=batch)})
         embeds = self.peft.word_embeddings(input_ids)  # (B, T, H)
         prompts = self.peft.get_prompt(batch_size=batch).to(embeds.dtype)  # (B, V, H)
         types = None if token_type_ids is None else torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
         out = base(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, token_type_ids=types)
         return BaseModelOutput(last_hidden_state=out.last_hidden_state[:, virtual:])
+
+
+def _cache_argument(transformer: nn.Module) -> str:
+    """The name ``transformer.forward`` takes past keys/values by: transformers 5.x renames
+    ``past_key_values`` to ``cache`` (the old name is to go in 5.40)."""
+    return "cache" if "cache" in inspect.signature(transformer.forward).parameters else "past_key_values"
 
 
 def check_positions_left(backbone: Backbone, spec: TaskSpec, virtual: int) -> None:
