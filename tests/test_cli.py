@@ -612,3 +612,34 @@ def test_commands_other_than_train_refuse_several_processes(argv, monkeypatch, c
     err = capsys.readouterr().err
     assert f"mtpeft: error: mtpeft {argv[0]} runs in one process" in err and "mtpeft train" in err
     assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+def test_a_backbone_given_by_a_relative_path_is_found_again_from_elsewhere(backbone_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    # Tasks record the backbone's name and load it again by it: a relative path was found only
+    # from the folder it was typed in, and from anywhere else transformers tried the hub.
+    import shutil
+
+    shutil.copytree(backbone_dir, tmp_path / "models" / "tiny")
+    _write_sentiment(tmp_path / "train.csv", 32, 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", "mood", "--task-type", "classification", "--data", "train.csv", "--out", "run",
+                 "--backbone", "models/tiny", "--epochs", "1", "--no-progress", "--fp32"]) == 0
+    record = json.loads((tmp_path / "run" / "task.json").read_text())
+    assert record["backbone"]["name"] == str((tmp_path / "models" / "tiny").resolve())
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["predict", str(tmp_path / "run"), "the superb order arrived"]) == 0
+    predicted = json.loads(capsys.readouterr().out.strip())
+    # Moved since: the error names the recorded backbone and how to name another, which then loads.
+    (tmp_path / "models" / "tiny").rename(tmp_path / "models" / "moved")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["predict", str(tmp_path / "run"), "the superb order arrived"]) == 2
+    err = capsys.readouterr().err
+    assert f"trained on backbone '{record['backbone']['name']}', which does not load here" in err
+    assert "--backbone" in err
+    assert main(["predict", str(tmp_path / "run"), "--backbone", str(tmp_path / "models" / "moved"),
+                 "the superb order arrived"]) == 0
+    assert json.loads(capsys.readouterr().out.strip()) == predicted

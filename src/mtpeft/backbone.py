@@ -171,6 +171,10 @@ def load_backbone(name: str | os.PathLike | None = DEFAULT_BACKBONE) -> Backbone
     """
     name = DEFAULT_BACKBONE if name is None else str(name)
     path = resolve_backbone_path(name)
+    if name != DEFAULT_BACKBONE and Path(name).is_dir():
+        # Tasks record the backbone by this name and load it again by it: a relative path
+        # would only be found again from the folder it was typed in.
+        name = str(Path(name).resolve())
     # Attention: transformers' default, sdpa (PyTorch's fused kernels, the fastest CPU path in
     # transformers 5) where the architecture has it, else eager; asking for sdpa by name refused
     # the architectures without it (MPNet). Only safetensors: transformers would otherwise fall

@@ -16,6 +16,7 @@ from mtpeft.tasks.spec import TASK_TYPES, TaskSpec
 
 
 PAD_HELP = "pad each batch to its longest input rounded up to this (default 1: exactly)"
+LOADED_BACKBONE_HELP = "backbone (default: the one the tasks were trained on, by the name or folder they record)"
 DROPOUT_HELP = ("keep the frozen backbone's dropout on while training an adapter (default: off; full fine-tuning "
                 "always has it on)")
 
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", help="which task of a bundle")
     evaluate.add_argument("--out", help="metrics JSON to write (default: PATH/eval-metrics.json for a task folder)")
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--backbone", help=LOADED_BACKBONE_HELP)
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     evaluate.add_argument("--skip-bad-rows", action="store_true")
 
@@ -150,12 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "else the one task that takes each input's shape)")
     predict.add_argument("--file", help="read one input per line from this file")
     predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--backbone", help=LOADED_BACKBONE_HELP)
     predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     export = sub.add_parser("export", help="write a task as a plain transformers model folder (LoRA merged)")
     export.add_argument("path", help="a trained task folder or a bundle")
     export.add_argument("--task", help="which task (needed when the bundle holds several)")
     export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--backbone", help=LOADED_BACKBONE_HELP)
     export.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
 
     sub.add_parser("tasks", help="list the built-in tasks")
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--no-packaged-phrasings", action="store_true", help="leave out the packaged phrasings")
     router.add_argument("--threshold", type=float, default=0.5, help="below this probability: no task (default 0.5)")
     router.add_argument("--c", type=float, default=30.0, help="inverse regularisation of the classifier (default 30)")
-    router.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+    router.add_argument("--backbone", help=LOADED_BACKBONE_HELP)
 
     support = sub.add_parser("support", help="answer one customer message: sentiment, similar FAQ questions, answer (JSON)")
     support.add_argument("bundle", help="a bundle with sentiment, similar-questions and faq-answer tasks")
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     support.add_argument("--faq", help="FAQ file (.jsonl/.json/.csv/.tsv with question and context/answer; default: the packaged demo FAQ)")
     support.add_argument("--top-k", type=int, default=5, help="FAQ questions to retrieve and re-rank (default 5)")
     support.add_argument("--answer-threshold", type=float, default=0.3, help="below this answer probability: no answer")
-    support.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+    support.add_argument("--backbone", help=LOADED_BACKBONE_HELP)
 
     serve = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn)")
     serve.add_argument("bundle", help="a bundle folder")
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest a prediction may take; beyond it 503 (default 30)")
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="at shutdown, longest to finish the requests already accepted (default 10)")
-    serve.add_argument("--backbone", help="backbone (default: the one the bundle was trained on)")
+    serve.add_argument("--backbone", help=LOADED_BACKBONE_HELP)
     serve.add_argument("--admin-root", help="folder the task management API loads tasks from (default: the bundle); "
                                             "the API is on only when MTPEFT_API_KEY is set")
     serve.add_argument("--max-active-adapters", type=int, metavar="N",
@@ -468,7 +472,7 @@ def _evaluate(args) -> int:
     from mtpeft.tasks.presets import built_in_layout
 
     device = resolve_device(args.device)  # before the model loads: a bad one fails fast
-    model = MultiTaskModel.load(args.path, router=False).to(device)
+    model = MultiTaskModel.load(args.path, backbone=args.backbone, router=False).to(device)
     task = _one_task(model, args)
     spec = model.spec(task)
     examples = load_eval_examples(spec, args.data, built_in_layout(spec), args.skip_bad_rows)
@@ -492,7 +496,7 @@ def _export(args) -> int:
     from mtpeft.model import MultiTaskModel
 
     device = resolve_device(args.device)  # before the model loads: a bad one fails fast
-    model = MultiTaskModel.load(args.path, router=False).to(device)
+    model = MultiTaskModel.load(args.path, backbone=args.backbone, router=False).to(device)
     task = _one_task(model, args)
     export_task(model, task, args.out)
     print(f"exported {task} to {args.out}: load the model and its tokenizer with transformers and "
@@ -576,7 +580,7 @@ def _predict(args) -> int:
             raise ValueError(f"{where}: {err}") from None
         _refuse_blank(where, inputs[-1])
     device = resolve_device(args.device)
-    model = MultiTaskModel.load(args.path).to(device)  # after the inputs and device: a bad one fails fast
+    model = MultiTaskModel.load(args.path, backbone=args.backbone).to(device)  # after the inputs and device: a bad one fails fast
     if model.router is None:  # the shape rule's advice, in the command line's terms
         model.router = ShapeRouter(model.specs, "pass --task")
     task = model.resolve_task(args.task) if args.task is not None or len(model.specs) == 1 else None

@@ -562,8 +562,10 @@ class MultiTaskModel(nn.Module):
         """
         from mtpeft.storage import load_into, read_backbone_name
 
-        if not isinstance(backbone, Backbone):
-            backbone = load_backbone(backbone if backbone is not None else read_backbone_name(path))
+        if backbone is None:
+            backbone = _load_recorded_backbone(path, read_backbone_name(path))
+        elif not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone)
         model = cls(backbone)
         load_into(model, path)
         if router and (Path(path) / ROUTER_DIR / ROUTER_FILE).is_file():  # a bundle's learned router
@@ -572,6 +574,17 @@ class MultiTaskModel(nn.Module):
             model.router = LearnedRouter.load(Path(path) / ROUTER_DIR, model)
         return model
 
+
+
+def _load_recorded_backbone(path: str | os.PathLike, name: str) -> Backbone:
+    """The backbone the tasks at ``path`` name. One that does not load here (a folder since moved,
+    a hub name without a hub) is an error that says how to name another: transformers' own
+    message spoke of the hub alone."""
+    try:
+        return load_backbone(name)
+    except OSError as err:
+        raise ValueError(f"the tasks at {path} were trained on backbone {name!r}, which does not load here "
+                         f"({err}); name where it is: backbone=... (--backbone on the command line)") from err
 
 
 def max_positions(backbone: nn.Module) -> int | None:
