@@ -45,7 +45,7 @@ def test_train_evaluate_predict(backbone_dir, tmp_path, capsys):
     assert record["backbone"]["name"] == str(backbone_dir)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["metrics"]["accuracy"] >= 85
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "training.json").read_text())
     assert config["train"]["epochs"] == 6 and config["command"].startswith("mtpeft ")
     assert config["train"]["pad_to_multiple_of"] == 8
     assert "Loading weights" not in capsys.readouterr().err  # --no-progress quiets transformers' bars too ...
@@ -188,9 +188,9 @@ def test_train_starts_from_the_task_folder_init_from_names_or_fresh(backbone_dir
     assert main(base + ["--out", str(tmp_path / "head"), "--head-only"]) == 0  # the preset's warm start is of its adapter
     assert main(base + ["--out", str(tmp_path / "again"), "--init-from", str(tmp_path / "fresh")]) == 0
     assert "starting from the adapter and head from" in capsys.readouterr().err
-    config = json.loads((tmp_path / "again" / "config.json").read_text())["train"]
+    config = json.loads((tmp_path / "again" / "training.json").read_text())["train"]
     assert config["init_from"] == str(tmp_path / "fresh")
-    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["train"]["init_from"] is None
+    assert json.loads((tmp_path / "fresh" / "training.json").read_text())["train"]["init_from"] is None
 
 
 def test_a_built_in_task_takes_the_task_flags_that_apply_and_refuses_the_data_flags(backbone_dir, tmp_path, capsys):
@@ -245,7 +245,7 @@ def test_train_records_the_command_it_was_given(backbone_dir, tmp_path):
             "--eval-data", str(tmp_path / "train.csv"), "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir),
             "--epochs", "1", "--no-progress", "--fp32", "--report-to", "", "--checkpoint-every", "-1"]
     assert main(argv) == 0
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((tmp_path / "run" / "training.json").read_text())
     assert config["command"] == "mtpeft " + shlex.join(argv)
 
 
@@ -402,7 +402,7 @@ def test_a_zero_seed_or_checkpoint_interval_is_kept(backbone_dir, tmp_path):
                  "--out", str(tmp_path / "run"), "--backbone", str(backbone_dir), "--epochs", "1", "--no-progress",
                  "--fp32", "--seed", "0", "--checkpoint-every", "0"])
     assert code == 0
-    config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    config = json.loads((tmp_path / "run" / "training.json").read_text())["train"]
     assert config["seed"] == 0 and config["checkpoint_every"] == 0
 
 
@@ -419,7 +419,7 @@ def test_a_checkpoint_interval_below_minus_one_is_refused(backbone_dir, tmp_path
 
 @pytest.mark.parametrize("head_lr", ["0", "-0.001"])
 def test_a_head_lr_below_or_at_zero_is_refused(backbone_dir, tmp_path, capsys, head_lr):
-    # `head_lr or lr`: --head-lr 0 trained the head at --lr (config.json said 0.0), and a
+    # `head_lr or lr`: --head-lr 0 trained the head at --lr (training.json said 0.0), and a
     # negative rate (AdamW checks only its default rate) trained the head uphill.
     _write_sentiment(tmp_path / "train.csv", 8, 0)
     code = main(["train", "--task", "mood", "--task-type", "classification", "--data", str(tmp_path / "train.csv"),

@@ -180,6 +180,26 @@ def test_transformers_loads_a_saved_task_as_an_adapter_both_ways(tokenizer, tmp_
     assert not torch.allclose(ours, model.encode(batch, None))  # the adapter changes the output
 
 
+def test_transformers_loads_a_trained_task_folder_as_an_adapter(tokenizer, tmp_path, monkeypatch):
+    # A folder written by train_task (mtpeft train --out) held the run's settings as config.json,
+    # which transformers took for a model's: AutoModel.from_pretrained(folder) asked for `model_type`.
+    from transformers import AutoModel
+
+    from mtpeft.config import TrainConfig
+    from mtpeft.examples import Example
+    from mtpeft.train import train_task
+
+    model, batch = _task_saved_on_a_local_backbone(tokenizer, tmp_path, monkeypatch)
+    rows = [Example(text=f"text {i}", label=i % 2) for i in range(8)]
+    train_task(model, "t", rows, None, TrainConfig(epochs=1, batch_size=8, bf16=False, checkpoint_every=-1),
+               out_dir=tmp_path / "run", progress=False, report_to=())
+    assert not (tmp_path / "run" / "config.json").exists()
+    from_folder = AutoModel.from_pretrained(tmp_path / "run").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder(**batch).last_hidden_state, model.encode(batch, "t"),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_loading_onto_another_backbone_names_the_expected_one(backbone, tokenizer, tmp_path):
     _model(backbone).save(tmp_path)
     other = tiny_bert(tokenizer, seed=7)  # same shapes, different weights

@@ -165,7 +165,7 @@ def test_training_writes_run_folder(backbone, tmp_path):
                out_dir=tmp_path / "run", progress=False)
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"task.json", "adapter_model.safetensors", "adapter_config.json", "head.safetensors",
-            "config.json", "metrics.json"} <= names
+            "training.json", "metrics.json"} <= names
 
 
 def test_example_limits_take_a_fixed_random_subset_not_a_label_sorted_prefix(backbone, monkeypatch):

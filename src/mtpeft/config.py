@@ -1,6 +1,6 @@
 """Typed settings: the single source of truth for adapters and training runs.
 
-Each run directory stores its resolved ``TrainConfig`` as ``config.json``.
+Each run directory stores its resolved ``TrainConfig`` in ``training.json`` (``mtpeft.train.RUN_RECORD``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for all), got {value}")
         if self.init_from is not None:
-            self.init_from = str(self.init_from)  # a Path from the Python API; config.json holds text
+            self.init_from = str(self.init_from)  # a Path from the Python API; training.json holds text
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
 

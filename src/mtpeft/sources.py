@@ -22,7 +22,7 @@ class TaskData:
     train: list[Example]
     eval: list[Example]
     skipped: list[DataError]
-    description: dict  # where each split came from, recorded in the run's config.json
+    description: dict  # where each split came from, recorded in the run's training.json
 
 
 def split_holdout(examples: list[Example], every: int) -> tuple[list[Example], list[Example]]:

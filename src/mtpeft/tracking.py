@@ -86,7 +86,7 @@ class RunTracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         trackers = [_tracker(name, run_dir, run_name, resume_step) for name in dict.fromkeys(report_to)]
         for tracker in trackers:
-            if tracker.name == "tensorboard":  # config.json holds it too; hparams would add folders per run
+            if tracker.name == "tensorboard":  # training.json holds it too; hparams would add folders per run
                 tracker.log({"config": json.dumps(config or {}, indent=2)}, step=0)
             else:
                 tracker.store_init_configuration(_flat(config or {}))

@@ -36,6 +36,11 @@ from mtpeft.tasks import task_type
 from mtpeft.tracking import RunTracker
 from mtpeft.warm_start import warm_start
 
+# The run's settings, next to the task it saved. Not config.json: transformers reads a folder
+# holding one as a whole model, so AutoModel.from_pretrained(task_folder) failed on a trained
+# task ("Should have a `model_type` key") instead of loading its adapter onto the backbone.
+RUN_RECORD = "training.json"
+
 
 @dataclass
 class TrainResult:
@@ -91,7 +96,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
     ``out_dir``, a checkpoint is written every ``config.checkpoint_every`` steps, at each
     epoch end and after the last step (kept until the results are saved), and a run that
     finds one there continues from it. ``save=False`` keeps
-    ``out_dir`` to checkpoints, config.json and metrics.json: methods whose weights are not a
+    ``out_dir`` to checkpoints, training.json and metrics.json: methods whose weights are not a
     LoRA adapter (``mtpeft.methods``) write their own. ``report_to`` names the trackers
     (``mtpeft.tracking``) that record the run in ``out_dir``; empty: none. A NaN or infinite
     loss stops the run with an error before its update (``finite_loss``); the last checkpoint stays.
@@ -248,7 +253,7 @@ def train_task(model: MultiTaskModel, task: str, train_examples: Sequence[Exampl
             save_task(model, task, Path(out_dir))
     if out_dir is not None:
         out_dir = Path(out_dir)
-        write_json(out_dir / "config.json", {"task": spec.to_dict(), "train": config.to_dict(), **(run_info or {})})
+        write_json(out_dir / RUN_RECORD, {"task": spec.to_dict(), "train": config.to_dict(), **(run_info or {})})
         write_json(out_dir / "metrics.json", result.to_dict())
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # the finished adapter supersedes it
