@@ -23,6 +23,7 @@ needs a higher rate there).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field, fields
@@ -246,7 +247,7 @@ class PeftEncoder(nn.Module):
         if config.peft_type == PeftType.PREFIX_TUNING:
             # Virtual keys/values in every layer; the queries are still the T real tokens.
             return base(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids,
-                        **{_cache_argument(base): self.peft.get_prompt(batch_size=batch)})
+                        **{_cache_argument(type(base)): self.peft.get_prompt(batch_size=batch)})
         embeds = self.peft.word_embeddings(input_ids)  # (B, T, H)
         prompts = self.peft.get_prompt(batch_size=batch).to(embeds.dtype)  # (B, V, H)
         types = None if token_type_ids is None else torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
@@ -254,7 +255,8 @@ class PeftEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=out.last_hidden_state[:, virtual:])
 
 
-def _cache_argument(transformer: nn.Module) -> str:
+@functools.cache  # once per class, not on every forward pass
+def _cache_argument(transformer: type[nn.Module]) -> str:
     """The name ``transformer.forward`` takes past keys/values by: transformers 5.x renames
     ``past_key_values`` to ``cache`` (the old name is to go in 5.40)."""
     return "cache" if "cache" in inspect.signature(transformer.forward).parameters else "past_key_values"
