@@ -32,7 +32,12 @@ def padded_length(longest: int, pad_to_multiple_of: int) -> int:
     return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
 
 
-def pad_sequences(rows: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+# Inference pads each batch to a multiple of this many tokens; the padding takes positions too.
+INFERENCE_PAD_MULTIPLE = 8
+
+
+def pad_sequences(rows: Sequence[dict], pad_token_id: int,
+                  pad_to_multiple_of: int = INFERENCE_PAD_MULTIPLE) -> dict[str, torch.Tensor]:
     """Right-pad token sequences to the longest (rounded up to ``pad_to_multiple_of``)."""
     longest = max(len(r["input_ids"]) for r in rows)
     length = padded_length(longest, pad_to_multiple_of)

@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.pytorch_utils import Conv1D
 
 from mtpeft.backbone import Backbone, unused_by_heads
-from mtpeft.batching import padded_length
+from mtpeft.batching import INFERENCE_PAD_MULTIPLE, padded_length
 from mtpeft.bottleneck import BottleneckLayer
 from mtpeft.config import LoraSettings, TrainConfig
 from mtpeft.lora import MultiLoraLayer
@@ -268,8 +268,8 @@ def check_positions_left(backbone: Backbone, spec: TaskSpec, virtual: int) -> No
     it in place: the wrapper hides RoBERTa's embeddings, two positions fewer, from ``add_task``'s check.
     Inference pads a batch up to a multiple of 8 tokens (``pad_sequences``): those positions count too."""
     positions = max_positions(backbone.model)
-    if positions is not None and padded_length(spec.max_length, 8) + virtual > positions:
-        longest = (positions - virtual) // 8 * 8
+    if positions is not None and padded_length(spec.max_length, INFERENCE_PAD_MULTIPLE) + virtual > positions:
+        longest = (positions - virtual) // INFERENCE_PAD_MULTIPLE * INFERENCE_PAD_MULTIPLE
         beside = f" beside the method's {virtual} virtual tokens" if virtual else ""
         raise ValueError(f"task {spec.name!r}: max_length={spec.max_length} is longer than the {longest} tokens "
                          f"backbone {backbone.identity.name!r} takes{beside}; use max_length <= {longest}")
